@@ -1,0 +1,42 @@
+"""Every storage key dkan reads or writes, in one place.
+
+No other module spells these strings; import them from here.
+"""
+
+from __future__ import annotations
+
+# --- table.var / layers / varm / obsm -------------------------------------------------------------
+PANEL = "dkan_panel"  #: ``var`` flag of the genes in the model panel
+TARGET = "dkan_target"  #: ``layers`` key of the normalised training target
+PRED = "dkan_pred"  #: ``layers`` key of predictions
+GENE_EMBEDDING = "dkan_gene_embedding"  #: ``varm`` key of gene-semantic embeddings
+SPOT_FEATURES = "dkan_spot_features"  #: ``obsm`` key of frozen spot (patch) features, (n, d)
+REGION_FEATURES = "dkan_region_features"  #: ``obsm`` key of frozen region features, (n, 25, d)
+REGION_MASK = "dkan_region_mask"  #: ``obsm`` key of the region validity mask, (n, 25) bool
+SPOT_PX = "dkan_spot_px"  #: ``obsm`` key of spot centres (x, y) in pixels of the tiled pyramid level
+GRID = "dkan_grid"  #: ``obsm`` key of integer spot-grid positions (row, col) for the slide encoder
+
+# --- table.obs --------------------------------------------------------------------------------------
+SAMPLE = "sample"  #: ``obs`` column: sample (section) name
+PATIENT = "patient"  #: ``obs`` column: patient / donor
+ARRAY_ROW = "array_row"  #: ``obs`` column: spot-grid row (legacy ST: y; Visium: array_row)
+ARRAY_COL = "array_col"  #: ``obs`` column: spot-grid column (legacy ST: x; Visium: array_col)
+REGION = "region"  #: default region_key for tables dkan creates
+INSTANCE = "spot_id"  #: default instance_key for tables dkan creates
+
+# --- table.uns ---------------------------------------------------------------------------------------
+UNS = "dkan"  #: ``uns`` entry holding run parameters, one sub-dict per step
+UNS_PANEL = "panel"
+UNS_NORMALIZE = "normalize"
+UNS_TILE = "tile"
+UNS_FEATURES = "features"
+UNS_GENE_EMBEDDING = "gene_embedding"
+UNS_PREDICT = "predict"
+UNS_READER = "reader"  #: per-sample reader metadata (um per pixel, spot pitch)
+
+# --- element names that dkan creates ---------------------------------------------------------------
+PSEUDO_SPOTS_SUFFIX = "_dkan_spots"  #: shapes element of pseudo-spots: ``f"{image_key}{suffix}"``
+PRED_TABLE = "dkan_pred"  #: table created by ``predict`` on a slide without expression
+IMAGE_SUFFIX = "_image"  #: readers name images ``f"{sample}{suffix}"``
+SPOTS_SUFFIX = "_spots"  #: readers name spot circles ``f"{sample}{suffix}"``
+TABLE = "table"  #: default table name written by readers

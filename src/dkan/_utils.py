@@ -1,0 +1,179 @@
+"""Shared helpers: finding tables, samples, images and spot positions in a SpatialData."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dkan import _keys as K
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+logger = logging.getLogger("dkan")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample (section) of a SpatialData: a spots element, its image and its rows in the table."""
+
+    name: str  #: sample label (``obs["sample"]`` when present, else the region)
+    spots_key: str  #: shapes element of the spots (= the table's region value)
+    image_key: str | None  #: image element the spots are cropped from
+    obs_idx: np.ndarray  #: integer positions of the sample's rows in the table
+    table_key: str = K.TABLE  #: table holding the sample's rows
+
+
+def choose_key(kind: str, param: str, key: str | None, available: list[str]) -> str:
+    """Return ``key`` if valid, else the single available key; raise a helpful error otherwise."""
+    if key is not None:
+        if key not in available:
+            raise KeyError(f"`{param}={key!r}` not found; available {kind}: {sorted(available)}.")
+        return key
+    if len(available) == 1:
+        return available[0]
+    if not available:
+        raise KeyError(f"No {kind} found in the SpatialData; add one or pass `{param}=`.")
+    raise KeyError(f"Several {kind} found: {sorted(available)}. Pass `{param}=` to choose one.")
+
+
+def get_table(sdata: SpatialData, table_key: str | None = None) -> tuple[str, AnnData]:
+    """Return ``(name, table)``, inferring the name when the SpatialData holds one table."""
+    key = choose_key("tables", "table_key", table_key, list(sdata.tables.keys()))
+    return key, sdata.tables[key]
+
+
+def table_attrs(adata: AnnData, *, table_key: str = "table") -> tuple[list[str], str, str]:
+    """Return ``(regions, region_key, instance_key)`` of a table annotating shapes."""
+    attrs = adata.uns.get("spatialdata_attrs")
+    if not attrs or "region_key" not in attrs:
+        raise ValueError(
+            f"Table `{table_key}` has no `uns['spatialdata_attrs']`, so dkan cannot link it to spots. "
+            "Parse it with `spatialdata.models.TableModel.parse(adata, region=..., region_key=..., instance_key=...)`."
+        )
+    region = attrs["region"]
+    regions = [region] if isinstance(region, str) else list(region)
+    return regions, attrs["region_key"], attrs["instance_key"]
+
+
+def image_scale(sdata: SpatialData, spots_key: str, image_key: str) -> float | None:
+    """Image pixels per spot-coordinate unit, or None when the two share no coordinate system."""
+    from spatialdata.transformations import get_transformation_between_coordinate_systems
+
+    try:
+        t = get_transformation_between_coordinate_systems(sdata, sdata.shapes[spots_key], sdata.images[image_key])
+    except Exception:  # noqa: BLE001 - spatialdata raises several types when no path exists
+        return None
+    a = t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    return float(np.sqrt(abs(np.linalg.det(a[:2, :2]))))
+
+
+def find_image(sdata: SpatialData, spots_key: str, image_key: str | None = None) -> str:
+    """The image to crop the spots of ``spots_key`` from: given, or the highest-resolution one sharing a system."""
+    if image_key is not None:
+        if image_key not in sdata.images:
+            raise KeyError(f"`image_key={image_key!r}` not found; available images: {sorted(sdata.images)}.")
+        if image_scale(sdata, spots_key, image_key) is None:
+            raise ValueError(
+                f"Image `{image_key}` and spots `{spots_key}` share no coordinate system; "
+                "set a transformation to a common system with `spatialdata.transformations.set_transformation`."
+            )
+        return image_key
+    scales = {k: image_scale(sdata, spots_key, k) for k in sdata.images}
+    scales = {k: s for k, s in scales.items() if s is not None}
+    if not scales:
+        raise KeyError(
+            f"No image shares a coordinate system with spots `{spots_key}`; images: {sorted(sdata.images)}. "
+            "Add the H&E image or pass `image_key=`."
+        )
+    return max(scales, key=lambda k: scales[k])
+
+
+def iter_samples(
+    sdata: SpatialData,
+    *,
+    table_key: str | None = None,
+    image_key: str | Mapping[str, str] | None = None,
+    spots_key: str | None = None,
+    need_image: bool = True,
+) -> list[Sample]:
+    """List the samples of a SpatialData: one per shapes element annotated by the table.
+
+    ``image_key`` is one image name (single sample) or a mapping ``{spots_key: image_key}``.
+    """
+    tkey, adata = get_table(sdata, table_key)
+    regions, region_key, _ = table_attrs(adata, table_key=tkey)
+    if spots_key is not None:
+        if spots_key not in regions:
+            raise KeyError(f"`spots_key={spots_key!r}` is not annotated by table `{tkey}`; choices: {regions}.")
+        regions = [spots_key]
+    if isinstance(image_key, str) and len(regions) > 1:
+        raise ValueError(
+            f"`image_key={image_key!r}` is one name but table `{tkey}` annotates {len(regions)} spot elements "
+            f"{regions}; pass a mapping {{spots_key: image_key}} instead."
+        )
+    col = adata.obs[region_key].astype(str).to_numpy()
+    out = []
+    for region in regions:
+        idx = np.flatnonzero(col == region)
+        if len(idx) == 0:
+            continue
+        if region not in sdata.shapes:
+            raise KeyError(f"Table `{tkey}` annotates `{region}`, which is not a shapes element of the SpatialData.")
+        ikey = image_key.get(region) if isinstance(image_key, Mapping) else image_key
+        img = find_image(sdata, region, ikey) if need_image else ikey
+        name = str(adata.obs[K.SAMPLE].iloc[idx[0]]) if K.SAMPLE in adata.obs else region
+        out.append(Sample(name=name, spots_key=region, image_key=img, obs_idx=idx, table_key=tkey))
+    if not out:
+        raise ValueError(f"Table `{tkey}` has no rows; dkan needs at least one spot.")
+    return out
+
+
+def spot_pixels(sdata: SpatialData, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """Spot centres ``(x, y)`` and radii in scale-0 pixels of the sample's image, in table row order."""
+    from spatialdata.transformations import get_transformation_between_coordinate_systems
+
+    shapes = sdata.shapes[sample.spots_key]
+    t = get_transformation_between_coordinate_systems(sdata, shapes, sdata.images[sample.image_key])
+    a = t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    centroids = shapes.geometry.centroid
+    xy1 = np.c_[centroids.x.to_numpy(), centroids.y.to_numpy(), np.ones(len(shapes))]
+    xy = (a @ xy1.T).T[:, :2]
+    if "radius" in shapes:
+        r = shapes["radius"].to_numpy(dtype=float) * np.sqrt(abs(np.linalg.det(a[:2, :2])))
+    else:
+        r = np.sqrt(shapes.geometry.area.to_numpy() / np.pi) * np.sqrt(abs(np.linalg.det(a[:2, :2])))
+    return _align_to_table(sdata, sample, shapes.index, xy, r)
+
+
+def _align_to_table(
+    sdata: SpatialData, sample: Sample, index: Any, xy: np.ndarray, r: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder per-shape arrays to the order of the sample's table rows (through the instance key)."""
+    import pandas as pd
+
+    adata = sdata.tables[sample.table_key]
+    _, _, instance_key = table_attrs(adata, table_key=sample.table_key)
+    inst = adata.obs[instance_key].to_numpy()[sample.obs_idx]
+    pos = pd.Index(index).get_indexer(inst)
+    if (pos < 0).any():
+        missing = inst[pos < 0][:5]
+        raise KeyError(
+            f"Table rows of `{sample.spots_key}` name instances {list(missing)} that are not in the shapes index."
+        )
+    return xy[pos], r[pos]
+
+
+def uns_get(adata: AnnData, step: str) -> dict | None:
+    """Run parameters of ``step`` from ``adata.uns["dkan"]``, or None."""
+    return adata.uns.get(K.UNS, {}).get(step)
+
+
+def uns_set(adata: AnnData, step: str, params: dict) -> None:
+    """Record run parameters of ``step`` in ``adata.uns["dkan"]``."""
+    adata.uns.setdefault(K.UNS, {})[step] = params

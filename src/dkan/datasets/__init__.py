@@ -1,0 +1,12 @@
+"""Example and real datasets as SpatialData."""
+
+from dkan._lazy import lazy_module
+
+__getattr__, __dir__, __all__ = lazy_module(
+    __name__,
+    {
+        "toy": "_toy",
+        "copy_sdata": "_toy",
+        "her2st": "_her2st",
+    },
+)

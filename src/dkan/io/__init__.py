@@ -1,0 +1,10 @@
+"""Readers for spatial transcriptomics layouts."""
+
+from dkan._lazy import lazy_module
+
+__getattr__, __dir__, __all__ = lazy_module(
+    __name__,
+    {
+        "read_st": "_st",
+    },
+)

@@ -1,0 +1,18 @@
+"""Tools: tiling, features, gene embeddings, training, prediction, evaluation."""
+
+from dkan._lazy import lazy_module
+
+__getattr__, __dir__, __all__ = lazy_module(
+    __name__,
+    {
+        "tile": "_tile",
+        "make_spots": "_make_spots",
+        "extract_features": "_features",
+        "describe_genes": "_describe",
+        "embed_genes": "_embed_genes",
+        "train": "_train",
+        "predict": "_predict",
+        "evaluate": "_evaluate",
+        "cross_validate": "_cv",
+    },
+)
