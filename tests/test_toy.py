@@ -34,7 +34,7 @@ def test_toy_expression_follows_the_image(toy_master):
     s = iter_samples(toy_master)[0]
     xy, _ = spot_pixels(toy_master, s)
     img = toy_master.images[s.image_key]["scale0"]["image"].values.astype(float)
-    feats = np.array([img[:, int(y) - 6 : int(y) + 6, int(x) - 6 : int(x) + 6].mean((1, 2)) for x, y in xy])
+    feats = np.array([img[:, int(y) - 12 : int(y) + 12, int(x) - 12 : int(x) + 12].mean((1, 2)) for x, y in xy])
     y = np.log1p(adata.X[s.obs_idx].toarray())
     r = [abs(np.corrcoef(feats[:, c], y[:, g])[0, 1]) for c in range(3) for g in range(y.shape[1])]
     assert np.nanmax(r) > 0.5

@@ -20,7 +20,7 @@ TOY_GENES = (
 
 # colour (RGB, 0-255) and blob radius (px) of each cell type: tumour, stroma, immune, vessel/other
 _TYPE_COLOURS = np.array([[110, 40, 140], [235, 140, 180], [40, 30, 110], [200, 80, 80], [150, 110, 190]])
-_TYPE_RADII = np.array([4, 3, 2, 3, 4])
+_TYPE_RADII = np.array([8, 6, 4, 6, 8])
 
 
 def toy(
@@ -29,8 +29,8 @@ def toy(
     grid_size: int = 12,
     n_genes: int = 40,
     n_types: int = 4,
-    spot_pitch_px: int = 24,
-    um_per_px: float = 4.0,
+    spot_pitch_px: int = 48,
+    um_per_px: float = 2.0,
     library_size: float = 200.0,
     seed: int = 0,
 ) -> SpatialData:
@@ -104,16 +104,16 @@ def _make_slide(rng, grid_size, n_types, pitch, sig_local, sig_context, library_
     img = np.empty((size, size, 3), dtype=np.float32)
     img[:] = (242, 228, 236)  # pale background
     img += rng.normal(0, 6, size=img.shape)
-    n_blobs = int(size * size / 30)
+    n_blobs = int(size * size / 100)
     pos = rng.uniform(0, size, size=(n_blobs, 2))
     cum = np.cumsum(fields[:, pos[:, 1].astype(int), pos[:, 0].astype(int)], axis=0)
     types = (rng.uniform(size=n_blobs)[None] > cum).sum(0).clip(0, n_types - 1)
-    yy, xx = np.mgrid[-5:6, -5:6]
+    yy, xx = np.mgrid[-9:10, -9:10]
     for (x, y), t in zip(pos, types, strict=True):
         r = _TYPE_RADII[t]
         disc = (xx**2 + yy**2) <= r * r
         if t % 2 == 1:  # ring texture for odd types
-            disc &= (xx**2 + yy**2) >= (r - 1.5) ** 2
+            disc &= (xx**2 + yy**2) >= (r - 2.5) ** 2
         ys, xs = yy[disc] + int(y), xx[disc] + int(x)
         ok = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
         img[ys[ok], xs[ok]] = _TYPE_COLOURS[t] + rng.normal(0, 10, 3)
@@ -153,7 +153,7 @@ def _to_spatialdata(slides: list[dict], genes, pitch: int, um_per_px: float) -> 
         s = f"s{i}"
         tf = {s: Identity()}
         images[f"{s}{K.IMAGE_SUFFIX}"] = Image2DModel.parse(
-            sl["image"], dims=("c", "y", "x"), scale_factors=[2], chunks=(3, 256, 256), transformations=tf
+            sl["image"], dims=("c", "y", "x"), scale_factors=[2], chunks=(3, 512, 512), transformations=tf
         )
         n = len(sl["x"])
         ids = np.arange(n)

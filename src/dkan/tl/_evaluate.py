@@ -68,8 +68,9 @@ class EvalResult:
 
     def fold_matrix(self) -> np.ndarray:
         """Fold-level r as an array of shape ``(n_folds, n_genes)`` (rows in :attr:`folds` order)."""
-        wide = self.fold_gene.pivot(index="fold", columns="gene", values="pearson")
-        return wide.loc[self.folds, self.genes].to_numpy(dtype=np.float64)
+        fg = self.fold_gene
+        rows = [fg.loc[fg["fold"] == f].set_index("gene")["pearson"].reindex(self.genes) for f in self.folds]
+        return np.vstack([r.to_numpy(dtype=np.float64) for r in rows])
 
 
 def _resolve_table(data: SpatialData | AnnData, table_key: str | None) -> tuple[str, AnnData]:
@@ -309,4 +310,3 @@ def evaluate(
         genes=[str(g) for g in names],
         labels=target,
     )
-

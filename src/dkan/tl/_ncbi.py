@@ -31,19 +31,19 @@ class ServiceError(RuntimeError):
 
 
 def default_cache_dir() -> Path:
-    """The dkan cache folder: ``$DKAN_CACHE_DIR`` or ``~/.cache/dkan``."""
+    """Return the dkan cache folder: ``$DKAN_CACHE_DIR`` or ``~/.cache/dkan``."""
     env = os.environ.get("DKAN_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "dkan"
 
 
 def cache_file(folder: Path, key: str) -> Path:
-    """A file name for ``key`` that is safe on every file system (readable prefix + hash)."""
+    """Return a file name for ``key`` that is safe on every file system (readable prefix + hash)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)[:60]
     return folder / f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
 
 
 def read_cache(path: Path) -> Any:
-    """Cached JSON value, or ``None`` when absent or unreadable."""
+    """Return the cached JSON value, or ``None`` when absent or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -105,7 +105,9 @@ class HttpJson:
                 last_error = f"{type(err).__name__}: {err}"
             except ValueError as err:  # the answer is not JSON
                 last_error = f"invalid JSON ({err})"
-            logger.debug("%s request failed (%s), attempt %d of %d", self.service, last_error, attempt + 1, self.max_retries + 1)
+            logger.debug(
+                "%s request failed (%s), attempt %d of %d", self.service, last_error, attempt + 1, self.max_retries + 1
+            )
         raise ServiceError(
             f"{self.service} request to {_redact(url)} failed after {self.max_retries + 1} attempts "
             f"(last error: {last_error}). Check the connection and the base URL, or retry later."
@@ -209,7 +211,7 @@ class NCBIClient:
         return out
 
     def gene_records(self, symbols: Iterable[str], *, progress: bool = True) -> dict[str, dict | None]:
-        """Records ``{symbol: {gene_id, symbol, full_name, summary, map_location} | None}``, cached on disk.
+        """Return records ``{symbol: {gene_id, symbol, full_name, summary, map_location} | None}``, cached on disk.
 
         ``None`` means NCBI knows no gene of that symbol in the organism; that answer is cached too.
         """
@@ -235,7 +237,7 @@ class NCBIClient:
 
 
 def _pick(symbol: str, candidates: list[dict]) -> dict | None:
-    """The live record whose name is ``symbol``, else the first live one, as a flat dict."""
+    """Return the live record whose name is ``symbol``, else the first live one, as a flat dict."""
     live = [c for c in candidates if not c.get("status")] or candidates
     if not live:
         return None
