@@ -13,6 +13,9 @@ __getattr__, __dir__, __all__ = lazy_module(
         "train": "_train",
         "predict": "_predict",
         "evaluate": "_evaluate",
+        "combine_folds": "_combine",
+        "fit_mean": "_baselines",
+        "fit_ridge": "_baselines",
         "cross_validate": "_cv",
     },
 )

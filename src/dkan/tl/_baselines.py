@@ -4,10 +4,10 @@ HEST-Benchmark (``mahmoodlab/HEST: src/hest/bench/benchmark.py`` and ``trainer.p
 ``Pipeline([StandardScaler(), PCA(n_components=256, random_state=seed)])`` on the training features, then
 ``Ridge(solver="lsqr", alpha=100 / (n_features * n_targets), fit_intercept=False, max_iter=1000,
 random_state=seed)`` with ``n_features`` counted after PCA. Because the PCA scores of the training set are
-centred, the ridge coefficients do not depend on ``fit_intercept``: with ``fit_intercept=False`` every
-prediction is shifted by minus the training mean of the targets, which leaves Pearson r unchanged but
-inflates MAE and MSE. ``fit_ridge`` therefore fits the intercept by default (same r as HEST, meaningful
-errors); pass ``fit_intercept=False`` to reproduce HEST bit for bit.
+centred, the ridge coefficients do not depend on ``fit_intercept`` (up to the lsqr tolerance): with
+``fit_intercept=False`` every prediction is shifted by minus the training mean of the targets, which leaves
+Pearson r unchanged but inflates MAE and MSE. ``fit_ridge`` therefore fits the intercept by default (same r
+as HEST, meaningful errors); pass ``fit_intercept=False`` to reproduce HEST exactly.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class CVSummary:
         return list(self.summary.index)
 
     def table(self, *, digits: int = 3) -> pd.DataFrame:
-        """Method x metric table of ``"mean ± std"`` strings, in the paper's column order.
+        """Return the method x metric table of ``"mean ± std"`` strings, in the paper's column order.
 
         Parameters
         ----------

@@ -118,6 +118,10 @@ def _obs_labels(adata: AnnData, key: str | None, param: str, default: str) -> np
     if key is None:
         return np.full(adata.n_obs, default, dtype=object)
     if key not in adata.obs:
+        region_key = adata.uns.get("spatialdata_attrs", {}).get("region_key")
+        if param == "groupby" and key == K.SAMPLE and region_key in adata.obs:
+            logger.info("evaluate: no `obs[%r]`; grouping by the region column %r instead.", key, region_key)
+            return adata.obs[region_key].astype(str).to_numpy()
         raise KeyError(f"`{param}={key!r}` is not a column of `obs`; available columns: {list(adata.obs.columns)}.")
     return adata.obs[key].astype(str).to_numpy()
 
@@ -230,7 +234,8 @@ def evaluate(
     target_layer
         ``layers`` key of the normalised observed expression.
     groupby
-        ``obs`` column of the evaluation groups (sections); None evaluates all spots as one group.
+        ``obs`` column of the evaluation groups (sections); None evaluates all spots as one group. When the
+        default ``"sample"`` column is absent, the table's region column (one group per spots element) is used.
     genes
         Genes to evaluate; default: the ``var["dkan_panel"]`` genes when flagged, else all. Genes whose
         predictions or targets are not finite are left out and listed in the protocol.

@@ -94,7 +94,7 @@ def _concat(labels: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _top(score: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the ``n`` largest scores, largest first (the reference's ``argsort(s)[-n:][::-1]``)."""
+    """Return the indices of the ``n`` largest scores, largest first (the reference's ``argsort(s)[-n:][::-1]``)."""
     if n < 1:
         raise ValueError(f"`n` must be a positive number of genes; found {n}.")
     return np.argsort(score)[-n:][::-1].copy()

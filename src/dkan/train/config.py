@@ -17,7 +17,6 @@ __all__ = ["PRESETS", "DKANConfig"]
 _MODULES = ("fusion", "slide", "region", "img_cross", "exp_cross", "text")
 
 
-
 @dataclasses.dataclass(frozen=True)
 class DKANConfig:
     """All hyper-parameters of a DKAN model and its training run.
@@ -187,7 +186,7 @@ class DKANConfig:
         return PRESETS[name].replace(**overrides)
 
     @classmethod
-    def resolve(cls, config: None | str | DKANConfig | Mapping[str, Any] = None, **overrides: Any) -> DKANConfig:
+    def resolve(cls, config: str | DKANConfig | Mapping[str, Any] | None = None, **overrides: Any) -> DKANConfig:
         """Turn what a user passes as ``config=`` into a :class:`DKANConfig`.
 
         Parameters
@@ -214,7 +213,8 @@ class DKANConfig:
             base = cls.from_preset(preset, **values)
         else:
             raise TypeError(
-                f"Expected `config` to be None, a preset name, a DKANConfig or a mapping, found {type(config).__name__}."
+                "Expected `config` to be None, a preset name, a DKANConfig or a mapping, "
+                f"found {type(config).__name__}."
             )
         return base.replace(**overrides) if overrides else base
 
@@ -308,9 +308,7 @@ def _module(prefix: str, depth: int, heads: int, mlp: float, dropout: float) -> 
     }
 
 
-def _reference(
-    tau: float, modules: dict[str, tuple[int, int, float, float]], **extra: Any
-) -> dict[str, Any]:
+def _reference(tau: float, modules: dict[str, tuple[int, int, float, float]], **extra: Any) -> dict[str, Any]:
     """Values shared by the authors' three configs plus the per-dataset module table (reference section 1.12)."""
     values: dict[str, Any] = {
         "d": 1024,

@@ -70,14 +70,14 @@ class PEGH(nn.Module):
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
     def _cell_tokens(self, x: Tensor, inverse: Tensor, n_cells: int) -> Tensor:
-        if n_cells == len(x):
-            return x.new_zeros(n_cells, x.shape[1]).index_copy(0, inverse, x)
+        if n_cells == len(x):  # a bijection: a plain gather (deterministic on every device)
+            return x[torch.argsort(inverse)]
         if self.duplicates == "error":
             raise ValueError(
                 f"`grid` holds {len(x) - n_cells} duplicate position(s); pass unique positions or use "
                 "PEGH(..., duplicates='mean')."
             )
-        summed = x.new_zeros(n_cells, x.shape[1]).index_add(0, inverse, x)
+        summed = x.new_zeros(n_cells, x.shape[1]).index_put((inverse,), x, accumulate=True)
         counts = torch.bincount(inverse, minlength=n_cells).to(x.dtype)
         return summed / counts[:, None]
 

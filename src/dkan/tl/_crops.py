@@ -1,0 +1,459 @@
+"""Spot crops (patch and ``G x G`` region) read lazily from SpatialData images, as a torch Dataset.
+
+Windows come from the tile geometry written by :func:`dkan.tl.tile`. Reads go through a per-image chunk cache:
+a batch of windows is mapped to the image chunks it touches, the missing chunks are fetched in one
+``dask.compute`` call (decoded in parallel, each once), and windows are assembled from them with zero padding
+at the image edge. A region is one window cut into tiles by a reshape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from dkan import _keys as K
+from dkan._utils import get_table, table_attrs, uns_get
+from dkan.tl._tile import image_levels, tile, tile_keys, window_origins
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+logger = logging.getLogger("dkan")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def read_window(array: Any, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """Read ``array[:, y0:y0+h, x0:x0+w]`` as uint8 ``(c, h, w)``, zero-padded where it leaves the image.
+
+    ``array`` is a ``(c, y, x)`` numpy, dask or xarray array; only the part inside the image is read.
+    """
+    data = array.data if hasattr(array, "dims") else array
+    c, height, width = data.shape
+    out = np.zeros((c, h, w), dtype=np.uint8)
+    ya, yb, xa, xb = max(y0, 0), min(y0 + h, height), max(x0, 0), min(x0 + w, width)
+    if ya < yb and xa < xb:
+        out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = np.asarray(data[:, ya:yb, xa:xb])
+    return out
+
+
+class ChunkReader:
+    """Read many windows of one ``(c, y, x)`` image, fetching each image chunk once (LRU cache by bytes)."""
+
+    def __init__(self, array: Any, *, cache_bytes: int = 256 * 2**20) -> None:
+        self.data = array.data if hasattr(array, "dims") else array
+        self.cache_bytes = int(cache_bytes)
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._used = 0
+        chunks = getattr(self.data, "chunks", None)
+        c, h, w = self.data.shape
+        ych, xch = (chunks[1], chunks[2]) if chunks is not None else ((h,), (w,))
+        self._yb = np.r_[0, np.cumsum(ych)]
+        self._xb = np.r_[0, np.cumsum(xch)]
+        self._lazy = chunks is not None
+        biggest = c * max(ych) * max(xch)
+        self._direct = not self._lazy or biggest > self.cache_bytes // 4
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": OrderedDict(), "_used": 0}
+
+    def _chunk_span(self, y0: int, x0: int, h: int, w: int) -> list[tuple[int, int]]:
+        """Chunk ids ``(by, bx)`` that a window overlaps inside the image."""
+        ya, yb = max(y0, 0), min(y0 + h, self._yb[-1])
+        xa, xb = max(x0, 0), min(x0 + w, self._xb[-1])
+        if ya >= yb or xa >= xb:
+            return []
+        by = range(np.searchsorted(self._yb, ya, "right") - 1, np.searchsorted(self._yb, yb, "left"))
+        bx = range(np.searchsorted(self._xb, xa, "right") - 1, np.searchsorted(self._xb, xb, "left"))
+        return [(i, j) for i in by for j in bx]
+
+    def _fetch(self, ids: list[tuple[int, int]]) -> None:
+        """Fetch the missing chunks in one ``dask.compute`` call and put them in the cache."""
+        missing = [b for b in dict.fromkeys(ids) if b not in self._cache]
+        if missing:
+            import dask
+
+            parts = [self.data[:, self._yb[i] : self._yb[i + 1], self._xb[j] : self._xb[j + 1]] for i, j in missing]
+            for key, arr in zip(missing, dask.compute(*parts), strict=True):
+                self._cache[key] = np.asarray(arr)
+                self._used += self._cache[key].nbytes
+        for b in ids:
+            self._cache.move_to_end(b)
+
+    def _evict(self, keep: set[tuple[int, int]]) -> None:
+        while self._used > self.cache_bytes and self._cache:
+            key = next(iter(self._cache))
+            if key in keep:
+                break
+            self._used -= self._cache.pop(key).nbytes
+
+    def _assemble(self, y0: int, x0: int, h: int, w: int, out: np.ndarray) -> None:
+        """Copy the window from cached chunks into ``out`` (zeros outside the image)."""
+        if y0 < 0 or x0 < 0 or y0 + h > self._yb[-1] or x0 + w > self._xb[-1]:
+            out[...] = 0
+        for i, j in self._chunk_span(y0, x0, h, w):
+            cy, cx = self._yb[i], self._xb[j]
+            chunk = self._cache[(i, j)]
+            ya, yb = max(y0, cy), min(y0 + h, cy + chunk.shape[1])
+            xa, xb = max(x0, cx), min(x0 + w, cx + chunk.shape[2])
+            out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = chunk[:, ya - cy : yb - cy, xa - cx : xb - cx]
+
+    def read(self, windows: Sequence[tuple[int, int, int, int]], out: Sequence[np.ndarray] | None = None) -> list:
+        """Read windows ``(y0, x0, h, w)`` into uint8 ``(c, h, w)`` arrays (``out`` buffers when given)."""
+        c = self.data.shape[0]
+        res = list(out) if out is not None else [np.empty((c, h, w), np.uint8) for _, _, h, w in windows]
+        if self._direct:
+            for win, buf in zip(windows, res, strict=True):
+                buf[...] = read_window(self.data, *win)
+            return res
+        order = sorted(range(len(windows)), key=lambda k: (windows[k][0], windows[k][1]))
+        group: list[int] = []
+        group_ids: set[tuple[int, int]] = set()
+        for k in [*order, None]:
+            ids = set(self._chunk_span(*windows[k])) if k is not None else set()
+            if k is None or (group and self._bytes(group_ids | ids) > self.cache_bytes):
+                self._fetch(sorted(group_ids))
+                for m in group:
+                    self._assemble(*windows[m], res[m])
+                self._evict(set())
+                group, group_ids = [], set()
+            if k is not None:
+                group.append(k)
+                group_ids |= ids
+        return res
+
+    def _bytes(self, ids: set[tuple[int, int]]) -> int:
+        c = self.data.shape[0]
+        return sum(c * int(self._yb[i + 1] - self._yb[i]) * int(self._xb[j + 1] - self._xb[j]) for i, j in ids)
+
+
+@dataclass
+class _Source:
+    """One sample of the dataset: its image level, windows and table rows."""
+
+    name: str
+    sdata_index: int
+    table_key: str
+    obs_idx: np.ndarray  #: table rows of the spots, in dataset order
+    reader: ChunkReader
+    spot_px: np.ndarray  #: (n, 2) x, y at the level
+    mask: np.ndarray  #: (n, G*G) bool
+    patch_side: int
+    region_side: int
+
+
+def _sources(sdata: SpatialData, k: int, table_key: str | None, tile_key: str | None, cache_bytes: int) -> list:
+    """Crop sources of every tiled sample of one SpatialData (runs :func:`tile` with defaults if needed)."""
+    tkey, adata = get_table(sdata, table_key)
+    step = tile_keys(None)["uns"] if tile_key is None else tile_key
+    geo = uns_get(adata, step)
+    if geo is None:
+        if tile_key is not None:
+            raise KeyError(
+                f"`tile_key={tile_key!r}` not found in `uns['{K.UNS}']` of table `{tkey}`; run dkan.tl.tile."
+            )
+        logger.info("No tile geometry in table `%s`; running dkan.tl.tile with default settings.", tkey)
+        tile(sdata, table_key=tkey)
+        geo = uns_get(adata, step)
+    _, region_key, _ = table_attrs(adata, table_key=tkey)
+    region = adata.obs[region_key].astype(str).to_numpy()
+    keys = geo["keys"]
+    out = []
+    for name, rec in geo["samples"].items():
+        idx = np.flatnonzero(region == rec["spots_key"])
+        level = image_levels(sdata.images[rec["image_key"]])[rec["level"]]
+        out.append(
+            _Source(
+                name=str(name),
+                sdata_index=k,
+                table_key=tkey,
+                obs_idx=idx,
+                reader=ChunkReader(level, cache_bytes=cache_bytes),
+                spot_px=np.asarray(adata.obsm[keys["spot_px"]])[idx],
+                mask=np.asarray(adata.obsm[keys["region_mask"]], dtype=bool)[idx],
+                patch_side=int(rec["patch_side"]),
+                region_side=int(rec["region_side"]),
+            )
+        )
+    return out, geo
+
+
+def augment(arr: np.ndarray, hflip: bool, vflip: bool, rot: int) -> np.ndarray:
+    """Flip the last (x) axis, the second last (y) axis, then rotate by ``rot`` x 90° (``np.rot90`` on y, x)."""
+    if hflip:
+        arr = arr[..., ::-1]
+    if vflip:
+        arr = arr[..., ::-1, :]
+    return np.rot90(arr, rot, axes=(-2, -1)) if rot else arr
+
+
+def _augment_tiles(tiles: np.ndarray, hflip: bool, vflip: bool, rot: int) -> np.ndarray:
+    """:func:`augment` of a region window given as its ``(G, G, c, P, P)`` tiles: move tiles and their pixels."""
+    t = augment(tiles, hflip, vflip, rot)
+    return augment(t.transpose(2, 3, 4, 0, 1), hflip, vflip, rot).transpose(3, 4, 0, 1, 2)
+
+
+def _resize(arr: np.ndarray, side: int) -> np.ndarray:
+    """Resize a uint8 ``(c, h, w)`` window to ``(c, side, side)`` (antialiased bilinear)."""
+    if arr.shape[1] == side and arr.shape[2] == side:
+        return arr
+    t = torch.from_numpy(np.ascontiguousarray(arr)).float()[None]
+    t = torch.nn.functional.interpolate(t, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return t[0].round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def _tiles(window: np.ndarray, out: np.ndarray, grid: int) -> None:
+    """Cut a ``(c, G*P, G*P)`` window row-major into ``out`` of shape ``(G*G, c, P, P)`` (one strided copy)."""
+    c, side = window.shape[0], window.shape[1] // grid
+    out.reshape(grid, grid, c, side, side)[...] = window.reshape(c, grid, side, grid, side).transpose(1, 3, 0, 2, 4)
+
+
+class SpotCrops(Dataset):
+    """Spot patches (and optionally ``G x G`` regions) of one or several SpatialData, read lazily.
+
+    Parameters
+    ----------
+    sdata
+        One SpatialData or a list; every tiled sample of every element is part of the dataset. Samples without
+        tile geometry are tiled with :func:`dkan.tl.tile` defaults.
+    table_key
+        Table holding the spots and tile geometry (inferred when there is one).
+    tile_key
+        ``uns["dkan"]`` step of the geometry (the ``key_added`` of :func:`dkan.tl.tile`; default ``"tile"``).
+    with_region
+        Also return the region tiles (one window read per spot, cut by a reshape).
+    augment
+        Training augmentation: random horizontal flip, vertical flip and 90° rotation (each p=0.5, as in the
+        reference), the same for patch, region and region mask.
+    normalize
+        Return float32 ``(x / 255 - mean) / std``; ``False`` returns uint8 (normalise later, e.g. on the GPU).
+    mean, std
+        Per-channel normalisation statistics (default ImageNet).
+    seed
+        Seed of the augmentation generator in the main process; DataLoader workers use their worker seed.
+    cache_bytes
+        Budget of the per-image chunk cache.
+
+    Attributes
+    ----------
+    samples
+        Per sample, the dataset indices of its spots (for per-sample batches, see :class:`BatchBySample`).
+    sample_names
+        Sample names, in the order of ``samples``; ``item["sample"]`` indexes them.
+    """
+
+    def __init__(
+        self,
+        sdata: SpatialData | Sequence[SpatialData],
+        *,
+        table_key: str | None = None,
+        tile_key: str | None = None,
+        with_region: bool = False,
+        augment: bool = False,
+        normalize: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        seed: int = 0,
+        cache_bytes: int = 256 * 2**20,
+    ) -> None:
+        sdatas = list(sdata) if isinstance(sdata, list | tuple) else [sdata]
+        if not sdatas:
+            raise ValueError("`sdata` is an empty list; pass at least one SpatialData.")
+        self._sources: list[_Source] = []
+        params = None
+        for k, sd in enumerate(sdatas):
+            srcs, geo = _sources(sd, k, table_key, tile_key, cache_bytes)
+            p = (int(geo["patch_size"]), int(geo["region_grid"]))
+            if params is not None and p != params:
+                raise ValueError(
+                    f"SpatialData {k} was tiled with (patch_size, region_grid) = {p}, others with {params}."
+                )
+            params = p
+            self._sources.extend(srcs)
+        self.patch_size, self.region_grid = params
+        self.with_region, self.augment, self.normalize, self.seed = with_region, augment, normalize, int(seed)
+        sizes = [len(s.obs_idx) for s in self._sources]
+        if sum(sizes) == 0:
+            raise ValueError("The tiled samples have no spots.")
+        offsets = np.r_[0, np.cumsum(sizes)]
+        self._src_of = np.repeat(np.arange(len(sizes)), sizes)
+        self._local = np.concatenate([np.arange(n) for n in sizes])
+        self.samples = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(sizes))]
+        self.sample_names = [s.name for s in self._sources]
+        std_t = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._scale = 1.0 / (255.0 * std_t)
+        self._shift = -torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
+        self._gen: torch.Generator | None = None
+        self._gen_seed: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._src_of)
+
+    def table_rows(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(sample id, table row)`` of dataset indices."""
+        idx = np.asarray(indices, dtype=np.int64)
+        src = self._src_of[idx]
+        rows = np.array([self._sources[s].obs_idx[loc] for s, loc in zip(src, self._local[idx], strict=True)])
+        return src, rows.astype(np.int64)
+
+    def _draw(self, n: int) -> np.ndarray:
+        """``(n, 3)`` augmentation draws ``(hflip, vflip, rot)`` from the per-process generator."""
+        info = torch.utils.data.get_worker_info()
+        seed = self.seed if info is None else int(info.seed)
+        if self._gen is None or self._gen_seed != seed:
+            self._gen, self._gen_seed = torch.Generator().manual_seed(seed), seed
+        return (torch.rand((n, 3), generator=self._gen) < 0.5).numpy().astype(np.int64)
+
+    def read_batch(self, indices: Sequence[int] | np.ndarray, *, transforms: np.ndarray | None = None) -> dict:
+        """Read a batch of spots at once (windows grouped per image, chunks fetched in one ``dask.compute``).
+
+        Parameters
+        ----------
+        indices
+            Dataset indices.
+        transforms
+            Optional ``(n, 3)`` integer array ``(hflip, vflip, rot90 count)`` overriding the random augmentation.
+
+        Returns
+        -------
+        Dict of batched tensors: ``patch`` (B, 3, P, P), ``region`` (B, G*G, 3, P, P) when ``with_region``,
+        ``region_mask`` (B, G*G) bool, ``index`` (B,) table rows and ``sample`` (B,) sample ids.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n, p, g = len(idx), self.patch_size, self.region_grid
+        if transforms is None:
+            transforms = self._draw(n) if self.augment else np.zeros((n, 3), dtype=np.int64)
+        patch = np.empty((n, 3, p, p), np.uint8)
+        region = np.empty((n, g * g, 3, p, p), np.uint8) if self.with_region else None
+        mask = np.empty((n, g * g), bool)
+        src_ids, rows = self.table_rows(idx)
+        for s in np.unique(src_ids):
+            pos = np.flatnonzero(src_ids == s)
+            self._read_source(self._sources[s], self._local[idx[pos]], pos, transforms, patch, region, mask)
+        out = {
+            "patch": self._finish(patch),
+            "region_mask": torch.from_numpy(mask),
+            "index": torch.from_numpy(rows),
+            "sample": torch.from_numpy(src_ids.astype(np.int64)),
+        }
+        if region is not None:
+            out["region"] = self._finish(region)
+        return out
+
+    def _read_source(self, src: _Source, loc: np.ndarray, pos: np.ndarray, tf: np.ndarray, patch, region, mask) -> None:
+        """Fill the batch rows ``pos`` with the crops of spots ``loc`` of one source."""
+        p, g = self.patch_size, self.region_grid
+        xy = src.spot_px[loc]
+        for b, lc in zip(pos, loc, strict=True):
+            mask[b] = augment(src.mask[lc].reshape(g, g), *tf[b]).reshape(-1)
+        if src.patch_side == p and (region is None or src.region_side == g * p):
+            # native resolution: assemble chunk pieces straight into the output tiles (one copy per pixel)
+            windows = [(int(y0), int(x0), p, p) for x0, y0 in window_origins(xy, p)]
+            outs = [patch[b] for b in pos]
+            if region is not None:
+                for b, (x0, y0) in zip(pos, window_origins(xy, g * p), strict=True):
+                    windows += [(int(y0) + i * p, int(x0) + j * p, p, p) for i in range(g) for j in range(g)]
+                    outs += list(region[b])
+            src.reader.read(windows, outs)
+            for b in pos:
+                if tf[b].any():
+                    patch[b] = augment(patch[b], *tf[b]).copy()
+                    if region is not None:
+                        tiles = region[b].reshape(g, g, 3, p, p)
+                        tiles[...] = _augment_tiles(tiles, *tf[b]).copy()
+            return
+        side = src.region_side if region is not None else src.patch_side
+        windows = [(int(y0), int(x0), side, side) for x0, y0 in window_origins(xy, side)]
+        off = side // 2 - src.patch_side // 2
+        for b, buf in zip(pos, src.reader.read(windows), strict=True):
+            h, v, r = (int(t) for t in tf[b])
+            pw = buf[:, off : off + src.patch_side, off : off + src.patch_side]
+            patch[b] = _resize(augment(pw, h, v, r), p)
+            if region is not None:
+                _tiles(_resize(augment(buf, h, v, r), g * p), region[b], g)
+
+    def _finish(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(arr)
+        if not self.normalize:
+            return t
+        return t.to(torch.float32).mul_(self._scale).add_(self._shift)
+
+    def __getitem__(self, i: int) -> dict:
+        batch = self.read_batch([int(i)])
+        return {k: (v[0] if k not in ("index", "sample") else int(v[0])) for k, v in batch.items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        batch = self.read_batch(indices)
+        return [
+            {k: (v[b] if k not in ("index", "sample") else int(v[b])) for k, v in batch.items()}
+            for b in range(len(indices))
+        ]
+
+
+class BatchBySample(Sampler):
+    """Batches of dataset indices where every batch comes from one sample (shuffled, seeded).
+
+    Parameters
+    ----------
+    samples
+        A :class:`SpotCrops` or its ``samples`` (per-sample arrays of dataset indices).
+    batch_size
+        Maximum batch size.
+    shuffle
+        Shuffle spots within samples and the order of batches; reshuffled every epoch.
+    drop_last
+        Drop each sample's last incomplete batch.
+    seed
+        Base seed; epoch ``e`` uses ``(seed, e)``. The epoch advances on every iteration, or set it with
+        :meth:`set_epoch`.
+    """
+
+    def __init__(
+        self,
+        samples: SpotCrops | Sequence[np.ndarray],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        groups = samples.samples if isinstance(samples, SpotCrops) else samples
+        self.groups = [np.asarray(s, dtype=np.int64) for s in groups]
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be positive; got {batch_size}.")
+        self.batch_size, self.shuffle, self.drop_last, self.seed = int(batch_size), shuffle, drop_last, int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch (the shuffle of the next iteration)."""
+        self.epoch = int(epoch)
+
+    def _batches(self) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        out = []
+        for group in self.groups:
+            order = rng.permutation(group) if self.shuffle else group
+            stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+            out.extend(order[i : min(i + self.batch_size, stop)] for i in range(0, stop, self.batch_size))
+        if self.shuffle:
+            out = [out[i] for i in rng.permutation(len(out))]
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._batches()
+        self.epoch += 1
+        for b in batches:
+            yield b.tolist()
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return sum(len(g) // self.batch_size for g in self.groups)
+        return sum(-(-len(g) // self.batch_size) for g in self.groups)

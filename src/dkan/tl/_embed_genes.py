@@ -1,0 +1,208 @@
+"""Gene-semantic embeddings: encode one description per gene into ``table.varm``."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from dkan import _keys as K
+from dkan._utils import get_table, uns_get, uns_set
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from dkan.nn.text_encoders import TextEncoder
+
+logger = logging.getLogger("dkan")
+
+Descriptions = str | os.PathLike | Mapping[str, str] | pd.DataFrame | None
+
+
+def embed_genes(
+    sdata: SpatialData | AnnData,
+    *,
+    descriptions: Descriptions = None,
+    text_encoder: str | os.PathLike | TextEncoder = "minilm",
+    pooling: str | None = None,
+    table_key: str | None = None,
+    key_added: str = K.GENE_EMBEDDING,
+    overwrite: bool = False,
+    batch_size: int = 64,
+    device: str | None = None,
+    describe_kwargs: Mapping[str, Any] | None = None,
+) -> None:
+    """Embed a text description of every gene with a text encoder.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with the expression table, or the table (AnnData) itself.
+    descriptions
+        Text per gene: ``None`` (the symbol itself, with a warning), a mapping ``{symbol: text}``, a TSV/CSV path,
+        ``"ncbi"`` (online, cached), or the DataFrame returned by :func:`dkan.tl.describe_genes`. Genes without
+        a description use their symbol.
+    text_encoder
+        A registered name (``"minilm"``, ``"biobert"``), a model folder or Hugging Face id, or a built
+        :class:`~dkan.nn.text_encoders.TextEncoder`.
+    pooling
+        ``"sep"``, ``"cls"`` or ``"mean"``; default: the encoder's own.
+    table_key
+        Table of ``sdata``; inferred when there is one.
+    key_added
+        ``varm`` key of the embeddings.
+    overwrite
+        Replace embeddings made by another encoder (or pooling) under ``key_added``; without it that is an error.
+    batch_size
+        Texts per forward pass.
+    device
+        Torch device of the encoder; default CUDA when available.
+    describe_kwargs
+        Options of :func:`dkan.tl.describe_genes` (``gene_info``, ``llm``, ``cache_dir``, ...) when
+        ``descriptions`` is a mapping, a path or ``"ncbi"``.
+
+    Returns
+    -------
+    Nothing; writes ``table.varm[key_added]`` (``n_vars x dim`` float32, a row for every gene) and the provenance
+    ``table.uns["dkan"]["gene_embedding"]``: ``encoder``, ``pooling``, ``dim``, ``weights_hash``, ``key_added``,
+    ``source_counts`` and, per gene in ``var_names`` order, ``text_sha1`` and ``source``.
+    """
+    adata = _as_table(sdata, table_key)
+    genes = [str(g) for g in adata.var_names]
+    texts = gene_texts(genes, descriptions, describe_kwargs=describe_kwargs or {})
+    enc_name = text_encoder.name if _is_encoder(text_encoder) else str(text_encoder)
+    enc_pooling = text_encoder.pooling if _is_encoder(text_encoder) else pooling
+    step = _uns_step(key_added)
+    sha = [_sha1(t) for t in texts["text"]]
+    old = uns_get(adata, step)
+    if old is not None and key_added in adata.varm and not overwrite:
+        _check_same_encoder(old, enc_name, enc_pooling, key_added)
+        if list(old.get("text_sha1", [])) == sha and adata.varm[key_added].shape[0] == len(genes):
+            logger.info("Gene embeddings `%s` are up to date (same encoder and texts); nothing to do.", key_added)
+            return
+    encoder = text_encoder if _is_encoder(text_encoder) else _create(text_encoder, pooling, device)
+    if old is not None and key_added in adata.varm and not overwrite:
+        _check_same_encoder(old, encoder.name, encoder.pooling, key_added, weights_hash=encoder.weights_hash)
+    logger.info("Embedding %d gene descriptions with %s (%s pooling).", len(genes), encoder.name, encoder.pooling)
+    emb = encoder.encode(texts["text"].tolist(), batch_size=batch_size, progress=True)
+    adata.varm[key_added] = emb.astype(np.float32, copy=False)
+    counts = texts["source"].value_counts()
+    uns_set(
+        adata,
+        step,
+        {
+            "encoder": encoder.name,
+            "pooling": encoder.pooling,
+            "dim": int(encoder.dim),
+            "weights_hash": encoder.weights_hash,
+            "key_added": key_added,
+            "source_counts": {str(k): int(v) for k, v in counts.items()},
+            "text_sha1": sha,
+            "source": texts["source"].astype(str).tolist(),
+        },
+    )
+
+
+def gene_texts(genes: Sequence[str], descriptions: Descriptions, *, describe_kwargs: Mapping[str, Any]) -> pd.DataFrame:
+    """Return ``describe_genes``-style texts (columns ``text``, ``source``) for ``genes`` from any description input."""
+    from dkan.tl._describe import describe_genes
+
+    if descriptions is None:
+        logger.warning(
+            "No gene descriptions given: each gene's symbol is its text, which carries little meaning. Pass "
+            "`descriptions=` a {symbol: text} mapping, a TSV of summaries (e.g. NCBI RefSeq summaries), 'ncbi' "
+            "(online, cached) or the output of `dkan.tl.describe_genes(...)`."
+        )
+        return describe_genes(genes, source="symbol", **describe_kwargs)
+    if isinstance(descriptions, pd.DataFrame):
+        return _from_frame(genes, descriptions)
+    if isinstance(descriptions, str | os.PathLike | Mapping):
+        return describe_genes(genes, source=descriptions, **describe_kwargs)
+    raise TypeError(
+        "`descriptions` must be None, a mapping {symbol: text}, a path, 'ncbi' or a DataFrame from "
+        f"`dkan.tl.describe_genes`; found {type(descriptions).__name__}."
+    )
+
+
+def _from_frame(genes: Sequence[str], frame: pd.DataFrame) -> pd.DataFrame:
+    if "text" not in frame.columns:
+        raise ValueError(
+            f"`descriptions` DataFrame needs a 'text' column (as returned by `dkan.tl.describe_genes`); "
+            f"found columns {list(frame.columns)}."
+        )
+    if frame.index.has_duplicates:
+        dup = frame.index[frame.index.duplicated()].unique().tolist()[:10]
+        raise ValueError(f"`descriptions` DataFrame has duplicated genes in its index: {dup}.")
+    sub = frame.reindex(pd.Index(genes))
+    missing = sub["text"].isna().to_numpy()
+    text = sub["text"].where(~missing, pd.Series(genes, index=sub.index)).astype(str)
+    source = sub["source"] if "source" in sub.columns else pd.Series("given", index=sub.index)
+    source = source.where(~missing, "symbol").astype(str)
+    if missing.any():
+        logger.warning(
+            "%d of %d genes are missing from `descriptions` and use their symbol as text: %s",
+            int(missing.sum()),
+            len(genes),
+            ", ".join(np.asarray(genes)[missing][:10]),
+        )
+    return pd.DataFrame({"text": text.to_numpy(), "source": source.to_numpy()}, index=pd.Index(genes, name="gene"))
+
+
+def _as_table(sdata: SpatialData | AnnData, table_key: str | None) -> AnnData:
+    from anndata import AnnData
+
+    if isinstance(sdata, AnnData):
+        adata = sdata
+    elif hasattr(sdata, "tables"):
+        adata = get_table(sdata, table_key)[1]
+    else:
+        raise TypeError(f"`sdata` must be a SpatialData or an AnnData, found {type(sdata).__name__}.")
+    if adata.n_vars == 0:
+        raise ValueError("The table has no genes (`n_vars == 0`); there is nothing to embed.")
+    if adata.var_names.has_duplicates:
+        dup = adata.var_names[adata.var_names.duplicated()].unique().tolist()[:10]
+        raise ValueError(f"The table has duplicated gene names {dup}; call `table.var_names_make_unique()` first.")
+    return adata
+
+
+def _is_encoder(obj: Any) -> bool:
+    return hasattr(obj, "encode") and hasattr(obj, "pooling") and hasattr(obj, "weights_hash")
+
+
+def _create(name: str | os.PathLike, pooling: str | None, device: str | None) -> TextEncoder:
+    from dkan.nn.text_encoders import create_text_encoder
+
+    return create_text_encoder(name, pooling=pooling, device=device)
+
+
+def _check_same_encoder(
+    old: Mapping, name: str, pooling: str | None, key_added: str, *, weights_hash: str | None = None
+) -> None:
+    """Raise when ``varm[key_added]`` was made by another encoder, pooling or set of weights."""
+    diffs = []
+    if old.get("encoder") != name:
+        diffs.append(f"encoder {old.get('encoder')!r} vs {name!r}")
+    if pooling is not None and old.get("pooling") != pooling:
+        diffs.append(f"pooling {old.get('pooling')!r} vs {pooling!r}")
+    if weights_hash is not None and old.get("weights_hash") != weights_hash:
+        diffs.append(f"weights {old.get('weights_hash')!r} vs {weights_hash!r}")
+    if diffs:
+        raise ValueError(
+            f"`varm[{key_added!r}]` holds embeddings from another text encoder ({'; '.join(diffs)}). Pass "
+            "`overwrite=True` to replace them, or `key_added=` to keep both."
+        )
+
+
+def _uns_step(key_added: str) -> str:
+    """Provenance entry in ``uns['dkan']``: the standard one for the default key, a suffixed one otherwise."""
+    return K.UNS_GENE_EMBEDDING if key_added == K.GENE_EMBEDDING else f"{K.UNS_GENE_EMBEDDING}_{key_added}"
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,267 @@
+"""Frozen image features of every spot's patch and of its region tiles."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dkan import _keys as K
+from dkan._utils import get_table, uns_get, uns_set
+
+if TYPE_CHECKING:
+    import torch
+    from spatialdata import SpatialData
+
+    from dkan.nn.image_encoders import ImageEncoder
+
+logger = logging.getLogger("dkan")
+
+
+def feature_keys(key_added: str | None = None) -> dict[str, str]:
+    """Storage keys of the features: ``spot``, ``region``, ``mask`` (obsm) and ``uns`` (step of ``uns["dkan"]``)."""
+    if key_added is None:
+        return {"spot": K.SPOT_FEATURES, "region": K.REGION_FEATURES, "mask": K.REGION_MASK, "uns": K.UNS_FEATURES}
+    return {"spot": key_added, "region": f"{key_added}_region", "mask": f"{key_added}_region_mask", "uns": key_added}
+
+
+def extract_features(
+    sdata: SpatialData,
+    encoder: str | Callable | ImageEncoder = "efficientnet_lite0",
+    *,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    table_key: str | None = None,
+    tile_key: str | None = None,
+    key_added: str | None = None,
+    region: bool = True,
+    overwrite: bool = False,
+    force: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+) -> None:
+    """Encode every spot's patch (and its region tiles) with a frozen image encoder.
+
+    Crops come lazily from the images through the tile geometry (:func:`dkan.tl.tile`, run with defaults when
+    missing). Crops whose side differs from the encoder's ``input_size`` are resized to it (bilinear,
+    antialiased) before normalisation with the encoder's ``mean`` / ``std``. Region tiles whose mask is 0 (they
+    leave the image) are not encoded; their features are zeros. On CUDA the encoder runs under autocast
+    (bfloat16 where supported, else float16) with pinned, non-blocking transfers; features are stored float32.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with spots, their table and images.
+    encoder
+        Encoder name (see :func:`dkan.nn.list_image_encoders`), timm name, callable or
+        :class:`~dkan.nn.image_encoders.ImageEncoder`.
+    batch_size
+        Spots per batch; one encoder call sees up to ``batch_size * 26`` images with ``region=True``.
+    device
+        Torch device; default CUDA when available, else CPU.
+    num_workers
+        DataLoader worker processes reading crops (0: in the main process).
+    table_key
+        Table holding the spots; inferred when there is one.
+    tile_key
+        ``key_added`` of the :func:`dkan.tl.tile` run to use (default: the default geometry).
+    key_added
+        Default: ``obsm["dkan_spot_features"]``, ``obsm["dkan_region_features"]``, ``obsm["dkan_region_mask"]``
+        and ``uns["dkan"]["features"]``. Given: ``obsm[key_added]``, ``obsm[f"{key_added}_region"]``,
+        ``obsm[f"{key_added}_region_mask"]`` and ``uns["dkan"][key_added]``.
+    region
+        Also encode the ``G x G`` region tiles of every spot.
+    overwrite
+        Allow replacing features of a different encoder stored under the same key.
+    force
+        Recompute even when features with the same settings exist.
+    checkpoint_path
+        Weight file of the encoder (see :func:`dkan.nn.create_image_encoder`).
+
+    Returns
+    -------
+    None; writes ``obsm`` arrays (float32 ``(n, D)`` and ``(n, G*G, D)``, the bool mask) and the provenance
+    (encoder name, weights hash, dimension, geometry, dtype) to the table.
+    """
+    from dkan.nn.image_encoders import create_image_encoder
+    from dkan.tl._crops import SpotCrops
+    from dkan.tl._tile import tile_keys
+
+    if int(batch_size) < 1:
+        raise ValueError(f"`batch_size` must be positive; got {batch_size}.")
+    tkey, adata = get_table(sdata, table_key)
+    keys = feature_keys(key_added)
+    enc = create_image_encoder(encoder, checkpoint_path=checkpoint_path)
+    old = uns_get(adata, keys["uns"])
+    crops = SpotCrops(sdata, table_key=tkey, tile_key=tile_key, with_region=region, normalize=False)
+    geometry = uns_get(adata, tile_keys(tile_key)["uns"] if tile_key is not None else K.UNS_TILE)
+    settings = {
+        "encoder": enc.name,
+        "weights_hash": enc.weights_hash,
+        "tile_key": tile_key or K.UNS_TILE,
+        "tile": _plain(geometry),
+    }
+    if old is not None and not force and _up_to_date(adata, old, settings, keys, region):
+        logger.info("Features `%s` are up to date (%s); pass `force=True` to recompute.", keys["spot"], enc.name)
+        return
+    if old is not None and not overwrite and _identity(old) != _identity(settings):
+        raise ValueError(
+            f"`key_added={key_added!r}` already holds features of encoder {old.get('encoder')!r} "
+            f"(weights {str(old.get('weights_hash'))[:12]}), not {enc.name!r} (weights {enc.weights_hash[:12]}). "
+            "Pass `overwrite=True` to replace them, or another `key_added=` to keep both."
+        )
+    spot, reg, mask, info = _encode_all(enc, crops, adata.n_obs, batch_size, device, num_workers, region)
+    adata.obsm[keys["spot"]] = spot
+    if region:
+        adata.obsm[keys["region"]] = reg
+        adata.obsm[keys["mask"]] = mask
+    record = {
+        **settings,
+        "dim": int(enc.num_features),
+        "input_size": int(enc.input_size),
+        "mean": list(enc.mean),
+        "std": list(enc.std),
+        "patch_size": int(crops.patch_size),
+        "resized": int(crops.patch_size) != int(enc.input_size),
+        "region": bool(region),
+        "dtype": "float32",
+        "keys": {k: v for k, v in keys.items() if k != "uns" and (region or k == "spot")},
+        **info,
+    }
+    uns_set(adata, keys["uns"], record)
+
+
+def _plain(obj: Any) -> Any:
+    """Nested dicts / lists / numpy scalars as plain Python (as they read back from zarr / h5ad)."""
+    if isinstance(obj, dict) or hasattr(obj, "items"):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | np.ndarray):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _identity(rec: dict) -> tuple:
+    return rec.get("encoder"), rec.get("weights_hash")
+
+
+def _up_to_date(adata: Any, old: dict, settings: dict, keys: dict, region: bool) -> bool:
+    """Whether stored features were made with the same encoder and geometry and cover what is asked."""
+    same = _identity(old) == _identity(settings) and _plain(old.get("tile")) == settings["tile"]
+    same = same and old.get("tile_key") == settings["tile_key"]
+    present = keys["spot"] in adata.obsm and (not region or (old.get("region") and keys["region"] in adata.obsm))
+    return bool(same and present)
+
+
+def _encode_all(
+    enc: ImageEncoder,
+    crops: Any,
+    n_obs: int,
+    batch_size: int,
+    device: str | torch.device | None,
+    num_workers: int,
+    region: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, dict]:
+    """Run the encoder over every spot of ``crops``; returns spot, region and mask arrays and run info."""
+    import torch
+    from tqdm.auto import tqdm
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.type == "cuda"
+    amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
+    enc = enc.eval().requires_grad_(False).to(dev)
+    if cuda:
+        enc = enc.to(memory_format=torch.channels_last)
+    g2, d = crops.region_grid**2, enc.num_features
+    spot = np.full((n_obs, d), np.nan, dtype=np.float32)
+    reg = np.zeros((n_obs, g2, d), dtype=np.float32) if region else None
+    mask = np.zeros((n_obs, g2), dtype=bool) if region else None
+    loader = crop_loader(crops, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda)
+    prep = Preprocess(enc, dev)
+    n_tiles = 0
+    with torch.inference_mode(), tqdm(total=len(crops), desc=f"features ({enc.name})", unit="spot") as bar:
+        for batch in loader:
+            rows = batch["index"].numpy()
+            images = [batch["patch"].to(dev, non_blocking=cuda)]
+            if region:  # transfer uint8 tiles, drop the masked ones on the device
+                m = batch["region_mask"]
+                images.append(batch["region"].to(dev, non_blocking=cuda)[m.to(dev, non_blocking=cuda)])
+                mask[rows] = m.numpy()
+            x = torch.cat(images)
+            feats = encode(enc, prep(x), amp=amp, chunk=4 * batch_size).float().cpu().numpy()
+            spot[rows] = feats[: len(rows)]
+            if region:
+                r = np.zeros((len(rows), g2, d), dtype=np.float32)
+                r[m.numpy()] = feats[len(rows) :]
+                reg[rows] = r
+                n_tiles += int(m.sum())
+            bar.update(len(rows))
+    info = {"device": dev.type, "amp": None if amp is None else str(amp).replace("torch.", "")}
+    logger.info("Encoded %d spots and %d region tiles with %s on %s.", len(crops), n_tiles, enc.name, dev)
+    return spot, reg, mask, info
+
+
+class Preprocess:
+    """uint8 ``(N, 3, P, P)`` on the device -> float, resized to the encoder's ``input_size``, normalised."""
+
+    def __init__(self, enc: ImageEncoder, device: torch.device) -> None:
+        import torch
+
+        self.size = int(enc.input_size)
+        std = torch.tensor(enc.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = -torch.tensor(enc.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) / std
+        self.channels_last = device.type == "cuda"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        x = x.float()
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        x = x * self.scale + self.shift
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def encode(enc: ImageEncoder, x: torch.Tensor, *, amp: torch.dtype | None, chunk: int) -> torch.Tensor:
+    """Pooled features of normalised images, ``chunk`` images per encoder call, under autocast if ``amp``."""
+    import torch
+
+    out = []
+    for i in range(0, len(x), max(int(chunk), 1)):
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            out.append(enc(x[i : i + chunk]))
+    return torch.cat(out) if out else x.new_zeros((0, enc.num_features))
+
+
+class _Batches:
+    """Map-style dataset whose items are whole batches: ``ds[list_of_indices] -> crops.read_batch(...)``."""
+
+    def __init__(self, crops: Any) -> None:
+        self.crops = crops
+
+    def __getitem__(self, indices: list[int]) -> dict:
+        return self.crops.read_batch(indices)
+
+
+def crop_loader(crops: Any, *, batch_size: int, num_workers: int = 0, pin_memory: bool = False) -> Any:
+    """DataLoader over ``crops`` yielding per-sample batches (each read in one call), in dataset order."""
+    from torch.utils.data import DataLoader
+
+    from dkan.tl._crops import BatchBySample
+
+    sampler = BatchBySample(crops, batch_size, shuffle=False)
+    return DataLoader(
+        _Batches(crops),
+        batch_size=None,
+        sampler=sampler,
+        num_workers=int(num_workers),
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -1,0 +1,173 @@
+"""`dkan.tl.predict`: spatial expression from H&E with a trained model, written back to the SpatialData."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dkan import _keys as K
+from dkan._utils import uns_set
+from dkan.tl import _prepare as prep
+
+if TYPE_CHECKING:
+    import torch
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from dkan.train.model import DKANModel
+
+logger = logging.getLogger("dkan")
+
+
+def predict(
+    sdata: SpatialData,
+    model: DKANModel,
+    *,
+    key_added: str = K.PRED,
+    device: str | torch.device | None = None,
+    table_key: str | None = None,
+    image_key: str | Mapping[str, str] | None = None,
+    batch_size: int = 256,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> str:
+    """Predict the expression of the model's gene panel at every spot.
+
+    Missing input steps (tiling, frozen features) run with the model's settings. When the slide has a table
+    of spots, predictions go to ``table.layers[key_added]`` (float32, ``NaN`` for genes outside the model's
+    panel) and, when the table holds measured counts, ``layers["dkan_target"]`` gets the model's
+    normalisation so that :func:`dkan.tl.evaluate` compares like with like. A slide with only an image gets
+    pseudo-spots (:func:`dkan.tl.make_spots`) and a new table over them with ``var_names`` = the panel.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData to predict on.
+    model
+        A trained :class:`dkan.DKANModel`.
+    key_added
+        ``layers`` key of the predictions.
+    device
+        Device to run on; default CUDA when available.
+    table_key
+        Table annotating the spots; inferred when there is one.
+    image_key
+        Image to crop from (inferred per sample by default).
+    batch_size
+        Spots per forward pass.
+    overwrite
+        Replace an existing ``layers[key_added]``.
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    The name of the table holding the predictions.
+    """
+    from tqdm.auto import tqdm
+
+    from dkan.tl._train import build_inputs, resolve_device
+    from dkan.train.loop import predict_rows
+
+    tkey = _table_for(sdata, model, table_key=table_key, image_key=image_key)
+    adata = sdata.tables[tkey]
+    if key_added in adata.layers and not overwrite:
+        raise ValueError(f"`layers[{key_added!r}]` exists in table `{tkey}`; pass `overwrite=True` or another `key_added`.")
+    gidx = adata.var_names.get_indexer(model.genes)
+    if (gidx < 0).all():
+        raise ValueError(
+            f"None of the model's {len(model.genes)} genes is in table `{tkey}` (e.g. {model.genes[:3]}); "
+            "predict on a table with the model's gene symbols, or on a slide without a table."
+        )
+    if (gidx < 0).any():
+        lost = [g for g, i in zip(model.genes, gidx, strict=True) if i < 0]
+        logger.warning("%d model genes are not in table `%s` and are not written: %s", len(lost), tkey, lost[:10])
+    dev = resolve_device(device)
+    cfg = model.config
+    prep.ensure_tiles(sdata, cfg, table_key=tkey, image_key=image_key)
+    feats = prep.ensure_features(sdata, model.meta["features"]["encoder"], table_key=tkey, device=dev, batch_size=64)
+    check_features(model, feats)
+    if _has_counts(adata):
+        prep.ensure_target(adata, [g for g, i in zip(model.genes, gidx, strict=True) if i >= 0], model.meta["normalize"])
+
+    samples, reader = build_inputs([sdata], [adata], model.genes, cfg, table_key=tkey, with_target=False)
+    module = model.module.to(dev).eval()
+    import torch
+
+    genes = torch.as_tensor(model.gene_embeddings, device=dev) if cfg.use_text else None
+    from dkan._utils import iter_samples
+
+    out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+    keep = gidx >= 0
+    for s, (inp, smp) in enumerate(
+        tqdm(list(zip(samples, iter_samples(sdata, table_key=tkey, need_image=False), strict=True)), desc="dkan predict", disable=not progress)
+    ):
+        rd = (lambda r, s=s: reader(s, r, False)) if reader else None
+        pred = predict_rows(module, inp.to(dev), np.arange(len(inp)), genes, batch_size=batch_size, device=dev, amp=cfg.amp, read_patches=rd)
+        out[np.ix_(smp.obs_idx, gidx[keep])] = pred[:, keep]
+    model.module.cpu()
+    adata.layers[key_added] = out
+    uns_set(adata, K.UNS_PREDICT, {"layer": key_added, "genes": list(model.genes), **_identity(model)})
+    logger.info("Wrote predictions of %d genes to `%s.layers[%r]`.", int(keep.sum()), tkey, key_added)
+    return tkey
+
+
+def check_features(model: DKANModel, feats: dict[str, Any]) -> None:
+    """Refuse features that differ from the ones the model was trained on."""
+    want = model.meta["features"]
+    diffs = {k: (feats.get(k), want.get(k)) for k in ("encoder", "weights_hash", "dim") if feats.get(k) != want.get(k)}
+    if diffs:
+        raise ValueError(
+            f"The slide's frozen features differ from the model's (found, model): {diffs}. Re-extract them with "
+            f"`dkan.tl.extract_features(sdata, encoder={want.get('encoder')!r}, overwrite=True)`."
+        )
+
+
+def _identity(model: DKANModel) -> dict[str, Any]:
+    import dkan
+
+    return {"dkan_version": dkan.__version__, "features": model.meta["features"], "tile": model.meta["tile"]}
+
+
+def _has_counts(adata: AnnData) -> bool:
+    return adata.n_vars > 0 and adata.X is not None and float(abs(adata.X).sum()) > 0
+
+
+def _table_for(sdata: SpatialData, model: DKANModel, *, table_key: str | None, image_key: Any) -> str:
+    """The table to predict into; on an H&E-only slide, pseudo-spots and a new table over the panel."""
+    if table_key is not None or len(sdata.tables):
+        from dkan._utils import get_table
+
+        tkey, adata = get_table(sdata, table_key)
+        if adata.n_vars == 0:
+            sdata.tables[tkey] = _panel_table(adata, model.genes)
+        return tkey
+    import dkan
+
+    logger.info("No table on this slide: laying pseudo-spots over the tissue (`dkan.tl.make_spots`).")
+    dkan.tl.make_spots(sdata, image_key=image_key if isinstance(image_key, str) else None)
+    tkey, adata = next(iter(sdata.tables.items()))
+    sdata.tables[tkey] = _panel_table(adata, model.genes)
+    return tkey
+
+
+def _panel_table(adata: AnnData, genes: list[str]) -> AnnData:
+    """The spots' table with ``var_names`` = the model's panel and an all-zero ``X`` (no measurements)."""
+    import anndata as ad
+    import pandas as pd
+    from scipy import sparse
+    from spatialdata.models import TableModel
+
+    new = ad.AnnData(
+        X=sparse.csr_matrix((adata.n_obs, len(genes)), dtype=np.float32),
+        obs=adata.obs.copy(),
+        var=pd.DataFrame(index=list(genes)),
+        obsm=dict(adata.obsm),
+        uns=dict(adata.uns),
+    )
+    attrs = adata.uns["spatialdata_attrs"]
+    new.uns.pop("spatialdata_attrs", None)
+    return TableModel.parse(new, region=attrs["region"], region_key=attrs["region_key"], instance_key=attrs["instance_key"])

@@ -1,0 +1,127 @@
+"""Run the input steps that ``train`` and ``predict`` need and that the user has not run yet."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dkan import _keys as K
+from dkan._utils import get_table, uns_get
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    from dkan.train.config import DKANConfig
+
+logger = logging.getLogger("dkan")
+
+#: Largest table whose every gene ``train`` embeds into ``varm``; bigger tables embed only the panel.
+MAX_VARM_GENES = 2000
+
+
+def as_list(sdata: SpatialData | Sequence[SpatialData]) -> list[SpatialData]:
+    """One SpatialData or a list of them, as a list (type-checked)."""
+    from spatialdata import SpatialData
+
+    items = [sdata] if isinstance(sdata, SpatialData) else list(sdata)
+    if not items or not all(isinstance(s, SpatialData) for s in items):
+        raise TypeError(f"Expected a SpatialData or a non-empty list of them, found {type(sdata).__name__}.")
+    return items
+
+
+def ensure_panel(tables: list[AnnData], n_genes: int) -> list[str]:
+    """The gene panel shared by all tables (computed on their concatenation when missing)."""
+    import anndata as ad
+
+    import dkan
+
+    if all(K.PANEL in t.var for t in tables):
+        first = tables[0]
+        panel = [g for g in first.var_names[first.var[K.PANEL].to_numpy(bool)]]
+        common = set.intersection(*(set(t.var_names[t.var[K.PANEL].to_numpy(bool)]) for t in tables))
+        return [g for g in panel if g in common]
+    both = ad.concat([ad.AnnData(X=t.X, var=t.var[[]], obs=t.obs[[]]) for t in tables], join="inner")
+    n = min(n_genes, both.n_vars)
+    if n < n_genes:
+        logger.info("Only %d genes shared by the training tables; the panel has %d genes, not %d.", n, n, n_genes)
+    logger.info("Selecting a gene panel of %d genes (`dkan.pp.select_genes`, reference rule).", n)
+    dkan.pp.select_genes(both, n_genes=n)
+    panel = list(both.var_names[both.var[K.PANEL].to_numpy(bool)])
+    for t in tables:
+        t.var[K.PANEL] = t.var_names.isin(panel)
+    return panel
+
+
+def ensure_target(adata: AnnData, genes: list[str], normalize: Mapping[str, Any] | None = None) -> None:
+    """Write ``layers["dkan_target"]`` over ``genes`` unless it is there with the same settings."""
+    import dkan
+
+    params = dict(normalize or {})
+    old = uns_get(adata, K.UNS_NORMALIZE)
+    if K.TARGET in adata.layers and old is not None and list(old.get("genes", genes)) == list(genes):
+        if not params or all(old.get(k) == v for k, v in params.items() if k != "genes"):
+            return
+    logger.info("Normalising expression of %d genes into `layers[%r]`.", len(genes), K.TARGET)
+    kwargs = {k: v for k, v in params.items() if k in ("target_sum", "log", "smooth", "grid")}
+    dkan.pp.normalize(adata, genes=list(genes), **kwargs)
+
+
+def ensure_tiles(sdata: SpatialData, config: DKANConfig, *, table_key: str | None, image_key: Any) -> None:
+    """Compute the tile geometry with the config's settings unless it is there already."""
+    import dkan
+
+    _, adata = get_table(sdata, table_key)
+    want = {"patch_size": config.patch_size, "region_grid": config.region_grid, "target_mpp": config.target_mpp}
+    old = uns_get(adata, K.UNS_TILE)
+    if old is not None and all(old.get(k) == v for k, v in want.items()):
+        return
+    if old is not None:
+        logger.info("Recomputing the tile geometry: stored %s, wanted %s.", {k: old.get(k) for k in want}, want)
+    else:
+        logger.info("Tiling spots with %s (`dkan.tl.tile`).", want)
+    dkan.tl.tile(sdata, table_key=table_key, image_key=image_key, **want)
+
+
+def ensure_features(
+    sdata: SpatialData, encoder: str, *, table_key: str | None, device: Any, batch_size: int
+) -> dict[str, Any]:
+    """Frozen spot and region features with ``encoder`` (computed when missing); returns their provenance."""
+    import dkan
+
+    _, adata = get_table(sdata, table_key)
+    old = uns_get(adata, K.UNS_FEATURES)
+    if old is None or K.SPOT_FEATURES not in adata.obsm:
+        logger.info("Extracting frozen %r features of every spot and region (`dkan.tl.extract_features`).", encoder)
+    dkan.tl.extract_features(sdata, encoder=encoder, table_key=table_key, device=device, batch_size=batch_size)
+    return dict(uns_get(adata, K.UNS_FEATURES))
+
+
+def gene_embeddings(
+    tables: list[AnnData], genes: list[str], *, text_encoder: str, descriptions: Any
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Gene-semantic embeddings of ``genes`` (from ``varm`` when present, else computed)."""
+    import anndata as ad
+    import pandas as pd
+
+    import dkan
+
+    first = tables[0]
+    rec = uns_get(first, K.UNS_GENE_EMBEDDING)
+    if K.GENE_EMBEDDING in first.varm and rec is not None and rec.get("encoder") == text_encoder:
+        emb = np.asarray(first[:, genes].varm[K.GENE_EMBEDDING], dtype=np.float32)
+        if np.isfinite(emb).all():
+            return emb, dict(rec)
+    if first.n_vars <= MAX_VARM_GENES:
+        logger.info("Embedding gene descriptions with %r (`dkan.tl.embed_genes`).", text_encoder)
+        dkan.tl.embed_genes(first, descriptions=descriptions, text_encoder=text_encoder)
+        target = first
+    else:
+        target = ad.AnnData(var=pd.DataFrame(index=list(genes)))
+        logger.info("Embedding the %d panel genes only (the table has %d genes).", len(genes), first.n_vars)
+        dkan.tl.embed_genes(target, descriptions=descriptions, text_encoder=text_encoder)
+    emb = np.asarray(target[:, genes].varm[K.GENE_EMBEDDING], dtype=np.float32)
+    return emb, dict(uns_get(target, K.UNS_GENE_EMBEDDING))

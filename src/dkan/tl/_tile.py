@@ -1,0 +1,315 @@
+"""Tile geometry: spot-centred patches, ``G x G`` regions and slide-grid positions for every spot.
+
+Geometry (one sample, pixels of the chosen pyramid level ``k``, origin at the top-left pixel corner):
+
+- ``c = (x, y)`` is the spot centre, ``obsm[SPOT_PX]``. Windows are anchored at ``floor(c)`` as in the
+  reference (``img[y - 112 : y + 112, x - 112 : x + 112]`` for ``y = int(pixel_y)``).
+- The **patch** window has side ``s_p = round(patch_size * resample)`` and origin ``floor(c) - s_p // 2``;
+  it is resized to ``patch_size`` when ``resample != 1``.
+- The **region** window has side ``s_r = round(region_grid * patch_size * resample)`` and origin
+  ``floor(c) - s_r // 2``; it is cut row-major into ``region_grid ** 2`` tiles of ``patch_size``.
+- **Mask**: a tile is valid iff it lies fully inside the image. For a 5 x 5 region this is the reference
+  rule (outer ring masked when ``c -/+ 560`` crosses the edge, inner ring when ``c -/+ 336`` does); as in the
+  reference the centre tile is always valid. Crops are zero-padded at the image edge, never shifted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dkan import _keys as K
+from dkan._utils import Sample, get_table, iter_samples, spot_pixels, uns_get, uns_set
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+    from xarray import DataArray
+
+logger = logging.getLogger("dkan")
+
+VISIUM_SPOT_UM = 55.0  #: Visium spot diameter, used to infer µm/px when the reader recorded none
+
+
+def image_levels(image: Any) -> list[DataArray]:
+    """Pyramid levels of an image element (a plain ``DataArray`` is a one-level pyramid)."""
+    from xarray import DataArray
+
+    if isinstance(image, DataArray):
+        return [image]
+    return [next(iter(image[name].values())) for name in sorted(image.children, key=lambda s: int(s[5:]))]
+
+
+def check_rgb(level: DataArray, image_key: str) -> None:
+    """Raise unless the image is ``(c, y, x)`` RGB ``uint8``."""
+    if tuple(level.dims) != ("c", "y", "x"):
+        raise ValueError(f"Image `{image_key}` has dims {tuple(level.dims)}; dkan needs a 2D image ('c', 'y', 'x').")
+    if level.sizes["c"] != 3:
+        raise ValueError(
+            f"Image `{image_key}` has {level.sizes['c']} channels; dkan needs RGB (3 channels). "
+            "Select the colour channels, e.g. `img.isel(c=[0, 1, 2])`, and parse it again with `Image2DModel`."
+        )
+    if level.dtype != np.uint8:
+        raise TypeError(
+            f"Image `{image_key}` has dtype {level.dtype}; dkan needs uint8 RGB. Rescale it to 0-255 and cast, "
+            "e.g. `(img / img.max() * 255).astype('uint8')`, then parse it again with `Image2DModel`."
+        )
+
+
+def reader_um_per_px(adata: AnnData, sample: str) -> float | None:
+    """µm per scale-0 pixel recorded by a dkan reader in ``uns["dkan"]["reader"][sample]``, or None."""
+    meta = (uns_get(adata, K.UNS_READER) or {}).get(sample) or {}
+    value = meta.get("um_per_px") if isinstance(meta, Mapping) else None
+    return None if value is None else float(value)
+
+
+def sample_um_per_px(sdata: SpatialData, sample: Sample, r_px: np.ndarray, *, required: bool) -> float | None:
+    """µm per scale-0 pixel of a sample's image: reader metadata, else the Visium 55 µm spot rule."""
+    value = reader_um_per_px(sdata.tables[sample.table_key], sample.name)
+    if value is not None:
+        return value
+    if "radius" in sdata.shapes[sample.spots_key] and np.isfinite(r_px).any():
+        value = VISIUM_SPOT_UM / (2.0 * float(np.nanmedian(r_px)))
+        logger.info("Sample %s: assuming Visium spots (55 µm across): %.4g µm/px.", sample.name, value)
+        return value
+    if required:
+        raise ValueError(
+            f"Cannot tell the µm per pixel of sample `{sample.name}` (no reader metadata, spots are not circles). "
+            f"Set `table.uns['{K.UNS}']['{K.UNS_READER}']['{sample.name}'] = {{'um_per_px': ...}}` "
+            "or use `target_mpp=None` (native pixels)."
+        )
+    return None
+
+
+def choose_level(levels: list[DataArray], mpp0: float | None, target_mpp: float | None) -> tuple[int, float]:
+    """Pyramid level whose µm/px is closest to ``target_mpp`` at or below it, and the resample factor."""
+    if target_mpp is None:
+        return 0, 1.0
+    if mpp0 is None:
+        raise ValueError("`target_mpp` needs the image's µm per pixel.")
+    width0 = levels[0].sizes["x"]
+    mpps = [mpp0 * width0 / lv.sizes["x"] for lv in levels]
+    ok = [k for k, m in enumerate(mpps) if m <= target_mpp * (1 + 1e-6)]
+    k = max(ok, key=lambda i: mpps[i]) if ok else 0
+    return k, float(target_mpp / mpps[k])
+
+
+def window_sides(patch_size: int, region_grid: int, resample: float) -> tuple[int, int]:
+    """Sides of the patch and region windows read at the chosen level."""
+    return round(patch_size * resample), round(region_grid * patch_size * resample)
+
+
+def window_origins(spot_px: np.ndarray, side: int) -> np.ndarray:
+    """Top-left corners ``(x0, y0)`` (int64) of square windows of ``side`` px centred on ``floor(spot_px)``."""
+    return np.floor(spot_px).astype(np.int64) - side // 2
+
+
+def region_mask(spot_px: np.ndarray, shape_yx: tuple[int, int], region_side: int, region_grid: int) -> np.ndarray:
+    """``(n, G*G)`` bool mask, row-major: a tile is valid iff it lies fully inside the image (centre always)."""
+    g = region_grid
+    origin = window_origins(spot_px, region_side).astype(float)
+    step = region_side / g
+    j = np.arange(g)
+    ok = []
+    for axis, size in ((0, shape_yx[1]), (1, shape_yx[0])):  # x then y
+        start = origin[:, axis, None] + j * step
+        ok.append((start >= -1e-9) & (start + step <= size + 1e-9))
+    mask = ok[1][:, :, None] & ok[0][:, None, :]  # (n, row=y, col=x)
+    if g % 2 == 1:
+        mask[:, g // 2, g // 2] = True
+    return mask.reshape(len(spot_px), g * g)
+
+
+def grid_positions(obs: Any, spot_px: np.ndarray) -> tuple[np.ndarray, str]:
+    """Integer ``(row, col)`` grid positions (min 0) of one sample's spots and the grid kind.
+
+    ``square`` (legacy ST): ``(array_row, array_col)``; ``hex`` (Visium: every ``array_row + array_col`` is even):
+    ``(array_row, array_col // 2)``; ``irregular`` (no array coordinates): pixel centres quantised by the median
+    nearest-neighbour spacing, the step shrunk by sqrt(2) until positions are unique.
+    """
+    if K.ARRAY_ROW in obs and K.ARRAY_COL in obs:
+        row = np.rint(obs[K.ARRAY_ROW].to_numpy(dtype=float)).astype(np.int64)
+        col = np.rint(obs[K.ARRAY_COL].to_numpy(dtype=float)).astype(np.int64)
+        hexagonal = len(row) > 1 and np.all((row + col) % 2 == 0) and len(np.unique(row % 2)) == 2
+        grid = np.c_[row, col // 2 if hexagonal else col]
+        kind = "hex" if hexagonal else "square"
+    else:
+        grid, kind = _quantise(spot_px), "irregular"
+    grid = grid - grid.min(axis=0, keepdims=True)
+    if len(np.unique(grid, axis=0)) < len(grid):
+        logger.warning("Spot grid positions (%s) are not unique; the slide encoder will see duplicates.", kind)
+    return grid.astype(np.int64), kind
+
+
+def _quantise(xy: np.ndarray) -> np.ndarray:
+    """Quantise pixel centres to integer ``(row, col)`` by the median nearest-neighbour spacing."""
+    if len(xy) == 1:
+        return np.zeros((1, 2), dtype=np.int64)
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(xy).query(xy, k=2)
+    step = float(np.median(dist[:, 1]))
+    if step <= 0:
+        step = 1.0
+    grid = np.zeros((len(xy), 2), dtype=np.int64)
+    for _ in range(6):
+        grid = np.rint((xy[:, ::-1] - xy[:, ::-1].min(axis=0)) / step).astype(np.int64)
+        if len(np.unique(grid, axis=0)) == len(grid):
+            break
+        step /= np.sqrt(2)
+    return grid
+
+
+def _sample_geometry(
+    sdata: SpatialData, sample: Sample, *, patch_size: int, region_grid: int, target_mpp: float | None
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+    """Geometry record and per-spot ``(spot_px, mask, grid)`` of one sample."""
+    levels = image_levels(sdata.images[sample.image_key])
+    check_rgb(levels[0], sample.image_key)
+    xy0, r0 = spot_pixels(sdata, sample)
+    if len(xy0) == 0:
+        raise ValueError(f"Sample `{sample.name}` has no spots; dkan needs at least one spot per sample.")
+    h0, w0 = levels[0].sizes["y"], levels[0].sizes["x"]
+    outside = ~((xy0[:, 0] >= 0) & (xy0[:, 0] < w0) & (xy0[:, 1] >= 0) & (xy0[:, 1] < h0))
+    if outside.any():
+        raise ValueError(
+            f"{int(outside.sum())} of {len(xy0)} spots of `{sample.spots_key}` have centres outside image "
+            f"`{sample.image_key}` ({w0} x {h0} px), e.g. (x, y) = {xy0[outside][0].round(1).tolist()}. "
+            "Check the coordinate transformations, or drop those spots."
+        )
+    mpp0 = sample_um_per_px(sdata, sample, r0, required=target_mpp is not None)
+    k, resample = choose_level(levels, mpp0, target_mpp)
+    level = levels[k]
+    h, w = level.sizes["y"], level.sizes["x"]
+    check_rgb(level, sample.image_key)
+    ds = (w0 / w, h0 / h)
+    xy = xy0 / np.asarray(ds)
+    side_p, side_r = window_sides(patch_size, region_grid, resample)
+    if side_p > min(h, w):
+        raise ValueError(
+            f"`patch_size={patch_size}` ({side_p} px at level {k}) is larger than image `{sample.image_key}` "
+            f"({w} x {h} px). Use a smaller `patch_size` or a larger `target_mpp`."
+        )
+    mask = region_mask(xy, (h, w), side_r, region_grid)
+    obs = sdata.tables[sample.table_key].obs.iloc[sample.obs_idx]
+    grid, kind = grid_positions(obs, xy)
+    record = {
+        "image_key": sample.image_key,
+        "spots_key": sample.spots_key,
+        "level": int(k),
+        "downsample": float(np.mean(ds)),
+        "mpp": None if mpp0 is None else float(mpp0 * np.mean(ds)),
+        "resample": float(resample),
+        "patch_side": side_p,
+        "region_side": side_r,
+        "shape": [int(h), int(w)],
+        "grid_kind": kind,
+    }
+    return record, xy, mask, grid
+
+
+def tile(
+    sdata: SpatialData,
+    *,
+    image_key: str | Mapping[str, str] | None = None,
+    spots_key: str | None = None,
+    table_key: str | None = None,
+    patch_size: int = 224,
+    region_grid: int = 5,
+    target_mpp: float | None = None,
+    key_added: str | None = None,
+    inplace: bool = True,
+) -> dict[str, Any] | None:
+    """Compute the patch, region and slide-grid geometry of every spot.
+
+    Spot centres come from the shapes through the coordinate transformations to the image (see the module
+    docstring for the exact windows and mask rule).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with spots (shapes), their table and an RGB uint8 image per sample.
+    image_key
+        Image to crop from (one name, or a mapping ``{spots_key: image_key}`` for several samples). Default: the
+        highest-resolution image sharing a coordinate system with each sample's spots.
+    spots_key
+        Only tile this shapes element (one sample). Default: every shapes element annotated by the table.
+    table_key
+        Table annotating the spots; inferred when there is one.
+    patch_size
+        Side of the spot patch in output pixels (224 as in the reference).
+    region_grid
+        The region is ``region_grid x region_grid`` patch-sized tiles centred on the spot.
+    target_mpp
+        ``None`` keeps native pixels of the full-resolution level (reference parity). A number (µm/px) picks the
+        pyramid level whose resolution is closest at or below it and records the resample factor.
+        µm/px comes from ``table.uns["dkan"]["reader"][sample]["um_per_px"]`` or, for circles, from the Visium
+        rule (55 µm / spot diameter in px).
+    key_added
+        Name of the ``uns["dkan"]`` step; obsm keys get it as a suffix. Default: the keys of :mod:`dkan._keys`
+        (``obsm["dkan_spot_px"]``, ``obsm["dkan_region_mask"]``, ``obsm["dkan_grid"]``, ``uns["dkan"]["tile"]``).
+    inplace
+        Write to the table (and return None) or return the results as a dict.
+
+    Returns
+    -------
+    None when ``inplace``; else a dict with ``spot_px`` (n, 2) float (x, y), ``region_mask`` (n, G*G) bool,
+    ``grid`` (n, 2) int64 (row, col; -1 for rows outside any tiled sample) and ``uns`` (the geometry record).
+    """
+    if int(patch_size) < 1 or int(region_grid) < 1:
+        raise ValueError(f"`patch_size` and `region_grid` must be positive; got {patch_size}, {region_grid}.")
+    if target_mpp is not None and not target_mpp > 0:
+        raise ValueError(f"`target_mpp` must be positive or None; got {target_mpp}.")
+    tkey, adata = get_table(sdata, table_key)
+    samples = iter_samples(sdata, table_key=tkey, image_key=image_key, spots_key=spots_key)
+    keys = tile_keys(key_added)
+    n, g2 = adata.n_obs, region_grid**2
+    spot_px, mask, grid = _existing(adata, keys, n, g2, keep=spots_key is not None and inplace)
+    records = {}
+    for sample in samples:
+        rec, xy, m, gr = _sample_geometry(
+            sdata, sample, patch_size=int(patch_size), region_grid=int(region_grid), target_mpp=target_mpp
+        )
+        spot_px[sample.obs_idx], mask[sample.obs_idx], grid[sample.obs_idx] = xy, m, gr
+        records[sample.name] = rec
+        logger.info(
+            "Tiled sample %s: %d spots, level %d, %s grid.", sample.name, len(xy), rec["level"], rec["grid_kind"]
+        )
+    params = {"patch_size": int(patch_size), "region_grid": int(region_grid), "target_mpp": target_mpp}
+    old = uns_get(adata, keys["uns"])
+    if spots_key is not None and old and all(old.get(p) == v for p, v in params.items()):
+        records = {**old.get("samples", {}), **records}
+    uns = {**params, "keys": {k: v for k, v in keys.items() if k != "uns"}, "samples": records}
+    if not inplace:
+        return {"spot_px": spot_px, "region_mask": mask, "grid": grid, "uns": uns}
+    adata.obsm[keys["spot_px"]], adata.obsm[keys["region_mask"]], adata.obsm[keys["grid"]] = spot_px, mask, grid
+    uns_set(adata, keys["uns"], uns)
+    return None
+
+
+def tile_keys(key_added: str | None = None) -> dict[str, str]:
+    """Storage keys of the tile geometry: ``spot_px``, ``region_mask``, ``grid`` (obsm) and ``uns`` (step)."""
+    if key_added is None:
+        return {"spot_px": K.SPOT_PX, "region_mask": K.REGION_MASK, "grid": K.GRID, "uns": K.UNS_TILE}
+    return {
+        "spot_px": f"{K.SPOT_PX}_{key_added}",
+        "region_mask": f"{K.REGION_MASK}_{key_added}",
+        "grid": f"{K.GRID}_{key_added}",
+        "uns": key_added,
+    }
+
+
+def _existing(
+    adata: AnnData, keys: dict[str, str], n: int, g2: int, *, keep: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Output arrays: the existing ones (when updating one sample and shapes match) or fresh ones."""
+    fresh = (np.full((n, 2), np.nan), np.zeros((n, g2), dtype=bool), np.full((n, 2), -1, dtype=np.int64))
+    if not keep or any(keys[k] not in adata.obsm for k in ("spot_px", "region_mask", "grid")):
+        return fresh
+    old = tuple(np.array(adata.obsm[keys[k]]) for k in ("spot_px", "region_mask", "grid"))
+    if any(o.shape != f.shape for o, f in zip(old, fresh, strict=True)):
+        return fresh
+    return old[0].astype(float), old[1].astype(bool), old[2].astype(np.int64)

@@ -1,0 +1,212 @@
+"""`dkan.tl.train`: fit DKAN on one or several SpatialData objects."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dkan import _keys as K
+from dkan._utils import get_table, iter_samples
+from dkan.tl import _prepare as prep
+
+if TYPE_CHECKING:
+    import torch
+    from spatialdata import SpatialData
+
+    from dkan.train.config import DKANConfig
+    from dkan.train.model import DKANModel
+
+logger = logging.getLogger("dkan")
+
+
+def train(
+    sdata: SpatialData | Sequence[SpatialData],
+    *,
+    config: DKANConfig | str | Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    table_key: str | None = None,
+    image_key: str | Mapping[str, str] | None = None,
+    descriptions: Any = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> DKANModel:
+    """Train a DKAN model on paired H&E and spot expression.
+
+    Any input step not yet run on the data (gene panel, normalisation, tiling, frozen features, gene
+    embeddings) runs first with the configuration's settings, and says so in the log.
+
+    Parameters
+    ----------
+    sdata
+        One SpatialData or a list of them; every sample (spots element annotated by the table) is used.
+    config
+        A preset name (``"small"``, ``"her2st"``, ``"stnet"``, ``"cscc"``), a :class:`dkan.DKANConfig`, a
+        mapping of overrides, or ``None`` for ``"small"``.
+    device
+        ``"cuda"``, ``"cpu"``, ... Default: CUDA when available.
+    table_key
+        Table annotating the spots; inferred when there is one.
+    image_key
+        Image to crop from (see :func:`dkan.tl.tile`); inferred per sample by default.
+    descriptions
+        Gene descriptions for :func:`dkan.tl.embed_genes` (``None``: the gene symbols, with a warning).
+    checkpoint
+        File for a resumable checkpoint written after every epoch.
+    resume
+        Continue from ``checkpoint`` when it exists.
+    progress
+        Show progress bars.
+    **overrides
+        Configuration fields to override (e.g. ``max_epochs=5``).
+
+    Returns
+    -------
+    The trained model (weights of the epoch with the best validation PCC), with ``model.history``.
+    """
+    import torch
+
+    from dkan.train.config import DKANConfig
+    from dkan.train.loop import fit
+    from dkan.train.model import DKANModel, build_module
+
+    cfg = DKANConfig.resolve(config, **overrides)
+    dev = resolve_device(device)
+    sdatas = prep.as_list(sdata)
+    tables = [get_table(sd, table_key)[1] for sd in sdatas]
+    genes = prep.ensure_panel(tables, cfg.n_genes)
+    feats = []
+    for sd, adata in zip(sdatas, tables, strict=True):
+        prep.ensure_target(adata, genes)
+        prep.ensure_tiles(sd, cfg, table_key=table_key, image_key=image_key)
+        feats.append(prep.ensure_features(sd, cfg.feature_encoder, table_key=table_key, device=dev, batch_size=64))
+    _check_same_features(feats)
+    emb, emb_rec = prep.gene_embeddings(tables, genes, text_encoder=cfg.text_encoder, descriptions=descriptions)
+
+    samples, reader = build_inputs(sdatas, tables, genes, cfg, table_key=table_key, with_target=True)
+    from dkan.train.data import split_validation
+
+    train_rows, val_rows = split_validation([len(s) for s in samples], cfg.val_fraction, seed=cfg.seed)
+    logger.info(
+        "Training on %d samples, %d spots (%d for validation), %d genes, on %s.",
+        len(samples), sum(map(len, train_rows)), sum(map(len, val_rows)), len(genes), dev,
+    )  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    module = build_module(cfg, n_genes=len(genes), gene_dim=emb.shape[1], feature_dim=samples[0].spot.shape[1])
+    module.to(dev)
+    result = fit(
+        module,
+        [s.to(dev) for s in samples],
+        train_rows,
+        val_rows,
+        torch.as_tensor(emb, device=dev) if cfg.use_text else None,
+        cfg,
+        device=dev,
+        read_patches=reader,
+        progress=progress,
+        checkpoint=checkpoint,
+        resume=resume,
+    )
+    if result.best_state is not None:
+        module.load_state_dict(result.best_state)
+    module.eval()
+    meta = model_meta(tables[0], feats[0], emb_rec, cfg)
+    meta["train"] = {
+        "samples": [s.name for s in samples],
+        "n_spots": int(sum(map(len, samples))),
+        "best_epoch": result.best_epoch,
+        "best_val_pcc": result.best_score,
+        "device": str(dev),
+    }
+    return DKANModel(module.cpu(), cfg, genes, emb, meta, result.history)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: the given one, else CUDA when available, else CPU."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device={device!r}` but CUDA is not available here; use `device='cpu'`.")
+    return dev
+
+
+def _check_same_features(records: list[dict[str, Any]]) -> None:
+    ids = {(r.get("encoder"), r.get("weights_hash")) for r in records}
+    if len(ids) > 1:
+        raise ValueError(
+            f"The training SpatialData objects hold features of different encoders {sorted(map(str, ids))}; "
+            "re-run `dkan.tl.extract_features(..., overwrite=True)` with one encoder on all of them."
+        )
+
+
+def model_meta(adata: Any, features: dict[str, Any], gene_rec: dict[str, Any], cfg: DKANConfig) -> dict[str, Any]:
+    """Settings of every input step a prediction must reproduce."""
+    from dkan._utils import uns_get
+
+    norm = dict(uns_get(adata, K.UNS_NORMALIZE) or {})
+    norm.pop("genes", None)
+    return {
+        "features": {k: features.get(k) for k in ("encoder", "weights_hash", "dim")},
+        "tile": {"patch_size": cfg.patch_size, "region_grid": cfg.region_grid, "target_mpp": cfg.target_mpp},
+        "normalize": {k: v for k, v in norm.items() if isinstance(v, str | int | float | bool | type(None))},
+        "gene_embedding": {k: gene_rec.get(k) for k in ("encoder", "pooling", "dim", "weights_hash")},
+    }
+
+
+def build_inputs(
+    sdatas: list[SpatialData],
+    tables: list[Any],
+    genes: list[str],
+    cfg: DKANConfig,
+    *,
+    table_key: str | None,
+    with_target: bool,
+) -> tuple[list[Any], Any]:
+    """Per-sample tensors for the model, and the patch reader when the patch trunk is trainable."""
+    import torch
+
+    from dkan.train.data import SampleInputs
+
+    samples, crop_sets = [], []
+    for sd, adata in zip(sdatas, tables, strict=True):
+        gidx = adata.var_names.get_indexer(genes) if with_target else None
+        for s in iter_samples(sd, table_key=table_key, need_image=False):
+            rows = s.obs_idx
+            target = None
+            if with_target:
+                target = torch.as_tensor(np.asarray(adata.layers[K.TARGET][rows][:, gidx], dtype=np.float32))
+            samples.append(
+                SampleInputs(
+                    name=s.name,
+                    spot=torch.as_tensor(np.asarray(adata.obsm[K.SPOT_FEATURES][rows], dtype=np.float32)),
+                    region=torch.as_tensor(np.asarray(adata.obsm[K.REGION_FEATURES][rows], dtype=np.float32)),
+                    mask=torch.as_tensor(np.asarray(adata.obsm[K.REGION_MASK][rows], dtype=bool)),
+                    grid=torch.as_tensor(np.asarray(adata.obsm[K.GRID][rows], dtype=np.int64)),
+                    target=target,
+                )
+            )
+            crop_sets.append((sd, s))
+    reader = _patch_reader(crop_sets, cfg, table_key=table_key) if cfg.patch_trainable else None
+    return samples, reader
+
+
+def _patch_reader(crop_sets: list[tuple[Any, Any]], cfg: DKANConfig, *, table_key: str | None) -> Any:
+    """``read(sample, rows, augment) -> (B, 3, P, P)`` patch crops normalised for the patch encoder."""
+    from dkan.nn.image_encoders import encoder_normalization
+    from dkan.tl._crops import read_patches
+
+    mean, std = encoder_normalization(cfg.patch_encoder)
+
+    def read(s: int, rows: np.ndarray, augment: bool) -> torch.Tensor:
+        sd, sample = crop_sets[s]
+        return read_patches(sd, sample.obs_idx[rows], table_key=table_key, mean=mean, std=std, augment=augment)
+
+    return read

@@ -1,0 +1,341 @@
+"""NCBI E-utilities and LLM clients against a loopback HTTP server that answers in the services' formats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from dkan.tl._describe import describe_genes
+from dkan.tl._llm import LLMClient, parse_reply
+from dkan.tl._ncbi import NCBIClient, ServiceError
+
+# esummary records in NCBI's JSON layout (fields trimmed to those a client reads, plus a few others)
+GENES = {
+    "ERBB2": {
+        "uid": "2064",
+        "name": "ERBB2",
+        "description": "erb-b2 receptor tyrosine kinase 2",
+        "status": "",
+        "currentid": "",
+        "chromosome": "17",
+        "maplocation": "17q12",
+        "otheraliases": "CD340, HER-2, HER2, NEU",
+        "summary": "This gene encodes a member of the epidermal growth factor receptor family of tyrosine kinases.",
+        "organism": {"scientificname": "Homo sapiens", "commonname": "human", "taxid": 9606},
+    },
+    "KRT5": {
+        "uid": "3852",
+        "name": "KRT5",
+        "description": "keratin 5",
+        "status": "",
+        "currentid": "",
+        "maplocation": "12q13.13",
+        "summary": "This gene encodes a type II keratin expressed in the basal layer of the epidermis.",
+    },
+    "LINC00115": {
+        "uid": "79854",
+        "name": "LINC00115",
+        "description": "long intergenic non-protein coding RNA 115",
+        "status": "",
+        "currentid": "",
+        "maplocation": "1p36.33",
+        "summary": "",
+    },
+}
+BY_UID = {g["uid"]: g for g in GENES.values()}
+
+GOOD = {"functionality": "receptor tyrosine kinase, EGF signalling", "phenotype": "HER2-positive breast cancer"}
+LLM_REPLIES = {
+    "ERBB2": json.dumps(GOOD),
+    "KRT5": '```json\n{"Functionality": "intermediate filament, epidermis", "Phenotype": "epidermolysis bullosa"}\n```',
+    "LINC00115": "Sorry, I know nothing about this gene.",
+    "LONG": json.dumps({"functionality": " ".join(["word"] * 80), "phenotype": " ".join(["word"] * 20)}),
+    "NOKEY": json.dumps({"functionality": "something"}),
+}
+
+
+class FakeService:
+    """State of the loopback server: recorded requests and a queue of failures to serve first."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict]] = []
+        self.failures: list[tuple[str, float]] = []  # ("status", code) or ("sleep", seconds)
+        self.url = ""
+
+    def count(self, endpoint: str) -> int:
+        return sum(endpoint in path for path, _ in self.requests)
+
+
+def _handler(service: FakeService) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # keep test output clean
+            pass
+
+        def _send(self, code: int, payload: dict, headers: dict | None = None) -> None:
+            body = json.dumps(payload).encode()
+            try:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (timeout test)
+
+        def _fail_first(self) -> bool:
+            if not service.failures:
+                return False
+            kind, value = service.failures.pop(0)
+            if kind == "sleep":
+                time.sleep(value)
+                return False
+            if value == 429:
+                self._send(429, {"error": "API rate limit exceeded", "count": "4"}, {"Retry-After": "0"})
+            else:
+                self._send(int(value), {"error": "internal server error"})
+            return True
+
+        def do_GET(self) -> None:
+            parts = urllib.parse.urlsplit(self.path)
+            query = dict(urllib.parse.parse_qsl(parts.query))
+            service.requests.append((parts.path, query))
+            if self._fail_first():
+                return
+            if parts.path.endswith("esearch.fcgi"):
+                symbol = query["term"].split("[sym]")[0]
+                ids = [GENES[symbol]["uid"]] if symbol in GENES else []
+                result = {"count": str(len(ids)), "retmax": str(len(ids)), "retstart": "0", "idlist": ids}
+                self._send(200, {"header": {"type": "esearch", "version": "0.3"}, "esearchresult": result})
+            elif parts.path.endswith("esummary.fcgi"):
+                uids = [u for u in query["id"].split(",") if u in BY_UID]
+                result = {"uids": uids} | {u: BY_UID[u] for u in uids}
+                self._send(200, {"header": {"type": "esummary", "version": "0.3"}, "result": result})
+            else:
+                self._send(404, {"error": "unknown endpoint"})
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            service.requests.append((self.path, body | {"authorization": self.headers.get("Authorization")}))
+            if self._fail_first():
+                return
+            if not self.path.endswith("/chat/completions"):
+                self._send(404, {"error": "unknown endpoint"})
+                return
+            user = body["messages"][-1]["content"]
+            symbol = user.split("Describe the human gene ", 1)[1].split(":", 1)[0]
+            content = LLM_REPLIES.get(symbol, json.dumps(GOOD))
+            message = {"role": "assistant", "content": content}
+            self._send(
+                200,
+                {
+                    "id": "chatcmpl-test",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 100, "completion_tokens": 30, "total_tokens": 130},
+                },
+            )
+
+    return Handler
+
+
+@pytest.fixture
+def server():
+    service = FakeService()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(service))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    service.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield service
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _ncbi(server: FakeService, tmp_path, **kw) -> NCBIClient:
+    opts = {"base_url": server.url + "/eutils", "cache_dir": tmp_path, "rate": 100.0, "backoff": 0.01} | kw
+    return NCBIClient(**opts)
+
+
+def test_ncbi_records_and_query(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("NCBI_EMAIL", "me@example.org")
+    monkeypatch.delenv("NCBI_API_KEY", raising=False)
+    client = _ncbi(server, tmp_path)
+    rec = client.gene_records(["ERBB2", "LINC00115", "NOPE"])
+    assert rec["ERBB2"]["summary"].startswith("This gene encodes a member of the epidermal")
+    assert rec["ERBB2"]["full_name"] == "erb-b2 receptor tyrosine kinase 2"
+    assert rec["ERBB2"]["map_location"] == "17q12"
+    assert rec["ERBB2"]["gene_id"] == "2064"
+    assert rec["LINC00115"]["summary"] == "" and rec["LINC00115"]["full_name"].startswith("long intergenic")
+    assert rec["NOPE"] is None
+    # 3 esearch + 1 batched esummary
+    assert server.count("esearch") == 3 and server.count("esummary") == 1
+    _, q = server.requests[0]
+    assert q["term"] == "ERBB2[sym] AND human[orgn]" and q["db"] == "gene" and q["retmode"] == "json"
+    assert q["email"] == "me@example.org" and "api_key" not in q
+    assert client.http.min_interval == pytest.approx(1 / 100)
+
+
+def test_ncbi_env_url_key_and_rate(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("DKAN_NCBI_URL", server.url + "/eutils")
+    monkeypatch.setenv("NCBI_API_KEY", "secret")
+    client = NCBIClient(cache_dir=tmp_path)
+    assert client.http.min_interval == pytest.approx(0.1)  # 10 requests/s with a key
+    monkeypatch.delenv("NCBI_API_KEY")
+    assert NCBIClient(cache_dir=tmp_path).http.min_interval == pytest.approx(1 / 3)
+    client.search("KRT5")
+    assert server.requests[-1][1]["api_key"] == "secret"
+
+
+def test_ncbi_rate_limit_spaces_requests(server, tmp_path):
+    client = _ncbi(server, tmp_path, rate=20.0)
+    t0 = time.monotonic()
+    for s in ["ERBB2", "KRT5", "LINC00115", "NOPE", "ERBB2"]:
+        client.search(s)
+    assert time.monotonic() - t0 >= 4 / 20 - 0.01
+
+
+def test_ncbi_cache_second_run_makes_no_request(server, tmp_path):
+    _ncbi(server, tmp_path).gene_records(["ERBB2", "KRT5", "NOPE"])
+    n = len(server.requests)
+    again = _ncbi(server, tmp_path)
+    rec = again.gene_records(["ERBB2", "KRT5", "NOPE"])
+    assert len(server.requests) == n and again.n_requests == 0
+    assert rec["KRT5"]["full_name"] == "keratin 5" and rec["NOPE"] is None
+
+
+def test_ncbi_retries_429_then_succeeds(server, tmp_path):
+    server.failures = [("status", 429), ("status", 503)]
+    client = _ncbi(server, tmp_path)
+    assert client.search("ERBB2") == ["2064"]
+    assert client.n_requests == 3
+
+
+def test_ncbi_persistent_500_raises(server, tmp_path):
+    server.failures = [("status", 500)] * 10
+    client = _ncbi(server, tmp_path, max_retries=2)
+    with pytest.raises(ServiceError, match=r"failed after 3 attempts.*HTTP 500"):
+        client.search("ERBB2")
+    assert client.n_requests == 3
+
+
+def test_ncbi_timeout_then_retry(server, tmp_path):
+    server.failures = [("sleep", 1.0)]
+    client = _ncbi(server, tmp_path, timeout=0.2)
+    assert client.search("KRT5") == ["3852"]
+    assert client.n_requests == 2
+    server.failures = [("sleep", 1.0)] * 2
+    with pytest.raises(ServiceError, match=r"Timeout|timed out"):
+        _ncbi(server, tmp_path, timeout=0.2, max_retries=1).search("KRT5")
+
+
+def test_ncbi_client_error_is_not_retried(server, tmp_path):
+    server.failures = [("status", 400)]
+    client = _ncbi(server, tmp_path)
+    with pytest.raises(ServiceError, match="HTTP 400"):
+        client.search("ERBB2")
+    assert client.n_requests == 1
+
+
+def test_describe_genes_ncbi_source(server, tmp_path, caplog):
+    opts = {"base_url": server.url + "/eutils", "rate": 100.0}
+    with caplog.at_level(logging.WARNING, logger="dkan"):
+        df = describe_genes(["KRT5", "LINC00115", "NOPE"], source="ncbi", cache_dir=tmp_path, ncbi=opts)
+    assert df["source"].tolist() == ["summary", "full_name", "symbol"]
+    assert df.loc["KRT5", "text"].startswith("This gene encodes a type II keratin")
+    assert df.loc["LINC00115", "text"] == "LINC00115: long intergenic non-protein coding RNA 115"
+    assert df.loc["NOPE", "text"] == "NOPE" and "1 of 3 genes" in caplog.text
+    n = len(server.requests)
+    again = describe_genes(["KRT5", "LINC00115", "NOPE"], source="ncbi", cache_dir=tmp_path, ncbi=opts)
+    assert len(server.requests) == n
+    assert again.equals(df)
+
+
+# ---------------------------------------------------------------------------------------------- LLM
+
+
+def _llm(server: FakeService, tmp_path, **kw) -> LLMClient:
+    opts = {"base_url": server.url + "/v1", "model": "test-model", "cache_dir": tmp_path, "backoff": 0.01} | kw
+    return LLMClient(**opts)
+
+
+def test_llm_prompt_structure(tmp_path):
+    client = LLMClient(base_url="http://127.0.0.1:9/v1", model="m", cache_dir=tmp_path, disease="breast cancer")
+    system, user = client.messages("ERBB2", summary="Encodes a receptor.", full_name="erb-b2", map_location="17q12")
+    assert system["role"] == "system" and "molecular biology" in system["content"]
+    text = user["content"]
+    for needle in ("ERBB2", "breast cancer", "Encodes a receptor.", "17q12", "erb-b2", '"functionality"', "90 words"):
+        assert needle in text
+    assert "in human biology" in LLMClient(base_url="http://x/v1", cache_dir=tmp_path).messages("A")[1]["content"]
+
+
+def test_llm_condense_valid_fenced_and_cached(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("DKAN_LLM_API_KEY", "k-123")
+    client = _llm(server, tmp_path)
+    assert client.condense("ERBB2", summary="x") == GOOD
+    fenced = client.condense("KRT5", summary="y")
+    assert fenced == {"functionality": "intermediate filament, epidermis", "phenotype": "epidermolysis bullosa"}
+    path, body = server.requests[0]
+    assert path == "/v1/chat/completions" and body["model"] == "test-model" and body["temperature"] == 0.0
+    assert body["authorization"] == "Bearer k-123"
+    n = len(server.requests)
+    again = _llm(server, tmp_path)
+    assert again.condense("ERBB2", summary="x") == GOOD and again.n_requests == 0 and len(server.requests) == n
+
+
+@pytest.mark.parametrize("symbol", ["LINC00115", "LONG", "NOKEY"])
+def test_llm_malformed_reply_is_rejected(server, tmp_path, symbol):
+    client = _llm(server, tmp_path)
+    assert client.condense(symbol) is None
+    assert client.n_malformed == 1
+    client.condense(symbol)  # malformed answers are not cached
+    assert client.n_requests == 2
+
+
+def test_parse_reply_rules():
+    ok = {"choices": [{"message": {"content": '{"functionality": "a, b.", "phenotype": ["c", "d"]}'}}]}
+    assert parse_reply(ok) == ({"functionality": "a, b", "phenotype": "c, d"}, "")
+    assert parse_reply({"choices": []})[0] is None
+    assert "words" in parse_reply(ok, max_words=3)[1]
+
+
+def test_llm_needs_key_for_default_endpoint(tmp_path, monkeypatch):
+    for var in ("DKAN_LLM_BASE_URL", "OPENAI_BASE_URL", "DKAN_LLM_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="DKAN_LLM_API_KEY"):
+        LLMClient(cache_dir=tmp_path)
+
+
+def test_llm_env_settings(server, tmp_path, monkeypatch):
+    monkeypatch.delenv("DKAN_LLM_BASE_URL", raising=False)
+    monkeypatch.delenv("DKAN_LLM_MODEL", raising=False)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/v1/")
+    monkeypatch.setenv("OPENAI_MODEL", "env-model")
+    client = LLMClient(cache_dir=tmp_path, backoff=0.01)
+    assert client.base_url == server.url + "/v1" and client.model == "env-model"
+    server.failures = [("status", 429)]
+    assert client.condense("ERBB2") == GOOD and client.n_requests == 2
+
+
+def test_describe_genes_with_llm_and_fallback(server, tmp_path, caplog):
+    table = {"ERBB2": "Receptor tyrosine kinase.", "KRT5": "Type II keratin.", "LINC00115": "A lncRNA."}
+    llm = {"base_url": server.url + "/v1", "model": "m", "disease": "breast cancer", "backoff": 0.01}
+    with caplog.at_level(logging.WARNING, logger="dkan"):
+        df = describe_genes(list(table), source=table, llm=llm, cache_dir=tmp_path)
+    assert df["source"].tolist() == ["llm", "llm", "summary"]
+    assert df.loc["ERBB2", "text"] == (
+        "gene symbol: ERBB2. Functionality: receptor tyrosine kinase, EGF signalling. "
+        "Phenotype: HER2-positive breast cancer."
+    )
+    assert df.loc["LINC00115", "text"] == "A lncRNA."  # malformed reply -> un-condensed text
+    assert "1 of 3 genes were malformed" in caplog.text
+    prompt = server.requests[0][1]["messages"][-1]["content"]
+    assert "Receptor tyrosine kinase." in prompt and "breast cancer" in prompt
