@@ -29,6 +29,8 @@ GENE_INFO_ROWS = [
     ("151176", "ERFE", "FAM132B|myonectin", "-", "2q37.3", "erythroferrone"),
     ("10001", "AMB1", "SHARED", "-", "1p1", "ambiguous one"),
     ("10002", "AMB2", "SHARED", "-", "1p2", "-"),
+    ("284161", "HID1", "DMC1|C17orf28", "-", "17q25.1", "HID1 domain containing"),
+    ("11144", "DMC1", "DMC1H|LIM15", "-", "22q13.1", "DNA meiotic recombinase 1"),
 ]
 
 
@@ -57,6 +59,7 @@ def summaries(tmp_path):
         "FAM132B\t151176\tVALIDATED\tOld-symbol row: a hormone regulating iron.\n"
         'KRT5\t3852\tREVIEWED\tType II keratin with a "quoted" word.\n'
         "EMPTY\t1\tREVIEWED\t\n"
+        "DMC1\t11144\tREVIEWED\tMeiotic recombination protein.\n"
     )
     return p
 
@@ -101,7 +104,7 @@ def test_csv_explicit_columns_and_headerless(tmp_path):
 
 
 def test_synonym_and_old_symbol_resolution(summaries, gene_info):
-    genes = ["HER2", "ERFE", "ENSG00000186081", "IGKC", "SHARED", "NOPE"]
+    genes = ["HER2", "ERFE", "ENSG00000186081", "IGKC", "HID1", "SHARED", "NOPE"]
     df = describe_genes(genes, source=summaries, gene_info=gene_info)
     # synonym -> official symbol present in the table
     assert df.loc["HER2", ["source", "resolved_symbol"]].tolist() == ["summary", "ERBB2"]
@@ -112,6 +115,8 @@ def test_synonym_and_old_symbol_resolution(summaries, gene_info):
     assert df.loc["ENSG00000186081", "resolved_symbol"] == "KRT5"
     # no summary -> full name
     assert df.loc["IGKC", ["text", "source"]].tolist() == ["IGKC: immunoglobulin kappa constant", "full_name"]
+    # a synonym that is another gene's official symbol is not used: full name instead of DMC1's summary
+    assert df.loc["HID1", ["text", "source"]].tolist() == ["HID1: HID1 domain containing", "full_name"]
     # ambiguous synonym and unknown symbol -> symbol only
     assert df.loc["SHARED", "source"] == "symbol" and df.loc["NOPE", "source"] == "symbol"
 

@@ -52,7 +52,9 @@ def _check_section(sd, section, root):
     for name in rng.choice(sub.obs_names, 5, replace=False):
         spot = name.removeprefix(f"{section}_")
         np.testing.assert_array_equal(sub[name, genes].X.toarray().ravel(), raw.loc[spot, genes].to_numpy())
-    assert sub.X.sum() == raw.loc[[n.removeprefix(f"{section}_") for n in sub.obs_names], tab.var_names].to_numpy().sum()
+    assert (
+        sub.X.sum() == raw.loc[[n.removeprefix(f"{section}_") for n in sub.obs_names], tab.var_names].to_numpy().sum()
+    )
     # spot crops (read lazily from the dask image) are darker than the background at the image corner
     img = sd.images[f"{section}{K.IMAGE_SUFFIX}"]["scale0"]["image"].data
     h = 40

@@ -70,11 +70,25 @@ def test_lite0_shapes_and_contract(lite0):
     assert not lite0.training
 
 
+def test_lite0_key_mapping_reproduces_the_package_network(lite0):
+    """The timm network with renamed weights computes what the package's own EfficientNet computes."""
+    pkg = pytest.importorskip("efficientnet_lite_pytorch")
+    from dkan.nn._encoders._builtin import lite0_weights_path
+
+    ref = pkg.EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    ref.load_state_dict(torch.load(lite0_weights_path(), map_location="cpu", weights_only=True), strict=True)
+    ref.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(lite0.classifier(lite0(x)), ref(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lite0.forward_tokens(x), ref.extract_features(x).flatten(2).transpose(1, 2))
+
+
 def test_lite0_random_differs():
     enc = create_image_encoder("efficientnet_lite0", pretrained=False)
     assert enc.weights_hash == "random"
     ref = create_image_encoder("efficientnet_lite0")
-    assert not torch.equal(enc.model._conv_stem.weight, ref.model._conv_stem.weight)
+    assert not torch.equal(enc.model.conv_stem.weight, ref.model.conv_stem.weight)
 
 
 # --- ResNet18 (Ciga et al.) ---------------------------------------------------------------------------
@@ -158,14 +172,22 @@ def test_resnet18_ciga_from_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def uni_ckpt(tmp_path_factory):
-    """A random UNI-architecture ViT-L saved as MahmoodLab's ``pytorch_model.bin`` (a plain state dict)."""
-    enc = create_image_encoder("uni", pretrained=False)
+    """A random ViT-L built as the UNI model card does, saved as MahmoodLab's ``pytorch_model.bin`` (a state dict)."""
+    import timm
+
+    with torch.device("meta"):  # skip timm's slow init; random weights are filled below
+        ref = timm.create_model("vit_large_patch16_224", init_values=1e-5, dynamic_img_size=True, num_classes=0)
+    ref = ref.to_empty(device="cpu").eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
     folder = tmp_path_factory.mktemp("uni")
-    torch.save(enc.model.state_dict(), folder / "pytorch_model.bin")
+    torch.save(ref.state_dict(), folder / "pytorch_model.bin")
     x = torch.rand(1, 3, 224, 224)
     with torch.inference_mode():
-        ref = enc(x)
-    return folder, x, ref
+        out = ref(x)
+    return folder, x, out
 
 
 def test_uni_loads_local_checkpoint(uni_ckpt, monkeypatch):
@@ -174,9 +196,10 @@ def test_uni_loads_local_checkpoint(uni_ckpt, monkeypatch):
     enc = create_image_encoder("uni")
     assert enc.model.patch_embed.proj.weight.device.type == "cpu"
     with torch.inference_mode():
-        f, tok = enc(x), enc.forward_tokens(x)
+        f = enc(x)
+        tok = enc.forward_tokens(torch.rand(1, 3, 32, 32))  # dynamic_img_size: 2 x 2 patch tokens, no CLS
     torch.testing.assert_close(f, ref)
-    assert f.shape == (1, 1024) and tok.shape == (1, 196, 1024)
+    assert f.shape == (1, 1024) and tok.shape == (1, 4, 1024)
     assert enc.num_features == enc.token_dim == 1024
     assert enc.mean == (0.485, 0.456, 0.406) and enc.input_size == 224
     assert enc.weights_hash == _sha(folder / "pytorch_model.bin")

@@ -8,7 +8,10 @@ import dkan
 
 
 def test_import_is_light():
-    code = "import sys, dkan, dkan.tl, dkan.pp, dkan.pl, dkan.io, dkan.datasets; print(sorted({'torch', 'timm', 'transformers'} & set(sys.modules)))"
+    code = (
+        "import sys, dkan, dkan.tl, dkan.pp, dkan.pl, dkan.io, dkan.datasets; "
+        "print(sorted({'torch', 'timm', 'transformers'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -66,6 +66,7 @@ class FakeService:
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict]] = []
         self.failures: list[tuple[str, float]] = []  # ("status", code) or ("sleep", seconds)
+        self.fail_after: int | None = None  # answer 500 to every request after this many
         self.url = ""
 
     def count(self, endpoint: str) -> int:
@@ -91,6 +92,9 @@ def _handler(service: FakeService) -> type[BaseHTTPRequestHandler]:
                 pass  # the client gave up (timeout test)
 
         def _fail_first(self) -> bool:
+            if service.fail_after is not None and len(service.requests) > service.fail_after:
+                self._send(500, {"error": "down"})
+                return True
             if not service.failures:
                 return False
             kind, value = service.failures.pop(0)
@@ -210,6 +214,18 @@ def test_ncbi_cache_second_run_makes_no_request(server, tmp_path):
     rec = again.gene_records(["ERBB2", "KRT5", "NOPE"])
     assert len(server.requests) == n and again.n_requests == 0
     assert rec["KRT5"]["full_name"] == "keratin 5" and rec["NOPE"] is None
+
+
+def test_ncbi_interrupted_run_resumes_from_cache(server, tmp_path):
+    symbols = [f"UNKNOWN{i}" for i in range(25)] + ["ERBB2"]
+    server.fail_after = 21  # 20 esearch + 1 esummary: the first chunk of 20 symbols completes
+    with pytest.raises(ServiceError):
+        _ncbi(server, tmp_path, max_retries=0).gene_records(symbols)
+    server.fail_after = None
+    client = _ncbi(server, tmp_path)
+    rec = client.gene_records(symbols)
+    assert client.n_requests == 6 + 1  # only the 6 symbols of the unfinished chunk, then one esummary
+    assert rec["ERBB2"]["symbol"] == "ERBB2" and rec["UNKNOWN0"] is None
 
 
 def test_ncbi_retries_429_then_succeeds(server, tmp_path):

@@ -104,7 +104,7 @@ def test_read_st_bad_inputs(tmp_path):
         dkan.io.read_st(f["counts"], tmp_path / "nocol.tsv", f["image"], sample_id="S1")
     # an image that does not cover the spots (a downscaled copy)
     Image.open(f["image"]).resize((110, 90)).save(tmp_path / "small.png")
-    with pytest.raises(ValueError, match="lie outside `image`.*full-resolution"):
+    with pytest.raises(ValueError, match=r"lie outside `image`.*full-resolution"):
         dkan.io.read_st(f["counts"], f["spots"], tmp_path / "small.png", sample_id="S1")
     # duplicated genes
     c = pd.read_csv(f["counts"], sep="\t", index_col=0)
@@ -135,7 +135,9 @@ def test_concat_samples(tmp_path):
     assert list(tab.obs[K.REGION].cat.categories) == ["A1_spots", "B1_spots"]
     assert tab.uns["spatialdata_attrs"]["region"] == ["A1_spots", "B1_spots"]
     assert set(tab.uns[K.UNS][K.UNS_READER]) == {"A1", "B1"}
-    np.testing.assert_array_equal(tab[tab.obs[K.SAMPLE] == "B1"].X.toarray(), sb.tables[K.TABLE][:, ["G2", "G3"]].X.toarray())
+    np.testing.assert_array_equal(
+        tab[tab.obs[K.SAMPLE] == "B1"].X.toarray(), sb.tables[K.TABLE][:, ["G2", "G3"]].X.toarray()
+    )
     outer = _concat_samples([sa, sb], join="outer").tables[K.TABLE]
     assert outer.n_vars == 4 and outer[outer.obs[K.SAMPLE] == "A1", "G4"].X.sum() == 0
     with pytest.raises(ValueError, match="occurs in several inputs"):
@@ -149,9 +151,21 @@ def test_read_st_stutility_mob():
     spots = pd.read_csv(root / "alignment_table_MOB1.tsv", sep="\t")
     assert tab.n_obs == int(spots["selected"].sum()) == 379 and tab.n_vars == 1000
     raw = pd.read_csv(root / "MOB1.tsv", sep="\t", index_col=0, usecols=[0, 1, 2, 3])
-    for name in tab.obs_names[:: 97]:
+    for name in tab.obs_names[::97]:
         spot = name.removeprefix("MOB1_")
         np.testing.assert_array_equal(tab[name, raw.columns].X.toarray().ravel(), raw.loc[spot].to_numpy())
     h, w = sd.images["MOB1_image"]["scale0"]["image"].shape[1:]
     xy = tab.obsm["spatial"]
     assert (xy >= 0).all() and (xy[:, 0] < w).all() and (xy[:, 1] < h).all()
+
+
+def test_read_st_zarr_roundtrip(tmp_path):
+    import spatialdata as sd
+
+    f = write_section(tmp_path / "f")
+    s = _read(f)
+    s.write(tmp_path / "x.zarr")
+    r = sd.read_zarr(tmp_path / "x.zarr")
+    lvl = r.images["S1_image"]["scale0"]["image"]
+    np.testing.assert_array_equal(lvl.values, np.moveaxis(f["img"], -1, 0))
+    assert r.tables[K.TABLE].uns[K.UNS][K.UNS_READER]["S1"]["um_per_px"] == pytest.approx(5.0, rel=0.02)

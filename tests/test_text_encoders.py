@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dkan.nn.text_encoders import (
+    _REGISTRY,
     TextEncoder,
     create_text_encoder,
     list_text_encoders,
@@ -67,8 +68,11 @@ def test_registry_lists_builtin_and_custom(tiny_bert):
     def _tiny(*, pooling=None, device=None, **kw):
         return create_text_encoder(str(tiny_bert), pooling=pooling or "cls", device=device)
 
-    enc = create_text_encoder("tiny_test", device="cpu")
-    assert "tiny_test" in list_text_encoders() and enc.pooling == "cls" and enc.dim == 16
+    try:
+        enc = create_text_encoder("tiny_test", device="cpu")
+        assert "tiny_test" in list_text_encoders() and enc.pooling == "cls" and enc.dim == 16
+    finally:
+        _REGISTRY.pop("tiny_test", None)
 
 
 @pytest.mark.parametrize("pooling", ["sep", "cls", "mean"])

@@ -61,16 +61,42 @@ def table_attrs(adata: AnnData, *, table_key: str = "table") -> tuple[list[str],
     return regions, attrs["region_key"], attrs["instance_key"]
 
 
+def spots_to_image(sdata: SpatialData, spots_key: str, image_key: str) -> np.ndarray | None:
+    """3x3 affine (x, y) from the spots' intrinsic coordinates to the image's scale-0 pixels, or None if unlinked.
+
+    spatialdata refuses when several equally short paths exist (spatialdata-io's Visium layout links the hires
+    image and the spots through both ``dataset_id`` and ``{dataset_id}_downscaled_hires``); then the
+    transformations through each shared coordinate system are compared and used when they agree.
+    """
+    from spatialdata.transformations import get_transformation, get_transformation_between_coordinate_systems
+
+    shapes, image = sdata.shapes[spots_key], sdata.images[image_key]
+    axes = ("x", "y")
+    try:
+        t = get_transformation_between_coordinate_systems(sdata, shapes, image)
+        return t.to_affine_matrix(input_axes=axes, output_axes=axes)
+    except Exception:  # noqa: BLE001 - spatialdata raises several types when no single path exists
+        pass
+    ts, ti = get_transformation(shapes, get_all=True), get_transformation(image, get_all=True)
+    mats = [
+        np.linalg.inv(ti[cs].to_affine_matrix(input_axes=axes, output_axes=axes))
+        @ ts[cs].to_affine_matrix(input_axes=axes, output_axes=axes)
+        for cs in sorted(set(ts) & set(ti))
+    ]
+    if not mats:
+        return None
+    if any(not np.allclose(m, mats[0], rtol=1e-6, atol=1e-6) for m in mats[1:]):
+        raise ValueError(
+            f"Spots `{spots_key}` and image `{image_key}` share coordinate systems {sorted(set(ts) & set(ti))} "
+            "that map them differently; remove the inconsistent transformation."
+        )
+    return mats[0]
+
+
 def image_scale(sdata: SpatialData, spots_key: str, image_key: str) -> float | None:
     """Image pixels per spot-coordinate unit, or None when the two share no coordinate system."""
-    from spatialdata.transformations import get_transformation_between_coordinate_systems
-
-    try:
-        t = get_transformation_between_coordinate_systems(sdata, sdata.shapes[spots_key], sdata.images[image_key])
-    except Exception:  # noqa: BLE001 - spatialdata raises several types when no path exists
-        return None
-    a = t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
-    return float(np.sqrt(abs(np.linalg.det(a[:2, :2]))))
+    a = spots_to_image(sdata, spots_key, image_key)
+    return None if a is None else float(np.sqrt(abs(np.linalg.det(a[:2, :2]))))
 
 
 def find_image(sdata: SpatialData, spots_key: str, image_key: str | None = None) -> str:
@@ -136,11 +162,10 @@ def iter_samples(
 
 def spot_pixels(sdata: SpatialData, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
     """Spot centres ``(x, y)`` and radii in scale-0 pixels of the sample's image, in table row order."""
-    from spatialdata.transformations import get_transformation_between_coordinate_systems
-
     shapes = sdata.shapes[sample.spots_key]
-    t = get_transformation_between_coordinate_systems(sdata, shapes, sdata.images[sample.image_key])
-    a = t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    a = spots_to_image(sdata, sample.spots_key, sample.image_key)
+    if a is None:
+        raise ValueError(f"Spots `{sample.spots_key}` and image `{sample.image_key}` share no coordinate system.")
     centroids = shapes.geometry.centroid
     xy1 = np.c_[centroids.x.to_numpy(), centroids.y.to_numpy(), np.ones(len(shapes))]
     xy = (a @ xy1.T).T[:, :2]

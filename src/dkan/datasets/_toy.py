@@ -179,9 +179,7 @@ def _to_spatialdata(slides: list[dict], genes, pitch: int, um_per_px: float) -> 
     obs_df = pd.concat(obs)
     for col in (K.REGION, K.SAMPLE, K.PATIENT):
         obs_df[col] = obs_df[col].astype("category")
-    adata = ad.AnnData(
-        X=sparse.csr_matrix(np.vstack(counts)), obs=obs_df, var=pd.DataFrame(index=list(genes))
-    )
+    adata = ad.AnnData(X=sparse.csr_matrix(np.vstack(counts)), obs=obs_df, var=pd.DataFrame(index=list(genes)))
     adata.obsm["spatial"] = np.vstack(xy)
     adata.uns[K.UNS] = {K.UNS_READER: reader}
     table = TableModel.parse(adata, region=list(shapes), region_key=K.REGION, instance_key=K.INSTANCE)

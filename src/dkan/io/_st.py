@@ -201,7 +201,9 @@ def read_counts(path: str | PathLike[str]) -> pd.DataFrame:
     df.columns = genes
     df.index = pd.Index(_spot_keys(coords))
     if df.index.duplicated().any():
-        raise ValueError(f"`counts` file {path} names some spots twice, e.g. {list(df.index[df.index.duplicated()][:5])}.")
+        raise ValueError(
+            f"`counts` file {path} names some spots twice, e.g. {list(df.index[df.index.duplicated()][:5])}."
+        )
     return df
 
 
@@ -247,7 +249,9 @@ def _join(cnt: pd.DataFrame, spt: pd.DataFrame, *, counts: Any, spots: Any) -> t
         )
     n_drop = len(cnt) - len(common)
     if n_drop:
-        logger.warning("read_st: %d of %d spots in %s have no (selected) spot-file row; dropped", n_drop, len(cnt), counts)
+        logger.warning(
+            "read_st: %d of %d spots in %s have no (selected) spot-file row; dropped", n_drop, len(cnt), counts
+        )
     spt = spt.loc[common].sort_values(["y", "x"], kind="stable")
     return cnt.loc[spt.index], spt
 

@@ -92,7 +92,7 @@ class DKAN(nn.Module):
         cfg = DKANConfig.resolve(config, **overrides)
         self.config = cfg
         self.n_genes, self.gene_dim, self.feature_dim = int(n_genes), int(gene_dim), int(feature_dim)
-        if patch_encoder is None:
+        if patch_encoder is None and patch_channels is None:
             from dkan.nn.image_encoders import create_image_encoder
 
             patch_encoder = create_image_encoder(cfg.patch_encoder)
@@ -140,6 +140,8 @@ class DKAN(nn.Module):
     def encode_patch(self, x: Tensor) -> Tensor:
         """Patch images (B, 3, H, W) to tokens (B, T, d)."""
         enc = self.patch_encoder
+        if enc is None:
+            raise ValueError("This model has no patch encoder (frozen patch branch); pass batch['patch_tokens'].")
         out = enc.forward_tokens(x) if hasattr(enc, "forward_tokens") else enc(x)
         if out.ndim == 4:
             out = out.flatten(2).transpose(1, 2)
@@ -215,8 +217,9 @@ class DKAN(nn.Module):
         Parameters
         ----------
         batch
-            ``"patch"`` (B, 3, H, W); ``"region"`` (B, k*k, Df) and optional ``"region_mask"`` (B, k*k) bool, True =
-            valid; ``"slide"`` (n_p, Df) and ``"grid"`` (n_p, 2) long for all spots of the sample, or precomputed
+            ``"patch"`` (B, 3, H, W) or frozen ``"patch_tokens"`` (B, T, C); ``"region"`` (B, k*k, Df) and optional
+            ``"region_mask"`` (B, k*k) bool, True = valid; ``"slide"`` (n_p, Df) and ``"grid"`` (n_p, 2) long for
+            all spots of the sample, or precomputed
             ``"slide_tokens"`` (n_p, d) from :meth:`encode_slide`; ``"slide_index"`` (B,) rows of the batch spots in
             the slide; ``"genes"`` (G, Dt); optional ``"target"`` (B, G).
         with_expression
@@ -229,7 +232,10 @@ class DKAN(nn.Module):
         ``"pred_slide"`` (B, G); ``"z_img"`` (B, G, d); ``"z_exp"`` (B, G, d) when the expression path ran.
         """
         cfg = self.config
-        patch = self.encode_patch(self._float(_require(batch, "patch", "")))
+        if "patch_tokens" in batch:  # frozen patch branch: precomputed tokens (B, T, C)
+            patch = self.patch_proj(self._float(batch["patch_tokens"]))
+        else:
+            patch = self.encode_patch(self._float(_require(batch, "patch", "unless 'patch_tokens' are given")))
         n = patch.shape[0]
         out: dict[str, Tensor] = {}
         scales: list[tuple[Tensor, Tensor | None]] = [(patch, None)]

@@ -220,6 +220,8 @@ def _rank_hvg(adata: AnnData, x: sparse.csr_matrix, idx: np.ndarray, n_genes: in
         tmp.obs["batch"] = pd.Categorical(labels)
         batch = "batch"
     res = sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=n_genes, batch_key=batch, inplace=False)
+    if set(res.index) == set(tmp.var_names):  # align to the candidate order whatever scanpy returns
+        res = res.reindex(tmp.var_names)
     disp = np.nan_to_num(res["dispersions_norm"].to_numpy(dtype=float), nan=-np.inf)
     nb = res["highly_variable_nbatches"].to_numpy() if batch else np.zeros(len(idx))
     order = np.lexsort((np.arange(len(idx)), -disp, -nb))

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Sampler
 
 from dkan import _keys as K
 from dkan._utils import get_table, table_attrs, uns_get
-from dkan.tl._tile import image_levels, tile, tile_keys, window_origins
+from dkan.tl._tile import image_levels, rgb, tile, tile_keys, window_origins
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -56,55 +56,78 @@ class ChunkReader:
         chunks = getattr(self.data, "chunks", None)
         c, h, w = self.data.shape
         ych, xch = (chunks[1], chunks[2]) if chunks is not None else ((h,), (w,))
-        self._yb = np.r_[0, np.cumsum(ych)]
-        self._xb = np.r_[0, np.cumsum(xch)]
-        self._lazy = chunks is not None
-        biggest = c * max(ych) * max(xch)
-        self._direct = not self._lazy or biggest > self.cache_bytes // 4
+        self._yb = np.r_[0, np.cumsum(ych)].astype(np.int64)
+        self._xb = np.r_[0, np.cumsum(xch)].astype(np.int64)
+        self._ybl, self._xbl = self._yb.tolist(), self._xb.tolist()
+        self._chunk_bytes = c * np.diff(self._yb)[:, None] * np.diff(self._xb)[None, :]
+        self._direct = chunks is None or int(self._chunk_bytes.max()) > self.cache_bytes // 4
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_cache": OrderedDict(), "_used": 0}
 
-    def _chunk_span(self, y0: int, x0: int, h: int, w: int) -> list[tuple[int, int]]:
-        """Chunk ids ``(by, bx)`` that a window overlaps inside the image."""
-        ya, yb = max(y0, 0), min(y0 + h, self._yb[-1])
-        xa, xb = max(x0, 0), min(x0 + w, self._xb[-1])
-        if ya >= yb or xa >= xb:
-            return []
-        by = range(np.searchsorted(self._yb, ya, "right") - 1, np.searchsorted(self._yb, yb, "left"))
-        bx = range(np.searchsorted(self._xb, xa, "right") - 1, np.searchsorted(self._xb, xb, "left"))
-        return [(i, j) for i in by for j in bx]
+    def _spans(self, windows: np.ndarray) -> np.ndarray:
+        """Per window ``(by0, by1, bx0, bx1)``: the half-open ranges of chunk rows / columns it overlaps."""
+        y0, x0, h, w = windows.T
+        ya, yb = np.clip(y0, 0, self._yb[-1]), np.clip(y0 + h, 0, self._yb[-1])
+        xa, xb = np.clip(x0, 0, self._xb[-1]), np.clip(x0 + w, 0, self._xb[-1])
+        spans = np.stack(
+            [
+                np.searchsorted(self._yb, ya, "right") - 1,
+                np.searchsorted(self._yb, yb, "left"),
+                np.searchsorted(self._xb, xa, "right") - 1,
+                np.searchsorted(self._xb, xb, "left"),
+            ],
+            axis=1,
+        )
+        spans[(ya >= yb) | (xa >= xb)] = 0  # window entirely outside: no chunk
+        return spans
 
     def _fetch(self, ids: list[tuple[int, int]]) -> None:
         """Fetch the missing chunks in one ``dask.compute`` call and put them in the cache."""
-        missing = [b for b in dict.fromkeys(ids) if b not in self._cache]
+        missing = [b for b in ids if b not in self._cache]
         if missing:
             import dask
 
-            parts = [self.data[:, self._yb[i] : self._yb[i + 1], self._xb[j] : self._xb[j + 1]] for i, j in missing]
+            yb, xb = self._ybl, self._xbl
+            parts = [self.data[:, yb[i] : yb[i + 1], xb[j] : xb[j + 1]] for i, j in missing]
             for key, arr in zip(missing, dask.compute(*parts), strict=True):
                 self._cache[key] = np.asarray(arr)
                 self._used += self._cache[key].nbytes
         for b in ids:
             self._cache.move_to_end(b)
 
-    def _evict(self, keep: set[tuple[int, int]]) -> None:
-        while self._used > self.cache_bytes and self._cache:
-            key = next(iter(self._cache))
-            if key in keep:
-                break
-            self._used -= self._cache.pop(key).nbytes
+    @staticmethod
+    def _ids(span: list[int]) -> list[tuple[int, int]]:
+        return [(i, j) for i in range(span[0], span[1]) for j in range(span[2], span[3])]
 
-    def _assemble(self, y0: int, x0: int, h: int, w: int, out: np.ndarray) -> None:
-        """Copy the window from cached chunks into ``out`` (zeros outside the image)."""
-        if y0 < 0 or x0 < 0 or y0 + h > self._yb[-1] or x0 + w > self._xb[-1]:
+    def _nbytes(self, ids: list[tuple[int, int]]) -> int:
+        return sum(int(self._chunk_bytes[b]) for b in ids)
+
+    def _flush(self, windows: Sequence, spans: list, group: list[int], ids: list, res: list) -> None:
+        """Fetch a group's chunks, assemble its windows, then trim the cache."""
+        self._fetch(ids)
+        for m in group:
+            self._assemble(windows[m], spans[m], res[m])
+        self._evict()
+
+    def _evict(self) -> None:
+        while self._used > self.cache_bytes and self._cache:
+            self._used -= self._cache.popitem(last=False)[1].nbytes
+
+    def _assemble(self, win: tuple[int, int, int, int], span: tuple[int, int, int, int], out: np.ndarray) -> None:
+        """Copy one window from cached chunks into ``out`` (zeros outside the image)."""
+        y0, x0, h, w = win
+        if y0 < 0 or x0 < 0 or y0 + h > self._ybl[-1] or x0 + w > self._xbl[-1]:
             out[...] = 0
-        for i, j in self._chunk_span(y0, x0, h, w):
-            cy, cx = self._yb[i], self._xb[j]
-            chunk = self._cache[(i, j)]
-            ya, yb = max(y0, cy), min(y0 + h, cy + chunk.shape[1])
-            xa, xb = max(x0, cx), min(x0 + w, cx + chunk.shape[2])
-            out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = chunk[:, ya - cy : yb - cy, xa - cx : xb - cx]
+        for i in range(span[0], span[1]):
+            cy, cy1 = self._ybl[i], self._ybl[i + 1]
+            ya, yb = max(y0, cy), min(y0 + h, cy1)
+            for j in range(span[2], span[3]):
+                cx, cx1 = self._xbl[j], self._xbl[j + 1]
+                xa, xb = max(x0, cx), min(x0 + w, cx1)
+                out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = self._cache[(i, j)][
+                    :, ya - cy : yb - cy, xa - cx : xb - cx
+                ]
 
     def read(self, windows: Sequence[tuple[int, int, int, int]], out: Sequence[np.ndarray] | None = None) -> list:
         """Read windows ``(y0, x0, h, w)`` into uint8 ``(c, h, w)`` arrays (``out`` buffers when given)."""
@@ -114,25 +137,21 @@ class ChunkReader:
             for win, buf in zip(windows, res, strict=True):
                 buf[...] = read_window(self.data, *win)
             return res
-        order = sorted(range(len(windows)), key=lambda k: (windows[k][0], windows[k][1]))
+        wins = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
+        spans = self._spans(wins).tolist()
         group: list[int] = []
-        group_ids: set[tuple[int, int]] = set()
-        for k in [*order, None]:
-            ids = set(self._chunk_span(*windows[k])) if k is not None else set()
-            if k is None or (group and self._bytes(group_ids | ids) > self.cache_bytes):
-                self._fetch(sorted(group_ids))
-                for m in group:
-                    self._assemble(*windows[m], res[m])
-                self._evict(set())
-                group, group_ids = [], set()
-            if k is not None:
-                group.append(k)
-                group_ids |= ids
+        ids: dict[tuple[int, int], None] = {}
+        size = 0
+        for k in np.lexsort((wins[:, 1], wins[:, 0])).tolist():  # row-major: neighbours share chunks
+            new = [b for b in self._ids(spans[k]) if b not in ids]
+            if group and size + self._nbytes(new) > self.cache_bytes:
+                self._flush(windows, spans, group, list(ids), res)
+                group, ids, size, new = [], {}, 0, self._ids(spans[k])
+            group.append(k)
+            ids.update(dict.fromkeys(new))
+            size += self._nbytes(new)
+        self._flush(windows, spans, group, list(ids), res)
         return res
-
-    def _bytes(self, ids: set[tuple[int, int]]) -> int:
-        c = self.data.shape[0]
-        return sum(c * int(self._yb[i + 1] - self._yb[i]) * int(self._xb[j + 1] - self._xb[j]) for i, j in ids)
 
 
 @dataclass
@@ -169,7 +188,7 @@ def _sources(sdata: SpatialData, k: int, table_key: str | None, tile_key: str | 
     out = []
     for name, rec in geo["samples"].items():
         idx = np.flatnonzero(region == rec["spots_key"])
-        level = image_levels(sdata.images[rec["image_key"]])[rec["level"]]
+        level = rgb(image_levels(sdata.images[rec["image_key"]])[rec["level"]])
         out.append(
             _Source(
                 name=str(name),
@@ -356,14 +375,17 @@ class SpotCrops(Dataset):
             mask[b] = augment(src.mask[lc].reshape(g, g), *tf[b]).reshape(-1)
         if src.patch_side == p and (region is None or src.region_side == g * p):
             # native resolution: assemble chunk pieces straight into the output tiles (one copy per pixel)
-            windows = [(int(y0), int(x0), p, p) for x0, y0 in window_origins(xy, p)]
-            outs = [patch[b] for b in pos]
+            centre = region is not None and g % 2 == 1  # the patch is then the centre tile
+            windows = [] if centre else [(int(y0), int(x0), p, p) for x0, y0 in window_origins(xy, p)]
+            outs = [] if centre else [patch[b] for b in pos]
             if region is not None:
                 for b, (x0, y0) in zip(pos, window_origins(xy, g * p), strict=True):
                     windows += [(int(y0) + i * p, int(x0) + j * p, p, p) for i in range(g) for j in range(g)]
                     outs += list(region[b])
             src.reader.read(windows, outs)
             for b in pos:
+                if centre:
+                    patch[b] = region[b, g * g // 2]
                 if tf[b].any():
                     patch[b] = augment(patch[b], *tf[b]).copy()
                     if region is not None:

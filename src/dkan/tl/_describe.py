@@ -152,8 +152,8 @@ def read_text_table(
     txt = _find_column(header, text_column, _TEXT_COLUMNS)
     if sym is not None and txt is not None:
         table = raw.iloc[1:]
-    elif symbol_column is None and text_column is None and raw.shape[1] == 2:
-        sym, txt, table = 0, 1, raw  # headerless "SYMBOL<TAB>text" lines, as the paper's files
+    elif symbol_column is None and text_column is None and raw.shape[1] == 2 and " " in raw.iloc[0, 1].strip():
+        sym, txt, table = 0, 1, raw  # headerless "SYMBOL<TAB>a text" lines, as the paper's files
     else:
         missing = []
         for what, col, given, guesses in (
@@ -164,7 +164,7 @@ def read_text_table(
                 missing.append(f"{what} column {given!r}" if given else f"a {what} column (one of {list(guesses)})")
         raise ValueError(
             f"Gene description file {path} lacks {' and '.join(missing)}; found columns {header[:12]}. "
-            "Pass `symbol_column=` and `text_column=`."
+            "Pass `symbol_column=` and `text_column=`, or use two unnamed columns: symbol, then text."
         )
     symbols, texts = table.iloc[:, sym].str.strip(), table.iloc[:, txt].str.strip()
     keep = texts.map(_is_text) & (symbols != "")
@@ -239,7 +239,9 @@ def _fill_from_table(facts: dict[str, _Facts], table: Mapping[str, str], info: G
         candidates = [s for s in info.resolve(g) if s in table]
         if not candidates:  # the table may use an older name of the official symbol
             official = info.resolve(g)
-            candidates = [a for s in official for a in [s, *info.synonyms.get(s, [])] if a in table]
+            candidates = [  # ... but never the name of another gene
+                a for s in official for a in info.synonyms.get(s, []) if a in table and a not in info.official
+            ]
         if len(set(candidates)) == 1:
             f.summary, f.resolved = table[candidates[0]], candidates[0]
             n_resolved += 1

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dkan import _keys as K
-from dkan.tl._tile import check_rgb, image_levels
+from dkan.tl._tile import check_rgb, image_levels, rgb
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -62,7 +62,7 @@ def _low_res(image: object) -> tuple[np.ndarray, float, float]:
     small = [lv for lv in levels if max(lv.sizes["x"], lv.sizes["y"]) <= _DETECT_MAX_SIDE]
     level = small[0] if small else levels[-1]
     step = max(1, int(np.ceil(max(level.sizes["x"], level.sizes["y"]) / _DETECT_MAX_SIDE)))
-    arr = np.asarray(level.data[:, ::step, ::step])
+    arr = np.asarray(rgb(level).data[:, ::step, ::step])
     return arr, w0 / arr.shape[2], h0 / arr.shape[1]
 
 
@@ -191,7 +191,12 @@ def _check_free(sdata: SpatialData, shapes_key: str, table_key: str, overwrite: 
 
 
 def _elements(
-    xy: np.ndarray, array_row: np.ndarray, array_col: np.ndarray, radius_px: float, transformations: dict, shapes_key: str
+    xy: np.ndarray,
+    array_row: np.ndarray,
+    array_col: np.ndarray,
+    radius_px: float,
+    transformations: dict,
+    shapes_key: str,
 ) -> tuple:
     """Build the circles shapes element and the empty table annotating it."""
     import anndata as ad

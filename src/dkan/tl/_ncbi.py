@@ -227,12 +227,18 @@ class NCBIClient:
         if not todo:
             return out
         logger.info("Querying NCBI Gene for %d symbols (%d cached).", len(todo), len(symbols) - len(todo))
-        hits = {s: self.search(s) for s in _progress(todo, progress, "NCBI esearch")}
-        records = self.summaries(sorted({i for ids in hits.values() for i in ids}))
-        for s in todo:
-            record = _pick(s, [records[i] for i in hits[s] if i in records])
-            write_cache(cache_file(self.cache, s), {"symbol": s, "record": record})
-            out[s] = record
+        bar = _progress(len(todo), progress)
+        for start in range(0, len(todo), _ESUMMARY_BATCH // 5):  # cache as we go: an interrupted run resumes
+            chunk = todo[start : start + _ESUMMARY_BATCH // 5]
+            hits = {s: self.search(s) for s in chunk}
+            records = self.summaries(sorted({i for ids in hits.values() for i in ids}))
+            for s in chunk:
+                out[s] = _pick(s, [records[i] for i in hits[s] if i in records])
+                write_cache(cache_file(self.cache, s), {"symbol": s, "record": out[s]})
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
         return out
 
 
@@ -251,9 +257,9 @@ def _pick(symbol: str, candidates: list[dict]) -> dict | None:
     }
 
 
-def _progress(items: list, show: bool, desc: str) -> Iterable:
-    if not show or len(items) < 20:
-        return items
+def _progress(total: int, show: bool) -> Any:
+    if not show or total < 20:
+        return None
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc)
+    return tqdm(total=total, desc="NCBI Gene")

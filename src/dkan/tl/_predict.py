@@ -75,7 +75,9 @@ def predict(
     tkey = _table_for(sdata, model, table_key=table_key, image_key=image_key)
     adata = sdata.tables[tkey]
     if key_added in adata.layers and not overwrite:
-        raise ValueError(f"`layers[{key_added!r}]` exists in table `{tkey}`; pass `overwrite=True` or another `key_added`.")
+        raise ValueError(
+            f"`layers[{key_added!r}]` exists in table `{tkey}`; pass `overwrite=True` or another `key_added`."
+        )
     gidx = adata.var_names.get_indexer(model.genes)
     if (gidx < 0).all():
         raise ValueError(
@@ -91,7 +93,9 @@ def predict(
     feats = prep.ensure_features(sdata, model.meta["features"]["encoder"], table_key=tkey, device=dev, batch_size=64)
     check_features(model, feats)
     if _has_counts(adata):
-        prep.ensure_target(adata, [g for g, i in zip(model.genes, gidx, strict=True) if i >= 0], model.meta["normalize"])
+        prep.ensure_target(
+            adata, [g for g, i in zip(model.genes, gidx, strict=True) if i >= 0], model.meta["normalize"]
+        )
 
     samples, reader = build_inputs([sdata], [adata], model.genes, cfg, table_key=tkey, with_target=False)
     module = model.module.to(dev).eval()
@@ -103,10 +107,23 @@ def predict(
     out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
     keep = gidx >= 0
     for s, (inp, smp) in enumerate(
-        tqdm(list(zip(samples, iter_samples(sdata, table_key=tkey, need_image=False), strict=True)), desc="dkan predict", disable=not progress)
+        tqdm(
+            list(zip(samples, iter_samples(sdata, table_key=tkey, need_image=False), strict=True)),
+            desc="dkan predict",
+            disable=not progress,
+        )
     ):
         rd = (lambda r, s=s: reader(s, r, False)) if reader else None
-        pred = predict_rows(module, inp.to(dev), np.arange(len(inp)), genes, batch_size=batch_size, device=dev, amp=cfg.amp, read_patches=rd)
+        pred = predict_rows(
+            module,
+            inp.to(dev),
+            np.arange(len(inp)),
+            genes,
+            batch_size=batch_size,
+            device=dev,
+            amp=cfg.amp,
+            read_patches=rd,
+        )
         out[np.ix_(smp.obs_idx, gidx[keep])] = pred[:, keep]
     model.module.cpu()
     adata.layers[key_added] = out
@@ -170,4 +187,6 @@ def _panel_table(adata: AnnData, genes: list[str]) -> AnnData:
     )
     attrs = adata.uns["spatialdata_attrs"]
     new.uns.pop("spatialdata_attrs", None)
-    return TableModel.parse(new, region=attrs["region"], region_key=attrs["region_key"], instance_key=attrs["instance_key"])
+    return TableModel.parse(
+        new, region=attrs["region"], region_key=attrs["region_key"], instance_key=attrs["instance_key"]
+    )

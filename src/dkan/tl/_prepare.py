@@ -41,7 +41,7 @@ def ensure_panel(tables: list[AnnData], n_genes: int) -> list[str]:
 
     if all(K.PANEL in t.var for t in tables):
         first = tables[0]
-        panel = [g for g in first.var_names[first.var[K.PANEL].to_numpy(bool)]]
+        panel = list(first.var_names[first.var[K.PANEL].to_numpy(bool)])
         common = set.intersection(*(set(t.var_names[t.var[K.PANEL].to_numpy(bool)]) for t in tables))
         return [g for g in panel if g in common]
     both = ad.concat([ad.AnnData(X=t.X, var=t.var[[]], obs=t.obs[[]]) for t in tables], join="inner")

@@ -8,9 +8,11 @@ Geometry (one sample, pixels of the chosen pyramid level ``k``, origin at the to
   it is resized to ``patch_size`` when ``resample != 1``.
 - The **region** window has side ``s_r = round(region_grid * patch_size * resample)`` and origin
   ``floor(c) - s_r // 2``; it is cut row-major into ``region_grid ** 2`` tiles of ``patch_size``.
-- **Mask**: a tile is valid iff it lies fully inside the image. For a 5 x 5 region this is the reference
-  rule (outer ring masked when ``c -/+ 560`` crosses the edge, inner ring when ``c -/+ 336`` does); as in the
-  reference the centre tile is always valid. Crops are zero-padded at the image edge, never shifted.
+- **Mask**: a tile is valid iff it lies fully inside the image, except that the spot's own row and column of
+  tiles always count as inside along their axis (the spot centre is on the image). This is exactly the
+  reference's ``make_masking_table``: for 5 x 5 tiles of 224 px, the outer rows/columns are masked when
+  ``c -/+ 560`` crosses the edge, the inner ones when ``c -/+ 336`` does, the centre row/column never; so the
+  centre tile is always valid. Crops are zero-padded at the image edge, never shifted.
 """
 
 from __future__ import annotations
@@ -43,11 +45,22 @@ def image_levels(image: Any) -> list[DataArray]:
     return [next(iter(image[name].values())) for name in sorted(image.children, key=lambda s: int(s[5:]))]
 
 
+def is_rgba(level: DataArray) -> bool:
+    """Whether an image has 4 channels named r, g, b, a (e.g. a Visium hires PNG); dkan then ignores alpha."""
+    names = [str(c).lower() for c in level.coords["c"].values] if "c" in level.coords else []
+    return level.sizes.get("c") == 4 and names == ["r", "g", "b", "a"]
+
+
+def rgb(level: DataArray) -> DataArray:
+    """Return the RGB channels of an image level (drops the alpha channel of an RGBA image)."""
+    return level.isel(c=slice(0, 3)) if is_rgba(level) else level
+
+
 def check_rgb(level: DataArray, image_key: str) -> None:
-    """Raise unless the image is ``(c, y, x)`` RGB ``uint8``."""
+    """Raise unless the image is ``(c, y, x)`` RGB (or RGBA, alpha ignored) ``uint8``."""
     if tuple(level.dims) != ("c", "y", "x"):
         raise ValueError(f"Image `{image_key}` has dims {tuple(level.dims)}; dkan needs a 2D image ('c', 'y', 'x').")
-    if level.sizes["c"] != 3:
+    if level.sizes["c"] != 3 and not is_rgba(level):
         raise ValueError(
             f"Image `{image_key}` has {level.sizes['c']} channels; dkan needs RGB (3 channels). "
             "Select the colour channels, e.g. `img.isel(c=[0, 1, 2])`, and parse it again with `Image2DModel`."
@@ -108,7 +121,7 @@ def window_origins(spot_px: np.ndarray, side: int) -> np.ndarray:
 
 
 def region_mask(spot_px: np.ndarray, shape_yx: tuple[int, int], region_side: int, region_grid: int) -> np.ndarray:
-    """``(n, G*G)`` bool mask, row-major: a tile is valid iff it lies fully inside the image (centre always)."""
+    """``(n, G*G)`` bool mask, row-major: tiles whose row and column bands lie inside the image (module docstring)."""
     g = region_grid
     origin = window_origins(spot_px, region_side).astype(float)
     step = region_side / g
@@ -116,10 +129,11 @@ def region_mask(spot_px: np.ndarray, shape_yx: tuple[int, int], region_side: int
     ok = []
     for axis, size in ((0, shape_yx[1]), (1, shape_yx[0])):  # x then y
         start = origin[:, axis, None] + j * step
-        ok.append((start >= -1e-9) & (start + step <= size + 1e-9))
+        inside = (start >= -1e-9) & (start + step <= size + 1e-9)
+        if g % 2 == 1:
+            inside[:, g // 2] = True  # the spot's own row / column of tiles always counts as inside
+        ok.append(inside)
     mask = ok[1][:, :, None] & ok[0][:, None, :]  # (n, row=y, col=x)
-    if g % 2 == 1:
-        mask[:, g // 2, g // 2] = True
     return mask.reshape(len(spot_px), g * g)
 
 

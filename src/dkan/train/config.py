@@ -73,6 +73,13 @@ class DKANConfig:
         Size of the gene panel.
     patch_size
         Patch side in pixels; a region is ``region_grid`` x ``region_grid`` patches.
+    target_mpp
+        Resolution (µm/px) the crops are resampled to; ``None`` keeps native pixels (the reference). ``small``
+        uses 64 px at 2 µm/px: a 128 µm field, close to the reference's 224 px at ~0.73 µm/px (163 µm).
+    patch_trainable
+        ``True``: the patch branch is the trainable CNN ``patch_encoder`` run on augmented crops every step
+        (the reference). ``False`` (``small``): the patch branch reads the frozen spot features as one token, so
+        an epoch needs no image reads; much faster on a CPU.
     region_grid
         Side of the region grid (odd).
     patch_encoder, feature_encoder, text_encoder
@@ -141,7 +148,9 @@ class DKANConfig:
     amp: bool = True
     val_fraction: float = 0.1
     n_genes: int = 250
-    patch_size: int = 224
+    patch_size: int = 64
+    target_mpp: float | None = 2.0
+    patch_trainable: bool = False
     region_grid: int = 5
     patch_encoder: str = "efficientnet_lite0"
     feature_encoder: str = "efficientnet_lite0"
@@ -296,6 +305,7 @@ def _check_values(cfg: DKANConfig) -> None:
     _require(0.0 <= cfg.val_fraction < 1.0, "val_fraction", "in [0, 1)", cfg.val_fraction)
     _require(cfg.n_genes >= 1, "n_genes", ">= 1", cfg.n_genes)
     _require(cfg.patch_size >= 1, "patch_size", ">= 1", cfg.patch_size)
+    _require(cfg.target_mpp is None or cfg.target_mpp > 0, "target_mpp", "None or > 0", cfg.target_mpp)
 
 
 # ---------------------------------------------------------------------- presets
@@ -328,6 +338,8 @@ def _reference(tau: float, modules: dict[str, tuple[int, int, float, float]], **
         "grad_clip": None,
         "n_genes": 250,
         "patch_size": 224,
+        "target_mpp": None,
+        "patch_trainable": True,
         "region_grid": 5,
         "patch_encoder": "resnet18_ciga",
         "feature_encoder": "uni",

@@ -60,6 +60,7 @@ def fit(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    accumulate: int = 1,
 ) -> FitResult:
     """Train ``module`` on batches of one sample each and keep the weights with the best validation PCC.
 
@@ -85,6 +86,9 @@ def fit(
         File to write a resumable checkpoint to after every epoch (atomically).
     resume
         Continue from ``checkpoint`` when it exists.
+    accumulate
+        Batches whose gradients are averaged per optimiser step (one process). Under DDP every rank takes one
+        batch per step and gradients are averaged across ranks, which equals ``accumulate=world_size`` here.
 
     Returns
     -------
@@ -102,6 +106,7 @@ def fit(
     if world > 1:
         net = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
     opt = torch.optim.Adam(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt.zero_grad(set_to_none=True)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=config.step_size, gamma=config.gamma)
     use_scaler = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -115,20 +120,18 @@ def fit(
     for epoch in bar:
         module.train()
         plan = plan_batches(train_rows, config.batch_size, seed=config.seed, epoch=epoch, rank=rank, world_size=world)
+        if accumulate > 1:
+            plan = plan[: len(plan) - len(plan) % accumulate]
         sums: dict[str, Tensor] = {}
-        for s, rows in plan:
+        for i, (s, rows) in enumerate(plan):
             patch = read_patches(s, rows, True).to(device, non_blocking=True) if read_patches else None
             batch = batch_inputs(samples[s], torch.as_tensor(rows, device=device), genes, patch=patch)
             with _autocast(device, config.amp):
                 out = net(batch)
                 loss = loss_fn(out, batch["target"])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss["loss"]).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            scaler.scale(loss["loss"] / accumulate).backward()
+            if (i + 1) % accumulate == 0:
+                _step(module, opt, scaler, config.grad_clip)
             for k, v in loss.items():  # summed on the device; one sync per epoch
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
         sched.step()
@@ -137,13 +140,26 @@ def fit(
         record["val_pcc"] = validation_score(module, samples, val_rows, genes, config, device, read_patches)
         result.history.append(record)
         bad = _update_best(module, result, record, epoch, bad)
-        bar.set_postfix({k: f"{record[k]:.3g}" for k in ("total", "sup", "con", "w_sup", "w_con", "val_pcc") if k in record})
+        bar.set_postfix(
+            {k: f"{record[k]:.3g}" for k in ("total", "sup", "con", "w_sup", "w_con", "val_pcc") if k in record}
+        )
         if ckpt is not None and rank == 0:
             _save_checkpoint(ckpt, module, opt, sched, result, epoch + 1, bad)
         if bad > config.patience:
-            logger.info("Early stopping at epoch %d (best epoch %d, val PCC %.4f).", epoch, result.best_epoch, result.best_score)
+            logger.info(
+                "Early stopping at epoch %d (best epoch %d, val PCC %.4f).", epoch, result.best_epoch, result.best_score
+            )
             break
     return result
+
+
+def _step(module: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, clip: float | None) -> None:
+    if clip is not None:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(module.parameters(), clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
 
 
 def _update_best(module: nn.Module, result: FitResult, record: dict, epoch: int, bad: int) -> int:
@@ -205,7 +221,14 @@ def validation_score(
             continue
         reader = (lambda r, s=s: read_patches(s, r, False)) if read_patches else None
         pred = predict_rows(
-            module, samples[s], rows, genes, batch_size=config.batch_size, device=device, amp=config.amp, read_patches=reader
+            module,
+            samples[s],
+            rows,
+            genes,
+            batch_size=config.batch_size,
+            device=device,
+            amp=config.amp,
+            read_patches=reader,
         )
         target = samples[s].target[torch.as_tensor(rows, device=samples[s].target.device)].float().cpu().numpy()
         r = pearson_per_gene(pred, target)

@@ -1,0 +1,358 @@
+"""Command line: ``dkan train`` and ``dkan predict`` on SpatialData zarr stores (thin wrappers of ``dkan.tl``).
+
+Examples
+--------
+.. code-block:: bash
+
+    dkan train slides.zarr --out model/ --config her2st --set max_epochs=50 --descriptions genes.tsv
+    dkan predict new_slide.zarr --model model/ --out new_slide_pred.zarr
+    dkan predict new_slide.zarr --model model/ --in-place
+
+Writing is never half-done where it can be avoided: ``train`` leaves its input store untouched and saves the
+model folder atomically; ``predict --out`` writes the whole store to a temporary sibling path and renames it
+into place; ``predict --in-place`` first writes a backup copy of the updated table next to the store, then
+replaces the table element (``delete_element_from_disk`` + ``write_element``, spatialdata's pattern) and
+finally removes the backup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dkan import _keys as K
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+logger = logging.getLogger("dkan")
+
+#: Exceptions that are user errors: reported as one line (``--debug`` shows the traceback).
+_USER_ERRORS = (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsError)
+
+
+# ----------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dkan`` argument parser with its ``train`` and ``predict`` sub-commands."""
+    parser = argparse.ArgumentParser(
+        prog="dkan",
+        description="Train DKAN on SpatialData zarr stores of paired H&E and spot expression, and predict "
+        "spatial expression for new H&E slides.",
+    )
+    from dkan import __version__
+
+    parser.add_argument("--version", action="version", version=f"dkan {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,predict}")
+    _add_train(sub)
+    _add_predict(sub)
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--table-key", default=None, help="Table annotating the spots (default: the store's only table)."
+    )
+    p.add_argument(
+        "--image-key",
+        default=None,
+        help="Image element to crop spots from (default: per sample, the highest-resolution image that shares a "
+        "coordinate system with the spots). Only for a store with one sample.",
+    )
+    p.add_argument("--device", default=None, help="Torch device, e.g. 'cuda', 'cuda:1', 'cpu' (default: CUDA if available).")
+    p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    p.add_argument("-q", "--quiet", action="store_true", help="Log warnings and errors only.")
+    p.add_argument("--debug", action="store_true", help="Debug logging, and full tracebacks on errors.")
+
+
+def _add_train(sub: Any) -> None:
+    from dkan.train.config import PRESETS, DKANConfig
+
+    p = sub.add_parser(
+        "train",
+        help="Train a model on a SpatialData zarr store and save it to a folder.",
+        description="Train DKAN on every sample of a SpatialData zarr store (H&E image + spot circles + a table of "
+        "raw counts). Steps not yet run on the store (gene panel, normalisation, tiling, frozen features, gene "
+        "embeddings) run in memory with the configuration's settings; the input store is not modified.",
+        epilog=f"Configuration fields for --set: {', '.join(DKANConfig.field_names())}.",
+    )
+    p.add_argument("store", type=Path, help="Input SpatialData zarr store (read with spatialdata.read_zarr).")
+    p.add_argument("--out", required=True, type=Path, help="Folder to save the trained model to (DKANModel.save).")
+    p.add_argument(
+        "--config",
+        default=None,
+        help=f"Preset name ({', '.join(sorted(PRESETS))}; default {DKANConfig.DEFAULT_PRESET}) or a JSON file "
+        'with a mapping of configuration fields, optionally naming its base preset as {"preset": "her2st", ...}.',
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override one configuration field; repeatable. VALUE is read as JSON when it parses "
+        "(5, 0.001, true, null, [1, 2]) and as a string otherwise (efficientnet_lite0).",
+    )
+    p.add_argument(
+        "--descriptions",
+        default=None,
+        help="Gene descriptions for the text embeddings: a TSV of {symbol, text} (e.g. NCBI RefSeq summaries) or "
+        "'ncbi' to fetch them online (cached). Default: gene symbols only, with a warning.",
+    )
+    p.add_argument("--checkpoint", type=Path, default=None, help="File for a resumable checkpoint written every epoch.")
+    p.add_argument("--resume", action="store_true", help="Continue from --checkpoint when it exists.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing model folder at --out.")
+    _add_common(p)
+    p.set_defaults(func=_train)
+
+
+def _add_predict(sub: Any) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="Predict expression on a SpatialData zarr store with a saved model.",
+        description="Predict the model's gene panel at every spot of a SpatialData zarr store. With a table of "
+        "spots, predictions go to table.layers[KEY_ADDED] (NaN for genes outside the panel); on an H&E-only "
+        "store, pseudo-spots and a new table are created. Missing tiles and frozen features are computed with "
+        "the model's settings.",
+        epilog="--out writes a new store (to a temporary sibling path, renamed into place when complete). "
+        "--in-place rewrites the table element of STORE (and adds any new element): the updated table is first "
+        "backed up next to the store as .STORE.TABLE.dkan-backup.zarr, removed again on success.",
+    )
+    p.add_argument("store", type=Path, help="Input SpatialData zarr store.")
+    p.add_argument("--model", required=True, type=Path, help="Model folder written by `dkan train` / DKANModel.save.")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, default=None, help="Write the store with predictions to this new path.")
+    where.add_argument("--in-place", action="store_true", help="Update STORE itself (see below).")
+    p.add_argument("--key-added", default=K.PRED, help=f"layers key of the predictions (default {K.PRED!r}).")
+    p.add_argument("--batch-size", type=int, default=256, help="Spots per forward pass (default 256).")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace existing predictions under --key-added, and an existing store at --out.",
+    )
+    _add_common(p)
+    p.set_defaults(func=_predict)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["max_epochs=5", "feature_encoder=dummy"]`` -> ``{"max_epochs": 5, "feature_encoder": "dummy"}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"`--set {item}` must have the form KEY=VALUE, e.g. `--set max_epochs=5`.")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _config(value: str | None) -> Any:
+    """A preset name, or the mapping of a JSON file."""
+    if value is None or not value.endswith(".json"):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"`--config {value}` looks like a JSON file but does not exist.")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"`--config {value}` must hold a JSON object of configuration fields; found {type(data).__name__}.")
+    return data
+
+
+def _read(store: Path) -> SpatialData:
+    import spatialdata as sd
+
+    if not store.exists():
+        raise FileNotFoundError(f"Store `{store}` does not exist.")
+    logger.info("Reading %s", store)
+    return sd.read_zarr(store)
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+
+
+# ----------------------------------------------------------------------------------------- commands
+def _train(args: argparse.Namespace) -> int:
+    import dkan
+
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"`--out {args.out}` exists; pass --overwrite to replace it.")
+    overrides = parse_overrides(args.overrides)
+    sdata = _read(args.store)
+    model = dkan.tl.train(
+        sdata,
+        config=_config(args.config),
+        device=args.device,
+        table_key=args.table_key,
+        image_key=args.image_key,
+        descriptions=args.descriptions,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
+        progress=not args.no_progress,
+        **overrides,
+    )
+    path = model.save(args.out, overwrite=args.overwrite)
+    logger.info("Saved the model (%d genes) to %s", len(model.genes), path)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import dkan
+
+    store = args.store.resolve()
+    if args.out is not None:
+        _check_out(store, args.out.resolve(), overwrite=args.overwrite)
+    model = dkan.DKANModel.load(args.model)
+    sdata = _read(args.store)
+    before = {name: id(el) for _, name, el in sdata.gen_elements()}
+    tkey = dkan.tl.predict(
+        sdata,
+        model,
+        key_added=args.key_added,
+        device=args.device,
+        table_key=args.table_key,
+        image_key=args.image_key,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    if args.out is not None:
+        write_new_store(sdata, args.out, overwrite=args.overwrite)
+        logger.info("Wrote predictions (table `%s`, layer %r) to %s", tkey, args.key_added, args.out)
+    else:
+        changed = [name for _, name, el in sdata.gen_elements() if before.get(name) != id(el)]
+        update_in_place(sdata, tkey, added=[n for n in changed if n != tkey])
+        logger.info("Updated table `%s` (layer %r) in %s", tkey, args.key_added, store)
+    return 0
+
+
+def _check_out(store: Path, out: Path, *, overwrite: bool) -> None:
+    if out == store or store in out.parents or out in store.parents:
+        raise ValueError(f"`--out {out}` overlaps the input store {store}; use --in-place to update the input store.")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"`--out {out}` exists; pass --overwrite to replace it.")
+
+
+def write_new_store(sdata: SpatialData, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``sdata`` to ``out`` via a temporary sibling path, so ``out`` is either complete or untouched.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData to write.
+    out
+        Target zarr store path.
+    overwrite
+        Replace an existing store at ``out`` (removed only after the new one is in place).
+
+    Returns
+    -------
+    The path written.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"`{out}` exists; pass overwrite to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        sdata.write(tmp, update_sdata_path=False)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def update_in_place(sdata: SpatialData, table_key: str, *, added: Sequence[str] = ()) -> None:
+    """Rewrite table ``table_key`` of a backed SpatialData on disk and write the new elements ``added``.
+
+    The updated table is first saved as a standalone AnnData zarr next to the store (``.STORE.TABLE.dkan-backup.zarr``)
+    so an interruption between deleting and rewriting the element loses nothing; the backup is removed when the
+    element is written. A failed write leaves the backup and says how to restore it.
+
+    Parameters
+    ----------
+    sdata
+        A SpatialData read from a zarr store (``sdata.path`` set).
+    table_key
+        The table to replace on disk with its in-memory version.
+    added
+        Names of elements that are new in memory and not yet on disk.
+    """
+    if sdata.path is None:
+        raise ValueError("The SpatialData is not backed by a zarr store; write it with `sdata.write(path)` instead.")
+    store = Path(sdata.path)
+    on_disk = {sdata._element_type_and_name_from_element_path(p)[1] for p in sdata.elements_paths_on_disk()}
+    for name in added:
+        if name not in on_disk:
+            sdata.write_element(name)
+    if table_key not in on_disk:
+        sdata.write_element(table_key)
+        return
+    backup = store.with_name(f".{store.name}.{table_key}.dkan-backup.zarr")
+    shutil.rmtree(backup, ignore_errors=True)
+    sdata.tables[table_key].write_zarr(backup)
+    try:
+        sdata.delete_element_from_disk(table_key)
+        sdata.write_element(table_key)
+    except BaseException:
+        logger.error(
+            "Rewriting table `%s` in %s failed; the updated table is kept in %s. Restore it with "
+            "`sdata.tables[%r] = anndata.read_zarr(backup)` and `sdata.write_element(%r, overwrite=True)`.",
+            table_key, store, backup, table_key, table_key,
+        )  # fmt: skip
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``dkan`` command line; returns the exit status.
+
+    Parameters
+    ----------
+    argv
+        Arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    0 on success, 1 on a user error (reported on stderr).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return int(args.func(args))
+    except _USER_ERRORS as err:
+        if args.debug:
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"dkan {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

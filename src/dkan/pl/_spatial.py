@@ -1,0 +1,328 @@
+"""``dkan.pl.spatial_pred``: observed and predicted expression of one gene on the H&E, side by side."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dkan import _keys as K
+from dkan._utils import Sample, iter_samples, spot_pixels
+from dkan.pl._utils import finish_figure
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from spatialdata import SpatialData
+
+#: Longest side, in screen pixels of the chosen pyramid level, that is enough for one panel's background.
+_MAX_IMAGE_PX = 1200
+#: Margin around the spots' bounding box, in spot radii.
+_MARGIN_RADII = 2.0
+
+
+@dataclass
+class _Row:
+    """What one figure row shows: a sample's spots and their predicted (and maybe observed) values."""
+
+    sample: Sample
+    pred: np.ndarray
+    observed: np.ndarray | None
+    pcc: float | None
+
+
+def spatial_pred(
+    sdata: SpatialData,
+    gene: str,
+    *,
+    sample: str | Sequence[str] | None = None,
+    pred_layer: str = K.PRED,
+    target_layer: str = K.TARGET,
+    table_key: str | None = None,
+    image_key: str | Mapping[str, str] | None = None,
+    cmap: str = "viridis",
+    ax: Axes | Sequence[Axes] | None = None,
+    figsize: tuple[float, float] | None = None,
+    dpi: float | None = None,
+    return_fig: bool = False,
+    save: str | PathLike[str] | None = None,
+    **kwargs: Any,
+) -> Figure | None:
+    """Plot the observed and predicted expression of a gene over the H&E image, side by side.
+
+    Each sample is one row: the H&E with its spots coloured by the observed values (``layers[target_layer]``)
+    on the left and by the predictions (``layers[pred_layer]``) on the right, with the Pearson correlation
+    across the sample's spots in the predicted panel's title. All panels share one colour scale and one
+    colour bar. A sample without observed values (an H&E-only slide, or no ``target_layer``) shows the
+    predictions only.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with predictions from :func:`dkan.tl.predict`.
+    gene
+        Gene symbol (a ``var_name`` of the table).
+    sample
+        Sample name (``obs["sample"]``, or the spots element name) or a list of them (one row each).
+        Default: the first sample.
+    pred_layer
+        ``layers`` key of the predictions.
+    target_layer
+        ``layers`` key of the observed values; written by :func:`dkan.pp.normalize` and by
+        :func:`dkan.tl.predict` on slides with counts, so both panels are on the same scale.
+    table_key
+        Table holding the predictions. Default: the only table that has ``layers[pred_layer]``.
+    image_key
+        Image to draw under the spots (one name, or ``{spots_key: image_key}``); inferred per sample.
+    cmap
+        Colour map of the expression values.
+    ax
+        Axes to draw on, one per panel in row-major order (2 per sample, or 1 per sample when no sample has
+        observed values); a new figure when None.
+    figsize, dpi
+        Size and resolution of a new figure.
+    return_fig
+        Return the figure.
+    save
+        Path to save the figure to.
+    **kwargs
+        Passed to :class:`matplotlib.collections.EllipseCollection` drawing the spots (e.g. ``alpha``,
+        ``edgecolors``, ``linewidths``). ``vmin``, ``vmax`` or ``norm`` replace the shared colour scale, which
+        by default spans the values of all panels.
+
+    Returns
+    -------
+    The figure when ``return_fig`` is True, else None.
+    """
+    tkey = _pred_table(sdata, pred_layer, table_key)
+    adata = sdata.tables[tkey]
+    col = _gene_index(adata, gene, tkey)
+    samples = _pick_samples(iter_samples(sdata, table_key=tkey, image_key=image_key), sample)
+    pred = _column(adata, pred_layer, col)
+    observed = _column(adata, target_layer, col) if target_layer in adata.layers else None
+    rows = [_make_row(s, pred, observed) for s in samples]
+    if all(np.isnan(r.pred).all() for r in rows):
+        raise ValueError(
+            f"`layers[{pred_layer!r}]` of table `{tkey}` holds no prediction for `gene={gene!r}` in the chosen "
+            "samples: the gene is outside the model's panel. Plot one of `model.genes`."
+        )
+    ncols = 2 if any(r.observed is not None for r in rows) else 1
+    axes = _panel_axes(ax, len(rows), ncols, figsize=figsize, dpi=dpi)
+    norm = _shared_norm(rows, kwargs)
+    for row, row_axes in zip(rows, axes, strict=True):
+        _draw_row(sdata, row, row_axes, gene=gene, cmap=cmap, norm=norm, **kwargs)
+    fig = axes[0][0].figure
+    _colorbar(fig, [a for r in axes for a in r], norm, cmap, label=f"{gene} ({'predicted' if ncols == 1 else 'observed and predicted'})")
+    return finish_figure(fig, return_fig=return_fig, save=save)
+
+
+# ----------------------------------------------------------------------------------------- data
+def _pred_table(sdata: SpatialData, pred_layer: str, table_key: str | None) -> str:
+    """The table holding ``layers[pred_layer]``: given, or the only one that has it."""
+    if table_key is not None:
+        if table_key not in sdata.tables:
+            raise KeyError(f"`table_key={table_key!r}` not found; available tables: {sorted(sdata.tables)}.")
+        if pred_layer not in sdata.tables[table_key].layers:
+            raise KeyError(_missing_pred(pred_layer, table_key, sdata.tables[table_key]))
+        return table_key
+    with_pred = [k for k, t in sdata.tables.items() if pred_layer in t.layers]
+    if len(with_pred) == 1:
+        return with_pred[0]
+    if len(with_pred) > 1:
+        raise KeyError(f"Several tables have `layers[{pred_layer!r}]`: {sorted(with_pred)}. Pass `table_key=`.")
+    if len(sdata.tables) == 1:
+        name, table = next(iter(sdata.tables.items()))
+        raise KeyError(_missing_pred(pred_layer, name, table))
+    raise KeyError(
+        f"No table of the SpatialData has `layers[{pred_layer!r}]` (tables: {sorted(sdata.tables)}). "
+        "Run `dkan.tl.predict(sdata, model)` first, or pass `pred_layer=` / `table_key=`."
+    )
+
+
+def _missing_pred(pred_layer: str, table_key: str, adata: AnnData) -> str:
+    return (
+        f"`pred_layer={pred_layer!r}` not found in table `{table_key}` (layers: {sorted(adata.layers)}). "
+        "Run `dkan.tl.predict(sdata, model)` first, or pass the `key_added` you predicted with."
+    )
+
+
+def _gene_index(adata: AnnData, gene: str, table_key: str) -> int:
+    if not isinstance(gene, str):
+        raise TypeError(f"`gene` must be one gene symbol (str); found {type(gene).__name__}.")
+    names = adata.var_names
+    if gene in names:
+        return int(names.get_loc(gene))
+    close = difflib.get_close_matches(gene, list(map(str, names)), n=3)
+    hint = f"Did you mean {close}? " if close else ""
+    raise KeyError(f"`gene={gene!r}` is not in table `{table_key}`. {hint}Genes include {list(names[:8])}.")
+
+
+def _column(adata: AnnData, layer: str, col: int) -> np.ndarray:
+    """One gene's values of a layer (dense or sparse) as float64."""
+    from scipy import sparse
+
+    x = adata.layers[layer][:, col]
+    if sparse.issparse(x):
+        x = x.toarray()
+    return np.asarray(x, dtype=np.float64).ravel()
+
+
+def _pick_samples(samples: list[Sample], sample: str | Sequence[str] | None) -> list[Sample]:
+    if sample is None:
+        return samples[:1]
+    wanted = [sample] if isinstance(sample, str) else list(sample)
+    if not wanted:
+        raise ValueError("`sample` is an empty list; pass a sample name, a list of them, or None.")
+    by_name = {s.name: s for s in samples} | {s.spots_key: s for s in samples}
+    missing = [w for w in wanted if w not in by_name]
+    if missing:
+        raise KeyError(f"`sample={missing}` not found; samples: {[s.name for s in samples]}.")
+    return [by_name[w] for w in wanted]
+
+
+def _make_row(sample: Sample, pred: np.ndarray, observed: np.ndarray | None) -> _Row:
+    from dkan.tl._metrics import pearson_per_gene
+
+    p = pred[sample.obs_idx]
+    o = None if observed is None else observed[sample.obs_idx]
+    if o is None or not np.isfinite(o).any():
+        return _Row(sample, p, None, None)
+    ok = np.isfinite(p) & np.isfinite(o)
+    r, _ = pearson_per_gene(p[ok, None], o[ok, None])
+    return _Row(sample, p, o, float(r[0]))
+
+
+def _shared_norm(rows: list[_Row], kwargs: dict[str, Any]) -> Normalize:
+    """One colour scale over every panel (``norm``/``vmin``/``vmax`` in ``kwargs`` take precedence)."""
+    from matplotlib.colors import Normalize
+
+    norm = kwargs.pop("norm", None)
+    vmin, vmax = kwargs.pop("vmin", None), kwargs.pop("vmax", None)
+    if norm is not None:
+        return norm
+    vals = np.concatenate([v for r in rows for v in (r.pred, r.observed) if v is not None])
+    vals = vals[np.isfinite(vals)]
+    lo = float(vals.min()) if vmin is None else float(vmin)
+    hi = float(vals.max()) if vmax is None else float(vmax)
+    if hi <= lo:
+        hi = lo + 1.0
+    return Normalize(vmin=lo, vmax=hi)
+
+
+# ----------------------------------------------------------------------------------------- drawing
+def _panel_axes(
+    ax: Axes | Sequence[Axes] | None, nrows: int, ncols: int, *, figsize: Any, dpi: float | None
+) -> list[list[Axes]]:
+    """Axes as rows of ``ncols`` panels: a new figure, or the user's axes checked for number."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        size = figsize if figsize is not None else (4.2 * ncols + 0.8, 4.0 * nrows)
+        _, grid = plt.subplots(nrows, ncols, figsize=size, dpi=dpi, squeeze=False)
+        return [list(r) for r in grid]
+    flat = list(np.ravel(np.asarray(ax, dtype=object)))
+    if len(flat) != nrows * ncols:
+        raise ValueError(
+            f"`ax` must hold {nrows * ncols} axes ({nrows} sample(s) x {ncols} panel(s)); found {len(flat)}. "
+            "Pass `ax=None` for a new figure."
+        )
+    return [flat[i * ncols : (i + 1) * ncols] for i in range(nrows)]
+
+
+def _draw_row(sdata: SpatialData, row: _Row, axes: list[Axes], *, gene: str, cmap: str, norm: Any, **kwargs: Any) -> None:
+    xy, r = spot_pixels(sdata, row.sample)
+    window = _window(xy, r)
+    name = row.sample.name
+    panels: list[tuple[np.ndarray | None, str]] = [(row.pred, f"{name}: {gene} predicted")]
+    if len(axes) == 2:
+        panels.insert(0, (row.observed, f"{name}: {gene} observed"))
+        if row.pcc is not None:
+            panels[1] = (row.pred, f"{panels[1][1]}\nPCC = {row.pcc:.3f}")
+    for a, (values, title) in zip(axes, panels, strict=True):
+        _draw_image(a, sdata, row.sample.image_key, window)
+        if values is None:
+            a.text(0.5, 0.5, "not measured", ha="center", va="center", transform=a.transAxes)
+        else:
+            _draw_spots(a, xy, r, values, cmap=cmap, norm=norm, **kwargs)
+        a.set_title(title)
+        a.set_xlim(window[0], window[2])
+        a.set_ylim(window[3], window[1])
+        a.set_aspect("equal")
+        a.set_xticks([])
+        a.set_yticks([])
+
+
+def _window(xy: np.ndarray, r: np.ndarray) -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)`` in scale-0 pixels around all spots."""
+    pad = _MARGIN_RADII * float(np.nanmax(r)) if len(r) else 0.0
+    return (
+        float(np.nanmin(xy[:, 0]) - pad),
+        float(np.nanmin(xy[:, 1]) - pad),
+        float(np.nanmax(xy[:, 0]) + pad),
+        float(np.nanmax(xy[:, 1]) + pad),
+    )
+
+
+def _draw_image(ax: Axes, sdata: SpatialData, image_key: str | None, window: tuple[float, ...]) -> None:
+    """Draw the part of the image under ``window`` from the coarsest pyramid level that is sharp enough."""
+    from dkan.tl._tile import image_levels
+
+    if image_key is None:
+        return
+    levels = image_levels(sdata.images[image_key])
+    h0, w0 = levels[0].sizes["y"], levels[0].sizes["x"]
+    side = max(window[2] - window[0], window[3] - window[1])
+    level = levels[0]
+    for cand in reversed(levels):
+        if side * cand.sizes["x"] / w0 >= _MAX_IMAGE_PX or cand is levels[0]:
+            level = cand
+            break
+    sy, sx = h0 / level.sizes["y"], w0 / level.sizes["x"]
+    xa, xb = max(int(np.floor(window[0] / sx)), 0), min(int(np.ceil(window[2] / sx)), level.sizes["x"])
+    ya, yb = max(int(np.floor(window[1] / sy)), 0), min(int(np.ceil(window[3] / sy)), level.sizes["y"])
+    if xb <= xa or yb <= ya:
+        return
+    crop = np.asarray(level.data[:, ya:yb, xa:xb])
+    ax.imshow(_to_rgb(crop), extent=(xa * sx, xb * sx, yb * sy, ya * sy), interpolation="antialiased", zorder=0)
+
+
+def _to_rgb(crop: np.ndarray) -> np.ndarray:
+    """``(c, y, x)`` -> ``(y, x, 3)`` for imshow: uint8 as is, other types scaled to [0, 1]."""
+    img = crop[:3] if crop.shape[0] >= 3 else np.repeat(crop[:1], 3, axis=0)
+    img = np.moveaxis(img, 0, -1)
+    if img.dtype == np.uint8:
+        return img
+    img = img.astype(np.float64)
+    lo, hi = np.nanmin(img), np.nanmax(img)
+    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+
+
+def _draw_spots(ax: Axes, xy: np.ndarray, r: np.ndarray, values: np.ndarray, *, cmap: str, norm: Any, **kwargs: Any) -> None:
+    from matplotlib.collections import EllipseCollection
+
+    coll = EllipseCollection(
+        widths=2 * r,
+        heights=2 * r,
+        angles=np.zeros(len(r)),
+        units="xy",
+        offsets=xy,
+        offset_transform=ax.transData,
+        cmap=cmap,
+        norm=norm,
+        **kwargs,
+    )
+    coll.set_array(np.ma.masked_invalid(values))
+    ax.add_collection(coll)
+
+
+def _colorbar(fig: Figure, axes: list[Axes], norm: Any, cmap: str, *, label: str) -> None:
+    from matplotlib.cm import ScalarMappable
+
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=label, shrink=0.8)
+
