@@ -85,55 +85,64 @@ def run_method(method: str, path: str, n: int, batch: int) -> dict:
 
         from spatialdata.dataloader import ImageTilesDataset
 
-        sdata = sd.SpatialData(
-            images={"image": sdata["image"]}, shapes={"spots": copy.deepcopy(sdata["spots"])}
-        )  # it overwrites the radius of the shapes it gets
+        # ImageTilesDataset overwrites the radius of the shapes it gets: give it a copy
+        sdata = sd.SpatialData(images={"image": sdata["image"]}, shapes={"spots": copy.deepcopy(sdata["spots"])})
         ds = ImageTilesDataset(
             sdata,
             regions_to_images={"spots": "image"},
             regions_to_coordinate_systems={"spots": CS},
             tile_dim_in_units=224,
         )
+        rss0 = _peak_rss_mb()
         idx = np.linspace(0, len(ds) - 1, n).astype(int)
         t = time.perf_counter()
         for i in idx:
-            np.asarray(ds[int(i)].images["image"].data)
-        return {"crops": len(idx), "seconds": time.perf_counter() - t, "rss": _peak_rss_mb()}
+            tile = np.asarray(ds[int(i)].images["image"].data)
+        assert tile.shape == (3, 224, 224), tile.shape
+        return {"crops": len(idx), "seconds": time.perf_counter() - t, "rss": _peak_rss_mb(), "rss0": rss0}
 
     import dkan
-
-    dkan.tl.tile(sdata)
     from dkan.tl._crops import BatchBySample, SpotCrops
 
-    normalize = method.endswith("float")
-    ds = SpotCrops(sdata, with_region=True, normalize=normalize)
-    if method.startswith("dkan_order"):
-        batches = [np.arange(i, min(i + batch, n)) for i in range(0, n, batch)]
-    elif method == "dkan_shuffled":
-        batches = list(BatchBySample(ds, batch, seed=0))
-        batches = batches[: max(1, n // batch)]
-    else:  # dkan_item: one spot at a time, shuffled order
-        order = np.random.default_rng(0).permutation(len(ds))[:n]
-        t = time.perf_counter()
-        for i in order:
-            ds[int(i)]
-        return {"crops": len(order), "seconds": time.perf_counter() - t, "rss": _peak_rss_mb()}
+    dkan.tl.tile(sdata)
+    region = not method.startswith("dkan_patch")
+    ds = SpotCrops(sdata, with_region=region, normalize=method.endswith("float"))
+    rss0 = _peak_rss_mb()
     t = time.perf_counter()
     crops = 0
-    for b in batches:
-        out = ds.read_batch(b)
-        crops += len(out["patch"])
-        del out
-    return {"crops": crops, "seconds": time.perf_counter() - t, "rss": _peak_rss_mb()}
+    if method.startswith("dkan_iter"):
+        for out in ds.iter_batches(np.arange(n), batch):
+            crops += len(out["patch"])
+            del out
+    elif method == "dkan_item":  # one spot at a time, random order
+        for i in np.random.default_rng(0).permutation(len(ds))[:n]:
+            crops += len(ds[int(i)]["patch"])
+    else:
+        if method == "dkan_batch":
+            batches = [np.arange(i, min(i + batch, n)) for i in range(0, n, batch)]
+        else:  # training access: per-sample shuffled batches
+            batches = list(BatchBySample(ds, batch, seed=0))[: max(1, n // batch)]
+        for b in batches:
+            out = ds.read_batch(b)
+            crops += len(out["patch"])
+            del out
+    return {"crops": crops, "seconds": time.perf_counter() - t, "rss": _peak_rss_mb(), "rss0": rss0}
 
 
 METHODS = [
-    # (method, label, what is cropped, spots, batch)
-    ("imagetiles", "spatialdata ImageTilesDataset (bounding_box_query)", "patch only", 100, 1),
-    ("dkan_order", "dkan SpotCrops.read_batch, table order, uint8", "patch + 5x5 region", None, 32),
-    ("dkan_order_float", "dkan SpotCrops.read_batch, table order, float32 normalised", "patch + 5x5 region", 1000, 16),
-    ("dkan_shuffled", "dkan SpotCrops.read_batch, BatchBySample shuffled, uint8", "patch + 5x5 region", 1000, 32),
-    ("dkan_item", "dkan SpotCrops[i], random order, uint8", "patch + 5x5 region", 300, 1),
+    # (method, label, what is cropped, spots timed (None: all), batch size)
+    ("imagetiles", "spatialdata `ImageTilesDataset` (bounding_box_query)", "patch", 100, 1),
+    ("dkan_iter", "dkan `SpotCrops.iter_batches`, table order, uint8", "patch + 5x5 region", None, 32),
+    ("dkan_batch", "dkan `SpotCrops.read_batch`, table order, uint8", "patch + 5x5 region", 1000, 32),
+    (
+        "dkan_iter_float",
+        "dkan `SpotCrops.iter_batches`, table order, float32 normalised",
+        "patch + 5x5 region",
+        500,
+        16,
+    ),
+    ("dkan_item", "dkan `SpotCrops[i]`, random order, uint8", "patch + 5x5 region", 200, 1),
+    ("dkan_patch_shuffled", "dkan `read_batch` + `BatchBySample` (training order), uint8", "patch", 2000, 64),
 ]
 
 
@@ -174,13 +183,13 @@ def main() -> None:
             f"\nMachine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; image {args.size} x {args.size} px "
             f"uint8 RGB zarr ({CHUNK} px chunks), {args.spots} spots on a regular grid.\n"
         )
-        print("| method | crops | spots timed | crops/s | ms/crop | vs ImageTilesDataset | peak RSS (MB) |")
+        print("| method | crop | spots timed | crops/s | ms/crop | vs ImageTilesDataset | peak RSS MB (after setup) |")
         print("|---|---|---|---|---|---|---|")
         for label, what, r in rows:
             rate = r["crops"] / r["seconds"]
             print(
                 f"| {label} | {what} | {r['crops']} | {rate:.1f} | {1000 / rate:.1f} | {rate / base:.1f}x "
-                f"| {r['rss']:.0f} |"
+                f"| {r['rss']:.0f} ({r['rss0']:.0f}) |"
             )
     finally:
         if not args.keep:

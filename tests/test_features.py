@@ -3,9 +3,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import data_path
 
 import dkan
-from conftest import data_path
 from dkan import _keys as K
 
 
@@ -101,7 +101,17 @@ def test_different_encoder_refused_unless_overwrite(small):
     dkan.tl.extract_features(small, dkan.nn.create_image_encoder("dummy", dim=8), region=False, overwrite=True)
     a = small.tables["table"]
     assert a.obsm[K.SPOT_FEATURES].shape == (32, 8) and a.obsm["alt"].shape == (32, 16)
+    assert a.uns[K.UNS][K.UNS_FEATURES]["dim"] == 8
     assert a.uns[K.UNS]["alt"]["encoder"] == "dummy"
+
+
+def test_overwrite_drops_stale_region_features(small):
+    dkan.tl.extract_features(small, "dummy", key_added="f")
+    dkan.tl.extract_features(
+        small, dkan.nn.create_image_encoder("dummy", dim=4), key_added="f", region=False, overwrite=True
+    )
+    a = small.tables["table"]
+    assert a.obsm["f"].shape == (32, 4) and "f_region" not in a.obsm and "f_region_mask" not in a.obsm
 
 
 def test_key_added_names(small):
@@ -120,12 +130,14 @@ def test_bad_batch_size(small):
 def test_efficientnet_on_few_spots():
     sdata = dkan.datasets.toy(n_samples=1, grid_size=2, seed=1)
     dkan.tl.tile(sdata, patch_size=48)
-    dkan.tl.extract_features(sdata, batch_size=4)  # default encoder, 48 px crops resized to 224
+    dkan.tl.extract_features(sdata, batch_size=4, region=False)  # default encoder, 48 px crops resized to 224
     a = sdata.tables["table"]
     rec = a.uns[K.UNS][K.UNS_FEATURES]
     assert rec["encoder"] == "efficientnet_lite0" and rec["weights_hash"].startswith("57934424")
-    assert a.obsm[K.SPOT_FEATURES].shape == (4, 1280) and a.obsm[K.REGION_FEATURES].shape == (4, 25, 1280)
-    assert np.isfinite(a.obsm[K.SPOT_FEATURES]).all() and (a.obsm[K.SPOT_FEATURES] >= 0).all()  # ReLU6 then mean
+    assert rec["resized"] is True and rec["mean"] == pytest.approx([127 / 255] * 3)
+    x = a.obsm[K.SPOT_FEATURES]
+    assert x.shape == (4, 1280) and np.isfinite(x).all() and (x >= 0).all()  # ReLU6 before the pooling
+    assert np.corrcoef(x)[np.triu_indices(4, 1)].max() < 1 - 1e-6  # different spots, different features
 
 
 @pytest.mark.slow
@@ -160,6 +172,8 @@ def test_her2st_features_carry_signal():
         r = [np.corrcoef(pred[:, g], y[te][:, g])[0, 1] for g in np.flatnonzero(ok)]
         pccs.append(float(np.nanmean(r)))
     mean_pcc = float(np.mean(pccs))
-    print(f"\nher2st ridge on EfficientNet-Lite0 spot features: per-section mean PCC {np.round(pccs, 3).tolist()}, "
-          f"overall {mean_pcc:.3f}; {a.n_obs} spots; {time.perf_counter() - t0:.0f} s")
+    print(
+        f"\nher2st ridge on EfficientNet-Lite0 spot features: per-section mean PCC {np.round(pccs, 3).tolist()}, "
+        f"overall {mean_pcc:.3f}; {a.n_obs} spots; {time.perf_counter() - t0:.0f} s"
+    )
     assert mean_pcc > 0

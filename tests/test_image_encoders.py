@@ -156,7 +156,7 @@ def test_resnet18_ciga_missing_checkpoint_says_where(tmp_path, monkeypatch):
         create_image_encoder("resnet18_ciga")
     msg = str(err.value)
     assert "DKAN_RESNET18_CIGA" in msg and "download=True" in msg and str(tmp_path / "cache") in msg
-    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.ckpt"):
         create_image_encoder("resnet18_ciga", checkpoint_path=tmp_path / "nope.ckpt")
 
 

@@ -35,7 +35,9 @@ def _close():
 
 
 def _lines(ax) -> dict[str, np.ndarray]:
-    return {ln.get_label(): np.asarray(ln.get_ydata(), float) for ln in ax.get_lines() if ln.get_label() != "best epoch"}
+    return {
+        ln.get_label(): np.asarray(ln.get_ydata(), float) for ln in ax.get_lines() if ln.get_label() != "best epoch"
+    }
 
 
 def test_three_panels_with_every_series(tmp_path):

@@ -108,6 +108,7 @@ def test_predicted_only_when_target_all_nan(pred_toy):
 
 def test_several_samples_make_rows(pred_toy):
     fig = spatial_pred(pred_toy, GENE, sample=["s0", "s2"], return_fig=True)
+    fig.canvas.draw()
     panels = _panels(fig)
     assert len(panels) == 4
     assert [a.get_title().split(":")[0] for a in panels] == ["s0", "s0", "s2", "s2"]
@@ -121,7 +122,7 @@ def test_several_samples_make_rows(pred_toy):
 
 
 def test_user_axes_and_vmax(pred_toy):
-    fig, axes = plt.subplots(1, 2)
+    _, axes = plt.subplots(1, 2)
     assert spatial_pred(pred_toy, GENE, ax=axes, vmin=0.0, vmax=2.0) is None
     assert _spots(axes[0]).norm.vmax == 2.0 and _spots(axes[1]).norm.vmin == 0.0
     with pytest.raises(ValueError, match="`ax` must hold 2 axes"):
@@ -143,7 +144,7 @@ def test_errors(pred_toy):
 def test_spatialdata_plot_renders_the_pred_layer(pred_toy):
     import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
 
-    fig, ax = plt.subplots()
+    _, ax = plt.subplots()
     pred_toy.pl.render_images("s0_image").pl.render_shapes(
         "s0_spots", color=GENE, table_name=K.TABLE, table_layer=K.PRED
     ).pl.show(coordinate_systems="s0", ax=ax)
@@ -155,6 +156,7 @@ def test_spatialdata_plot_renders_the_pred_layer(pred_toy):
     values = values[pd.Index(ids).get_indexer(pred_toy.shapes["s0_spots"].index)]
     expected = plt.get_cmap("viridis")(Normalize(values.min(), values.max())(values))
     np.testing.assert_allclose(coll.get_facecolors(), expected, atol=1e-6)
+
 
 def test_squidpy_spatial_scatter_on_legacy_anndata(pred_toy, tmp_path):
     import squidpy as sq

@@ -63,8 +63,6 @@ def test_predict_writes_layer_and_save_load_roundtrip(trained, toy_master, tmp_p
 def test_predict_refuses_other_features(trained, toy_master):
     _, model = trained
     new = copy_sdata(toy_master)
-    dkan.tl.tile(new, patch_size=model.config.patch_size, target_mpp=model.config.target_mpp)
-    dkan.tl.extract_features(new, encoder="dummy", progress=False) if False else None
     adata = new.tables[K.TABLE]
     adata.obsm[K.SPOT_FEATURES] = np.zeros((adata.n_obs, 3), dtype=np.float32)
     adata.uns[K.UNS][K.UNS_FEATURES] = {"encoder": "other", "weights_hash": "x", "dim": 3}

@@ -57,16 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--table-key", default=None, help="Table annotating the spots (default: the store's only table)."
-    )
+    p.add_argument("--table-key", default=None, help="Table annotating the spots (default: the store's only table).")
     p.add_argument(
         "--image-key",
         default=None,
         help="Image element to crop spots from (default: per sample, the highest-resolution image that shares a "
         "coordinate system with the spots). Only for a store with one sample.",
     )
-    p.add_argument("--device", default=None, help="Torch device, e.g. 'cuda', 'cuda:1', 'cpu' (default: CUDA if available).")
+    p.add_argument(
+        "--device", default=None, help="Torch device, e.g. 'cuda', 'cuda:1', 'cpu' (default: CUDA if available)."
+    )
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
     p.add_argument("-q", "--quiet", action="store_true", help="Log warnings and errors only.")
     p.add_argument("--debug", action="store_true", help="Debug logging, and full tracebacks on errors.")
@@ -81,7 +81,8 @@ def _add_train(sub: Any) -> None:
         description="Train DKAN on every sample of a SpatialData zarr store (H&E image + spot circles + a table of "
         "raw counts). Steps not yet run on the store (gene panel, normalisation, tiling, frozen features, gene "
         "embeddings) run in memory with the configuration's settings; the input store is not modified.",
-        epilog=f"Configuration fields for --set: {', '.join(DKANConfig.field_names())}.",
+        epilog="Configuration fields for --set (documented in dkan.DKANConfig): "
+        f"{', '.join(DKANConfig.field_names())}.",
     )
     p.add_argument("store", type=Path, help="Input SpatialData zarr store (read with spatialdata.read_zarr).")
     p.add_argument("--out", required=True, type=Path, help="Folder to save the trained model to (DKANModel.save).")
@@ -166,7 +167,9 @@ def _config(value: str | None) -> Any:
         raise FileNotFoundError(f"`--config {value}` looks like a JSON file but does not exist.")
     data = json.loads(path.read_text())
     if not isinstance(data, dict):
-        raise ValueError(f"`--config {value}` must hold a JSON object of configuration fields; found {type(data).__name__}.")
+        raise ValueError(
+            f"`--config {value}` must hold a JSON object of configuration fields; found {type(data).__name__}."
+        )
     return data
 
 

@@ -60,8 +60,7 @@ def training_history(
     panels = [p for p in _PANELS if any(np.isfinite(series[k]).any() for k, _ in p[2])]
     if not panels:
         raise ValueError(
-            "`model_or_history` records none of "
-            f"{[k for p in _PANELS for k, _ in p[2]]} per epoch; nothing to plot."
+            f"`model_or_history` records none of {[k for p in _PANELS for k, _ in p[2]]} per epoch; nothing to plot."
         )
     axes = _axes(ax, len(panels), figsize=figsize, dpi=dpi)
     best = _best_epoch(epochs, series["val_pcc"])

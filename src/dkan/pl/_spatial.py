@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 #: Longest side, in screen pixels of the chosen pyramid level, that is enough for one panel's background.
-_MAX_IMAGE_PX = 1200
+_MAX_IMAGE_PX = 1000
 #: Margin around the spots' bounding box, in spot radii.
 _MARGIN_RADII = 2.0
 
@@ -113,12 +113,21 @@ def spatial_pred(
             "samples: the gene is outside the model's panel. Plot one of `model.genes`."
         )
     ncols = 2 if any(r.observed is not None for r in rows) else 1
-    axes = _panel_axes(ax, len(rows), ncols, figsize=figsize, dpi=dpi)
+    geometry = [spot_pixels(sdata, s) for s in samples]
+    windows = [_window(xy, r) for xy, r in geometry]
+    aspect = float(np.median([(w[3] - w[1]) / max(w[2] - w[0], 1e-9) for w in windows]))
+    axes = _panel_axes(ax, len(rows), ncols, figsize=figsize, dpi=dpi, aspect=aspect)
     norm = _shared_norm(rows, kwargs)
-    for row, row_axes in zip(rows, axes, strict=True):
-        _draw_row(sdata, row, row_axes, gene=gene, cmap=cmap, norm=norm, **kwargs)
+    for row, row_axes, (xy, r), window in zip(rows, axes, geometry, windows, strict=True):
+        _draw_row(sdata, row, row_axes, xy, r, window, gene=gene, cmap=cmap, norm=norm, **kwargs)
     fig = axes[0][0].figure
-    _colorbar(fig, [a for r in axes for a in r], norm, cmap, label=f"{gene} ({'predicted' if ncols == 1 else 'observed and predicted'})")
+    _colorbar(
+        fig,
+        [a for r in axes for a in r],
+        norm,
+        cmap,
+        label=f"{gene} ({'predicted' if ncols == 1 else 'observed and predicted'})",
+    )
     return finish_figure(fig, return_fig=return_fig, save=save)
 
 
@@ -217,14 +226,15 @@ def _shared_norm(rows: list[_Row], kwargs: dict[str, Any]) -> Normalize:
 
 # ----------------------------------------------------------------------------------------- drawing
 def _panel_axes(
-    ax: Axes | Sequence[Axes] | None, nrows: int, ncols: int, *, figsize: Any, dpi: float | None
+    ax: Axes | Sequence[Axes] | None, nrows: int, ncols: int, *, figsize: Any, dpi: float | None, aspect: float
 ) -> list[list[Axes]]:
     """Axes as rows of ``ncols`` panels: a new figure, or the user's axes checked for number."""
     import matplotlib.pyplot as plt
 
     if ax is None:
-        size = figsize if figsize is not None else (4.2 * ncols + 0.8, 4.0 * nrows)
-        _, grid = plt.subplots(nrows, ncols, figsize=size, dpi=dpi, squeeze=False)
+        panel_h = 4.0 * float(np.clip(aspect, 0.5, 2.0))
+        size = figsize if figsize is not None else (4.0 * ncols + 1.2, (panel_h + 0.6) * nrows)
+        _, grid = plt.subplots(nrows, ncols, figsize=size, dpi=dpi, squeeze=False, layout="constrained")
         return [list(r) for r in grid]
     flat = list(np.ravel(np.asarray(ax, dtype=object)))
     if len(flat) != nrows * ncols:
@@ -235,17 +245,30 @@ def _panel_axes(
     return [flat[i * ncols : (i + 1) * ncols] for i in range(nrows)]
 
 
-def _draw_row(sdata: SpatialData, row: _Row, axes: list[Axes], *, gene: str, cmap: str, norm: Any, **kwargs: Any) -> None:
-    xy, r = spot_pixels(sdata, row.sample)
-    window = _window(xy, r)
+def _draw_row(
+    sdata: SpatialData,
+    row: _Row,
+    axes: list[Axes],
+    xy: np.ndarray,
+    r: np.ndarray,
+    window: tuple[float, float, float, float],
+    *,
+    gene: str,
+    cmap: str,
+    norm: Any,
+    **kwargs: Any,
+) -> None:
+    """One sample's panels: the image, the spots coloured by value, titles and limits."""
     name = row.sample.name
     panels: list[tuple[np.ndarray | None, str]] = [(row.pred, f"{name}: {gene} predicted")]
     if len(axes) == 2:
         panels.insert(0, (row.observed, f"{name}: {gene} observed"))
         if row.pcc is not None:
             panels[1] = (row.pred, f"{panels[1][1]}\nPCC = {row.pcc:.3f}")
+    image = _read_image(sdata, row.sample.image_key, window)
     for a, (values, title) in zip(axes, panels, strict=True):
-        _draw_image(a, sdata, row.sample.image_key, window)
+        if image is not None:
+            a.imshow(image[0], extent=image[1], interpolation="antialiased", zorder=0)
         if values is None:
             a.text(0.5, 0.5, "not measured", ha="center", va="center", transform=a.transAxes)
         else:
@@ -269,27 +292,46 @@ def _window(xy: np.ndarray, r: np.ndarray) -> tuple[float, float, float, float]:
     )
 
 
-def _draw_image(ax: Axes, sdata: SpatialData, image_key: str | None, window: tuple[float, ...]) -> None:
-    """Draw the part of the image under ``window`` from the coarsest pyramid level that is sharp enough."""
+def _read_image(
+    sdata: SpatialData, image_key: str | None, window: tuple[float, ...]
+) -> tuple[np.ndarray, tuple] | None:
+    """The part of the image under ``window`` at about ``_MAX_IMAGE_PX`` pixels across, and its extent."""
     from dkan.tl._tile import image_levels
 
     if image_key is None:
-        return
+        return None
     levels = image_levels(sdata.images[image_key])
     h0, w0 = levels[0].sizes["y"], levels[0].sizes["x"]
     side = max(window[2] - window[0], window[3] - window[1])
-    level = levels[0]
-    for cand in reversed(levels):
-        if side * cand.sizes["x"] / w0 >= _MAX_IMAGE_PX or cand is levels[0]:
-            level = cand
-            break
+    level = _pick_level(levels, side)
     sy, sx = h0 / level.sizes["y"], w0 / level.sizes["x"]
+    step = max(1, int(side / sx // _MAX_IMAGE_PX))  # subsample a level finer than needed
     xa, xb = max(int(np.floor(window[0] / sx)), 0), min(int(np.ceil(window[2] / sx)), level.sizes["x"])
     ya, yb = max(int(np.floor(window[1] / sy)), 0), min(int(np.ceil(window[3] / sy)), level.sizes["y"])
     if xb <= xa or yb <= ya:
-        return
-    crop = np.asarray(level.data[:, ya:yb, xa:xb])
-    ax.imshow(_to_rgb(crop), extent=(xa * sx, xb * sx, yb * sy, ya * sy), interpolation="antialiased", zorder=0)
+        return None
+    crop = np.asarray(level.data[:, ya:yb:step, xa:xb:step])
+    xb, yb = xa + crop.shape[2] * step, ya + crop.shape[1] * step
+    return _to_rgb(crop), (xa * sx, xb * sx, yb * sy, ya * sy)
+
+
+def _pick_level(levels: list[Any], side: float) -> Any:
+    """The coarsest stored pyramid level with at least ``_MAX_IMAGE_PX`` pixels across ``side`` (scale-0 px).
+
+    Levels computed lazily from a finer one (an in-memory pyramid: more dask graph layers than level 0) cost
+    a full-resolution read each, so they are skipped; the finer level is then subsampled instead.
+    """
+    w0 = levels[0].sizes["x"]
+    base = _graph_layers(levels[0])
+    for cand in reversed(levels[1:]):
+        if _graph_layers(cand) <= base and side * cand.sizes["x"] / w0 >= _MAX_IMAGE_PX:
+            return cand
+    return levels[0]
+
+
+def _graph_layers(level: Any) -> int:
+    graph = getattr(level.data, "dask", None)
+    return len(graph.layers) if graph is not None and hasattr(graph, "layers") else 0
 
 
 def _to_rgb(crop: np.ndarray) -> np.ndarray:
@@ -303,7 +345,9 @@ def _to_rgb(crop: np.ndarray) -> np.ndarray:
     return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
 
 
-def _draw_spots(ax: Axes, xy: np.ndarray, r: np.ndarray, values: np.ndarray, *, cmap: str, norm: Any, **kwargs: Any) -> None:
+def _draw_spots(
+    ax: Axes, xy: np.ndarray, r: np.ndarray, values: np.ndarray, *, cmap: str, norm: Any, **kwargs: Any
+) -> None:
     from matplotlib.collections import EllipseCollection
 
     coll = EllipseCollection(
@@ -324,5 +368,4 @@ def _draw_spots(ax: Axes, xy: np.ndarray, r: np.ndarray, values: np.ndarray, *, 
 def _colorbar(fig: Figure, axes: list[Axes], norm: Any, cmap: str, *, label: str) -> None:
     from matplotlib.cm import ScalarMappable
 
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=label, shrink=0.8)
-
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=label, shrink=0.8 if len(axes) <= 2 else 0.6)

@@ -1,15 +1,16 @@
 """Spot crops (patch and ``G x G`` region) read lazily from SpatialData images, as a torch Dataset.
 
-Windows come from the tile geometry written by :func:`dkan.tl.tile`. Reads go through a per-image chunk cache:
-a batch of windows is mapped to the image chunks it touches, the missing chunks are fetched in one
-``dask.compute`` call (decoded in parallel, each once), and windows are assembled from them with zero padding
-at the image edge. A region is one window cut into tiles by a reshape.
+Windows come from the tile geometry written by :func:`dkan.tl.tile`. Reads go through a per-image chunk cache
+(:class:`dkan.tl._windows.ChunkReader`): a batch of windows is mapped to the image chunks it touches, the
+missing chunks are fetched in one ``dask.compute`` call (decoded in parallel, each once), and windows are
+assembled from them with zero padding at the image edge. A region is one window: at native resolution its
+chunk pieces are copied straight into the ``G*G`` tile layout (one copy per pixel); when resampling, the window
+is read, resized and cut into tiles by a reshape.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,9 @@ from torch.utils.data import Dataset, Sampler
 from dkan import _keys as K
 from dkan._utils import get_table, table_attrs, uns_get
 from dkan.tl._tile import image_levels, rgb, tile, tile_keys, window_origins
+from dkan.tl._windows import ChunkReader, _BufferPool, read_window
+
+__all__ = ["BatchBySample", "ChunkReader", "SpotCrops", "augment", "read_window"]
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -29,129 +33,6 @@ logger = logging.getLogger("dkan")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def read_window(array: Any, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-    """Read ``array[:, y0:y0+h, x0:x0+w]`` as uint8 ``(c, h, w)``, zero-padded where it leaves the image.
-
-    ``array`` is a ``(c, y, x)`` numpy, dask or xarray array; only the part inside the image is read.
-    """
-    data = array.data if hasattr(array, "dims") else array
-    c, height, width = data.shape
-    out = np.zeros((c, h, w), dtype=np.uint8)
-    ya, yb, xa, xb = max(y0, 0), min(y0 + h, height), max(x0, 0), min(x0 + w, width)
-    if ya < yb and xa < xb:
-        out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = np.asarray(data[:, ya:yb, xa:xb])
-    return out
-
-
-class ChunkReader:
-    """Read many windows of one ``(c, y, x)`` image, fetching each image chunk once (LRU cache by bytes)."""
-
-    def __init__(self, array: Any, *, cache_bytes: int = 256 * 2**20) -> None:
-        self.data = array.data if hasattr(array, "dims") else array
-        self.cache_bytes = int(cache_bytes)
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._used = 0
-        chunks = getattr(self.data, "chunks", None)
-        c, h, w = self.data.shape
-        ych, xch = (chunks[1], chunks[2]) if chunks is not None else ((h,), (w,))
-        self._yb = np.r_[0, np.cumsum(ych)].astype(np.int64)
-        self._xb = np.r_[0, np.cumsum(xch)].astype(np.int64)
-        self._ybl, self._xbl = self._yb.tolist(), self._xb.tolist()
-        self._chunk_bytes = c * np.diff(self._yb)[:, None] * np.diff(self._xb)[None, :]
-        self._direct = chunks is None or int(self._chunk_bytes.max()) > self.cache_bytes // 4
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_cache": OrderedDict(), "_used": 0}
-
-    def _spans(self, windows: np.ndarray) -> np.ndarray:
-        """Per window ``(by0, by1, bx0, bx1)``: the half-open ranges of chunk rows / columns it overlaps."""
-        y0, x0, h, w = windows.T
-        ya, yb = np.clip(y0, 0, self._yb[-1]), np.clip(y0 + h, 0, self._yb[-1])
-        xa, xb = np.clip(x0, 0, self._xb[-1]), np.clip(x0 + w, 0, self._xb[-1])
-        spans = np.stack(
-            [
-                np.searchsorted(self._yb, ya, "right") - 1,
-                np.searchsorted(self._yb, yb, "left"),
-                np.searchsorted(self._xb, xa, "right") - 1,
-                np.searchsorted(self._xb, xb, "left"),
-            ],
-            axis=1,
-        )
-        spans[(ya >= yb) | (xa >= xb)] = 0  # window entirely outside: no chunk
-        return spans
-
-    def _fetch(self, ids: list[tuple[int, int]]) -> None:
-        """Fetch the missing chunks in one ``dask.compute`` call and put them in the cache."""
-        missing = [b for b in ids if b not in self._cache]
-        if missing:
-            import dask
-
-            yb, xb = self._ybl, self._xbl
-            parts = [self.data[:, yb[i] : yb[i + 1], xb[j] : xb[j + 1]] for i, j in missing]
-            for key, arr in zip(missing, dask.compute(*parts), strict=True):
-                self._cache[key] = np.asarray(arr)
-                self._used += self._cache[key].nbytes
-        for b in ids:
-            self._cache.move_to_end(b)
-
-    @staticmethod
-    def _ids(span: list[int]) -> list[tuple[int, int]]:
-        return [(i, j) for i in range(span[0], span[1]) for j in range(span[2], span[3])]
-
-    def _nbytes(self, ids: list[tuple[int, int]]) -> int:
-        return sum(int(self._chunk_bytes[b]) for b in ids)
-
-    def _flush(self, windows: Sequence, spans: list, group: list[int], ids: list, res: list) -> None:
-        """Fetch a group's chunks, assemble its windows, then trim the cache."""
-        self._fetch(ids)
-        for m in group:
-            self._assemble(windows[m], spans[m], res[m])
-        self._evict()
-
-    def _evict(self) -> None:
-        while self._used > self.cache_bytes and self._cache:
-            self._used -= self._cache.popitem(last=False)[1].nbytes
-
-    def _assemble(self, win: tuple[int, int, int, int], span: tuple[int, int, int, int], out: np.ndarray) -> None:
-        """Copy one window from cached chunks into ``out`` (zeros outside the image)."""
-        y0, x0, h, w = win
-        if y0 < 0 or x0 < 0 or y0 + h > self._ybl[-1] or x0 + w > self._xbl[-1]:
-            out[...] = 0
-        for i in range(span[0], span[1]):
-            cy, cy1 = self._ybl[i], self._ybl[i + 1]
-            ya, yb = max(y0, cy), min(y0 + h, cy1)
-            for j in range(span[2], span[3]):
-                cx, cx1 = self._xbl[j], self._xbl[j + 1]
-                xa, xb = max(x0, cx), min(x0 + w, cx1)
-                out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = self._cache[(i, j)][
-                    :, ya - cy : yb - cy, xa - cx : xb - cx
-                ]
-
-    def read(self, windows: Sequence[tuple[int, int, int, int]], out: Sequence[np.ndarray] | None = None) -> list:
-        """Read windows ``(y0, x0, h, w)`` into uint8 ``(c, h, w)`` arrays (``out`` buffers when given)."""
-        c = self.data.shape[0]
-        res = list(out) if out is not None else [np.empty((c, h, w), np.uint8) for _, _, h, w in windows]
-        if self._direct:
-            for win, buf in zip(windows, res, strict=True):
-                buf[...] = read_window(self.data, *win)
-            return res
-        wins = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
-        spans = self._spans(wins).tolist()
-        group: list[int] = []
-        ids: dict[tuple[int, int], None] = {}
-        size = 0
-        for k in np.lexsort((wins[:, 1], wins[:, 0])).tolist():  # row-major: neighbours share chunks
-            new = [b for b in self._ids(spans[k]) if b not in ids]
-            if group and size + self._nbytes(new) > self.cache_bytes:
-                self._flush(windows, spans, group, list(ids), res)
-                group, ids, size, new = [], {}, 0, self._ids(spans[k])
-            group.append(k)
-            ids.update(dict.fromkeys(new))
-            size += self._nbytes(new)
-        self._flush(windows, spans, group, list(ids), res)
-        return res
 
 
 @dataclass
@@ -312,6 +193,7 @@ class SpotCrops(Dataset):
         self._shift = -torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
         self._gen: torch.Generator | None = None
         self._gen_seed: int | None = None
+        self._pool = _BufferPool()
 
     def __len__(self) -> int:
         return len(self._src_of)
@@ -350,8 +232,8 @@ class SpotCrops(Dataset):
         n, p, g = len(idx), self.patch_size, self.region_grid
         if transforms is None:
             transforms = self._draw(n) if self.augment else np.zeros((n, 3), dtype=np.int64)
-        patch = np.empty((n, 3, p, p), np.uint8)
-        region = np.empty((n, g * g, 3, p, p), np.uint8) if self.with_region else None
+        patch = self._pool.get((n, 3, p, p), np.uint8)
+        region = self._pool.get((n, g * g, 3, p, p), np.uint8) if self.with_region else None
         mask = np.empty((n, g * g), bool)
         src_ids, rows = self.table_rows(idx)
         for s in np.unique(src_ids):
@@ -366,6 +248,34 @@ class SpotCrops(Dataset):
         if region is not None:
             out["region"] = self._finish(region)
         return out
+
+    def iter_batches(
+        self, indices: Sequence[int] | np.ndarray | None = None, batch_size: int = 32, *, prefetch: bool = True
+    ) -> Iterator[dict]:
+        """Yield :meth:`read_batch` results over ``indices`` (default: all, in order), decoding ahead.
+
+        With ``prefetch``, a background thread decodes the image chunks of the next batch while this one is
+        assembled (decoding and copying overlap). Fastest in table order, where neighbouring spots share chunks.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(self._prefetch, batches[0]) if prefetch and batches else None
+            for k, b in enumerate(batches):
+                if ahead is not None:
+                    ahead.result()
+                    ahead = pool.submit(self._prefetch, batches[k + 1]) if k + 1 < len(batches) else None
+                yield self.read_batch(b)
+
+    def _prefetch(self, indices: np.ndarray) -> None:
+        src_ids = self._src_of[indices]
+        for s in np.unique(src_ids):
+            src = self._sources[s]
+            xy = src.spot_px[self._local[indices[src_ids == s]]]
+            side = src.region_side if self.with_region else src.patch_side
+            src.reader.prefetch([(int(y0), int(x0), side, side) for x0, y0 in window_origins(xy, side)])
 
     def _read_source(self, src: _Source, loc: np.ndarray, pos: np.ndarray, tf: np.ndarray, patch, region, mask) -> None:
         """Fill the batch rows ``pos`` with the crops of spots ``loc`` of one source."""
@@ -406,7 +316,11 @@ class SpotCrops(Dataset):
         t = torch.from_numpy(arr)
         if not self.normalize:
             return t
-        return t.to(torch.float32).mul_(self._scale).add_(self._shift)
+        out = torch.from_numpy(self._pool.get(arr.shape, np.float32))
+        return torch.mul(t, self._scale, out=out).add_(self._shift)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pool": _BufferPool()}
 
     def __getitem__(self, i: int) -> dict:
         batch = self.read_batch([int(i)])

@@ -118,6 +118,10 @@ def extract_features(
     if region:
         adata.obsm[keys["region"]] = reg
         adata.obsm[keys["mask"]] = mask
+    else:  # region features of an earlier run no longer match the recorded provenance
+        stale = [keys["region"]] + ([keys["mask"]] if key_added is not None else [])
+        for k in stale:
+            adata.obsm.pop(k, None)
     record = {
         **settings,
         "dim": int(enc.num_features),
@@ -173,7 +177,8 @@ def _encode_all(
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = dev.type == "cuda"
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-    enc = enc.eval().requires_grad_(False).to(dev)
+    was_training = enc.training
+    enc = enc.eval().to(dev)  # no requires_grad_ change: inference_mode already records no graph
     if cuda:
         enc = enc.to(memory_format=torch.channels_last)
     g2, d = crops.region_grid**2, enc.num_features
@@ -200,6 +205,7 @@ def _encode_all(
                 reg[rows] = r
                 n_tiles += int(m.sum())
             bar.update(len(rows))
+    enc.train(was_training)
     info = {"device": dev.type, "amp": None if amp is None else str(amp).replace("torch.", "")}
     logger.info("Encoded %d spots and %d region tiles with %s on %s.", len(crops), n_tiles, enc.name, dev)
     return spot, reg, mask, info

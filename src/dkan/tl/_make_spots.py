@@ -3,8 +3,9 @@
 Tissue detector (documented, deterministic): on the pyramid level (or strided view) whose longer side is at
 most ``2048`` px, compute the HSV saturation ``(max - min) / max`` of every pixel; tissue is stained, so it is
 more saturated than the white/grey background. Pixels above the Otsu threshold of the saturation histogram
-(and not near-black, which marks slide edges and pen) are tissue; the mask is then closed (3 iterations),
-holes are filled and components smaller than 1% of the largest one are removed.
+(at least 0.1, so that a blank slide has no tissue) and not near-black (slide edges, pen) are tissue; the
+mask is then closed (3 iterations), holes are filled and components smaller than 1% of the largest one are
+removed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dkan")
 
 _DETECT_MAX_SIDE = 2048
+_MIN_SATURATION = 0.1  #: floor of the threshold, so a blank slide (grey noise) has no tissue
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -33,8 +35,9 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     w1 = w0[-1] - w0
     m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
     m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
-    between = w0 * w1 * (m0 - m1) ** 2
-    return float(centres[int(np.argmax(between[:-1]))])
+    between = (w0 * w1 * (m0 - m1) ** 2)[:-1]
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))  # a plateau over empty bins: take its middle
+    return float((centres[best[0]] + centres[best[-1] + 1]) / 2)
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
@@ -44,7 +47,7 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     img = rgb.astype(np.float32)
     mx, mn = img.max(axis=0), img.min(axis=0)
     sat = (mx - mn) / np.maximum(mx, 1.0)
-    mask = (sat > otsu_threshold(sat.ravel())) & (mx > 30)
+    mask = (sat > max(otsu_threshold(sat.ravel()), _MIN_SATURATION)) & (mx > 30)
     mask = ndimage.binary_closing(mask, structure=np.ones((3, 3), bool), iterations=3)
     mask = ndimage.binary_fill_holes(mask)
     labels, n = ndimage.label(mask)

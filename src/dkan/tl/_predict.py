@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dkan import _keys as K
-from dkan._utils import uns_set
+from dkan._utils import uns_get, uns_set
 from dkan.tl import _prepare as prep
 
 if TYPE_CHECKING:
@@ -90,6 +90,8 @@ def predict(
     dev = resolve_device(device)
     cfg = model.config
     prep.ensure_tiles(sdata, cfg, table_key=tkey, image_key=image_key)
+    if uns_get(adata, K.UNS_FEATURES) is not None:
+        check_features(model, uns_get(adata, K.UNS_FEATURES))
     feats = prep.ensure_features(sdata, model.meta["features"]["encoder"], table_key=tkey, device=dev, batch_size=64)
     check_features(model, feats)
     if _has_counts(adata):

@@ -125,3 +125,35 @@ def gene_embeddings(
         dkan.tl.embed_genes(target, descriptions=descriptions, text_encoder=text_encoder)
     emb = np.asarray(target[:, genes].varm[K.GENE_EMBEDDING], dtype=np.float32)
     return emb, dict(uns_get(target, K.UNS_GENE_EMBEDDING))
+
+
+def prepare_training(
+    sdatas: list[SpatialData],
+    tables: list[AnnData],
+    cfg: DKANConfig,
+    *,
+    table_key: str | None,
+    image_key: Any,
+    descriptions: Any,
+    device: Any,
+) -> tuple[list[str], np.ndarray, dict[str, Any], dict[str, Any]]:
+    """Run every missing input step on the training data.
+
+    Returns
+    -------
+    The gene panel, its embeddings, the feature provenance and the gene-embedding provenance.
+    """
+    genes = ensure_panel(tables, cfg.n_genes)
+    feats = []
+    for sd, adata in zip(sdatas, tables, strict=True):
+        ensure_target(adata, genes)
+        ensure_tiles(sd, cfg, table_key=table_key, image_key=image_key)
+        feats.append(ensure_features(sd, cfg.feature_encoder, table_key=table_key, device=device, batch_size=64))
+    ids = {(r.get("encoder"), r.get("weights_hash")) for r in feats}
+    if len(ids) > 1:
+        raise ValueError(
+            f"The training SpatialData objects hold features of different encoders {sorted(map(str, ids))}; "
+            "re-run `dkan.tl.extract_features(..., overwrite=True)` with one encoder on all of them."
+        )
+    emb, emb_rec = gene_embeddings(tables, genes, text_encoder=cfg.text_encoder, descriptions=descriptions)
+    return genes, emb, feats[0], emb_rec

@@ -69,35 +69,57 @@ def train(
     -------
     The trained model (weights of the epoch with the best validation PCC), with ``model.history``.
     """
-    import torch
-
     from dkan.train.config import DKANConfig
-    from dkan.train.loop import fit
-    from dkan.train.model import DKANModel, build_module
+    from dkan.train.model import DKANModel
 
     cfg = DKANConfig.resolve(config, **overrides)
     dev = resolve_device(device)
     sdatas = prep.as_list(sdata)
     tables = [get_table(sd, table_key)[1] for sd in sdatas]
-    genes = prep.ensure_panel(tables, cfg.n_genes)
-    feats = []
-    for sd, adata in zip(sdatas, tables, strict=True):
-        prep.ensure_target(adata, genes)
-        prep.ensure_tiles(sd, cfg, table_key=table_key, image_key=image_key)
-        feats.append(prep.ensure_features(sd, cfg.feature_encoder, table_key=table_key, device=dev, batch_size=64))
-    _check_same_features(feats)
-    emb, emb_rec = prep.gene_embeddings(tables, genes, text_encoder=cfg.text_encoder, descriptions=descriptions)
-
+    genes, emb, feats, emb_rec = prep.prepare_training(
+        sdatas, tables, cfg, table_key=table_key, image_key=image_key, descriptions=descriptions, device=dev
+    )
     samples, reader = build_inputs(sdatas, tables, genes, cfg, table_key=table_key, with_target=True)
+    module, result = fit_inputs(
+        samples, emb, cfg, dev, reader=reader, progress=progress, checkpoint=checkpoint, resume=resume
+    )
+    module.eval()
+    meta = model_meta(tables[0], feats, emb_rec, cfg)
+    meta["train"] = {
+        "samples": [s.name for s in samples],
+        "n_spots": int(sum(map(len, samples))),
+        "best_epoch": result.best_epoch,
+        "best_val_pcc": result.best_score,
+        "device": str(dev),
+    }
+    return DKANModel(module.cpu(), cfg, genes, emb, meta, result.history)
+
+
+def fit_inputs(
+    samples: list[Any],
+    emb: np.ndarray,
+    cfg: DKANConfig,
+    dev: torch.device,
+    *,
+    reader: Any = None,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> tuple[torch.nn.Module, Any]:
+    """Build a network and fit it on per-sample inputs; returns it (best weights loaded, in eval mode)."""
+    import torch
+
     from dkan.train.data import split_validation
+    from dkan.train.loop import fit
+    from dkan.train.model import build_module
 
     train_rows, val_rows = split_validation([len(s) for s in samples], cfg.val_fraction, seed=cfg.seed)
     logger.info(
         "Training on %d samples, %d spots (%d for validation), %d genes, on %s.",
-        len(samples), sum(map(len, train_rows)), sum(map(len, val_rows)), len(genes), dev,
+        len(samples), sum(map(len, train_rows)), sum(map(len, val_rows)), emb.shape[0], dev,
     )  # fmt: skip
     torch.manual_seed(cfg.seed)
-    module = build_module(cfg, n_genes=len(genes), gene_dim=emb.shape[1], feature_dim=samples[0].spot.shape[1])
+    module = build_module(cfg, n_genes=emb.shape[0], gene_dim=emb.shape[1], feature_dim=samples[0].spot.shape[1])
     module.to(dev)
     result = fit(
         module,
@@ -114,16 +136,7 @@ def train(
     )
     if result.best_state is not None:
         module.load_state_dict(result.best_state)
-    module.eval()
-    meta = model_meta(tables[0], feats[0], emb_rec, cfg)
-    meta["train"] = {
-        "samples": [s.name for s in samples],
-        "n_spots": int(sum(map(len, samples))),
-        "best_epoch": result.best_epoch,
-        "best_val_pcc": result.best_score,
-        "device": str(dev),
-    }
-    return DKANModel(module.cpu(), cfg, genes, emb, meta, result.history)
+    return module.eval(), result
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -136,15 +149,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device={device!r}` but CUDA is not available here; use `device='cpu'`.")
     return dev
-
-
-def _check_same_features(records: list[dict[str, Any]]) -> None:
-    ids = {(r.get("encoder"), r.get("weights_hash")) for r in records}
-    if len(ids) > 1:
-        raise ValueError(
-            f"The training SpatialData objects hold features of different encoders {sorted(map(str, ids))}; "
-            "re-run `dkan.tl.extract_features(..., overwrite=True)` with one encoder on all of them."
-        )
 
 
 def model_meta(adata: Any, features: dict[str, Any], gene_rec: dict[str, Any], cfg: DKANConfig) -> dict[str, Any]:

@@ -23,7 +23,9 @@ logger = logging.getLogger("dkan")
 # TF EfficientNet-Lite preprocessing: (x * 255 - 127) / 128
 LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
-CIGA_URL = "https://github.com/ozanciga/self-supervised-histopathology/releases/download/tenpercent/tenpercent_resnet18.ckpt"
+CIGA_URL = (
+    "https://github.com/ozanciga/self-supervised-histopathology/releases/download/tenpercent/tenpercent_resnet18.ckpt"
+)
 CIGA_ENV = "DKAN_RESNET18_CIGA"
 CIGA_FILE = "tenpercent_resnet18.ckpt"
 
@@ -54,10 +56,10 @@ class EfficientNetLite0(ImageEncoder):
         """The ImageNet classification layer (1280 -> 1000)."""
         return self.model.classifier
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x).mean(dim=(2, 3))
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return map_to_tokens(self.model.forward_features(x))
 
 
@@ -163,10 +165,10 @@ class ResNetTrunk(ImageEncoder):
         x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
         return t.layer4(t.layer3(t.layer2(t.layer1(x))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.feature_map(x).mean(dim=(2, 3))
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return map_to_tokens(self.feature_map(x))
 
 
@@ -179,8 +181,11 @@ def _resnet18_trunk() -> nn.Module:
 
 
 def ciga_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
-    """Trunk weights of a Ciga et al. checkpoint: ``state_dict`` entry, ``model.``/``resnet.`` prefixes stripped,
-    projection-head (``fc.*``) keys dropped."""
+    """Trunk weights of a Ciga et al. checkpoint.
+
+    Takes the ``state_dict`` entry, strips ``model.`` / ``resnet.`` prefixes and drops the projection head
+    (``fc.*``); every other key is kept, so that the strict load reports it.
+    """
     sd = checkpoint.get("state_dict", checkpoint)
     out = {}
     for key, value in sd.items():
@@ -246,10 +251,10 @@ class DummyEncoder(ImageEncoder):
         )
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).mean(dim=(2, 3))
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return map_to_tokens(self.net(x))
 
 

@@ -27,8 +27,11 @@ UNI_KWARGS = {"init_values": 1e-5, "dynamic_img_size": True, "num_classes": 0}
 
 
 class TimmEncoder(ImageEncoder):
-    """A timm model built with ``num_classes=0``: ``forward`` is its pooled output (CLS token for ViTs), tokens are
-    ``forward_features`` without prefix (CLS / register) tokens, or the flattened last feature map for CNNs."""
+    """A timm model built with ``num_classes=0``.
+
+    ``forward`` is its pooled output (the CLS token for ViTs); ``forward_tokens`` is ``forward_features`` without
+    prefix (CLS / register) tokens for ViTs, or the flattened last feature map for CNNs.
+    """
 
     def __init__(
         self,
@@ -53,10 +56,10 @@ class TimmEncoder(ImageEncoder):
         )
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         f = self.model.forward_features(x)
         if f.ndim == 4:
             return map_to_tokens(f)
@@ -226,11 +229,11 @@ class CallableEncoder(ImageEncoder):
         """The wrapped callable."""
         return self.module if "module" in self._modules else self._fn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fn(x)
         return y if y.ndim == 2 else y.mean(dim=(2, 3)) if y.ndim == 4 else y.mean(dim=1)
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self.fn, "forward_tokens"):
             return self.fn.forward_tokens(x)
         y = self.fn(x)
