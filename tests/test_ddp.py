@@ -50,7 +50,17 @@ def _train(accumulate: int = 1):
     train_rows, val_rows = split_validation([len(s) for s in samples], 0.1, seed=0)
     torch.manual_seed(CFG.seed)
     module = build_module(CFG, n_genes=6, gene_dim=10, feature_dim=12)
-    fit(module, samples, train_rows, val_rows, genes, CFG, device=torch.device("cpu"), progress=False, accumulate=accumulate)
+    fit(
+        module,
+        samples,
+        train_rows,
+        val_rows,
+        genes,
+        CFG,
+        device=torch.device("cpu"),
+        progress=False,
+        accumulate=accumulate,
+    )
     return module.state_dict()
 
 
@@ -90,10 +100,7 @@ def _predict(state):
     module = build_module(CFG, n_genes=6, gene_dim=10, feature_dim=12)
     module.load_state_dict(state)
     return np.concatenate(
-        [
-            predict_rows(module, s, np.arange(len(s)), genes, batch_size=64, device=torch.device("cpu"))
-            for s in samples
-        ]
+        [predict_rows(module, s, np.arange(len(s)), genes, batch_size=64, device=torch.device("cpu")) for s in samples]
     )
 
 

@@ -47,18 +47,34 @@ def test_shapes_dtypes_masks(featurised):
 
 
 def test_features_match_direct_encoding(featurised):
-    """The stored feature of a spot is the encoder applied to its crop, resized to input_size and normalised."""
+    """The stored feature of a spot is the encoder applied to its normalised crop (a conv net: no resizing)."""
     from dkan.tl._crops import SpotCrops
 
     enc = dkan.nn.create_image_encoder("dummy")
     crops = SpotCrops(featurised, normalize=False)
     batch = crops.read_batch([0, 5, 17])
+    with torch.inference_mode():
+        ref = enc(enc.normalize(batch["patch"].float() / 255.0)).numpy()
+    got = featurised.tables["table"].obsm[K.SPOT_FEATURES][batch["index"].numpy()]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fixed_size_encoder_gets_resized_crops(small):
+    """An encoder that only takes its input_size (e.g. a ViT without dynamic size) gets resized crops."""
+    from dkan.tl._crops import SpotCrops
+
+    enc = dkan.nn.create_image_encoder("dummy")
+    enc.fixed_size = True
+    dkan.tl.extract_features(small, enc, region=False, key_added="fixed")
+    rec = small.tables["table"].uns[K.UNS]["fixed"]
+    assert rec["resized"] is True
+    batch = SpotCrops(small, normalize=False).read_batch([0, 3])
     x = torch.nn.functional.interpolate(
         batch["patch"].float() / 255.0, size=(32, 32), mode="bilinear", antialias=True, align_corners=False
     )
     with torch.inference_mode():
         ref = enc(enc.normalize(x)).numpy()
-    got = featurised.tables["table"].obsm[K.SPOT_FEATURES][batch["index"].numpy()]
+    got = small.tables["table"].obsm["fixed"][batch["index"].numpy()]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -67,7 +83,7 @@ def test_provenance(featurised):
     enc = dkan.nn.create_image_encoder("dummy")
     assert rec["encoder"] == "dummy" and rec["weights_hash"] == enc.weights_hash
     assert rec["dim"] == 16 and rec["dtype"] == "float32" and rec["region"] is True
-    assert rec["patch_size"] == 64 and rec["input_size"] == 32 and rec["resized"] is True
+    assert rec["patch_size"] == 64 and rec["input_size"] == 32 and rec["resized"] is False
     assert rec["tile"]["patch_size"] == 64 and rec["tile"]["region_grid"] == 5
     assert rec["keys"] == {"spot": K.SPOT_FEATURES, "region": K.REGION_FEATURES, "mask": K.REGION_MASK}
 
@@ -130,11 +146,11 @@ def test_bad_batch_size(small):
 def test_efficientnet_on_few_spots():
     sdata = dkan.datasets.toy(n_samples=1, grid_size=2, seed=1)
     dkan.tl.tile(sdata, patch_size=48)
-    dkan.tl.extract_features(sdata, batch_size=4, region=False)  # default encoder, 48 px crops resized to 224
+    dkan.tl.extract_features(sdata, batch_size=4, region=False)  # default encoder, a conv net: 48 px crops as is
     a = sdata.tables["table"]
     rec = a.uns[K.UNS][K.UNS_FEATURES]
     assert rec["encoder"] == "efficientnet_lite0" and rec["weights_hash"].startswith("57934424")
-    assert rec["resized"] is True and rec["mean"] == pytest.approx([127 / 255] * 3)
+    assert rec["resized"] is False and rec["mean"] == pytest.approx([127 / 255] * 3)
     x = a.obsm[K.SPOT_FEATURES]
     assert x.shape == (4, 1280) and np.isfinite(x).all() and (x >= 0).all()  # ReLU6 before the pooling
     assert np.corrcoef(x)[np.triu_indices(4, 1)].max() < 1 - 1e-6  # different spots, different features

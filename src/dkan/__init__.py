@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 _SUBMODULES = ("datasets", "io", "pp", "tl", "pl", "nn", "train")
 _LAZY_ATTRS = {"DKANModel": "dkan.train", "DKANConfig": "dkan.train"}
 
-__all__ = [*_SUBMODULES, *_LAZY_ATTRS, "__version__"]
+__all__ = ["DKANConfig", "DKANModel", "__version__", "datasets", "io", "nn", "pl", "pp", "tl", "train"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from dkan import datasets, io, nn, pl, pp, tl, train

@@ -127,7 +127,14 @@ def cross_validate(
     sdatas = prep.as_list(sdata)
     tables = [get_table(sd, table_key)[1] for sd in sdatas]
     genes, emb, _, _ = prep.prepare_training(
-        sdatas, tables, cfg, table_key=table_key, image_key=image_key, descriptions=descriptions, device=dev
+        sdatas,
+        tables,
+        cfg,
+        table_key=table_key,
+        image_key=image_key,
+        descriptions=descriptions,
+        device=dev,
+        progress=progress,
     )
     samples, reader = build_inputs(sdatas, tables, genes, cfg, table_key=table_key, with_target=True)
     groups = _sample_groups(sdatas, tables, groupby, table_key)

@@ -42,11 +42,13 @@ def extract_features(
     overwrite: bool = False,
     force: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> None:
     """Encode every spot's patch (and its region tiles) with a frozen image encoder.
 
     Crops come lazily from the images through the tile geometry (:func:`dkan.tl.tile`, run with defaults when
-    missing). Crops whose side differs from the encoder's ``input_size`` are resized to it (bilinear,
+    missing). For encoders with a fixed input size (``encoder.fixed_size``), crops whose side differs from
+    ``input_size`` are resized to it (bilinear,
     antialiased) before normalisation with the encoder's ``mean`` / ``std``. Region tiles whose mask is 0 (they
     leave the image) are not encoded; their features are zeros. On CUDA the encoder runs under autocast
     (bfloat16 where supported, else float16) with pinned, non-blocking transfers; features are stored float32.
@@ -80,6 +82,8 @@ def extract_features(
         Recompute even when features with the same settings exist.
     checkpoint_path
         Weight file of the encoder (see :func:`dkan.nn.create_image_encoder`).
+    progress
+        Show a progress bar.
 
     Returns
     -------
@@ -113,7 +117,7 @@ def extract_features(
             f"(weights {str(old.get('weights_hash'))[:12]}), not {enc.name!r} (weights {enc.weights_hash[:12]}). "
             "Pass `overwrite=True` to replace them, or another `key_added=` to keep both."
         )
-    spot, reg, mask, info = _encode_all(enc, crops, adata.n_obs, batch_size, device, num_workers, region)
+    spot, reg, mask, info = _encode_all(enc, crops, adata.n_obs, batch_size, device, num_workers, region, progress)
     adata.obsm[keys["spot"]] = spot
     if region:
         adata.obsm[keys["region"]] = reg
@@ -129,7 +133,7 @@ def extract_features(
         "mean": list(enc.mean),
         "std": list(enc.std),
         "patch_size": int(crops.patch_size),
-        "resized": int(crops.patch_size) != int(enc.input_size),
+        "resized": bool(enc.fixed_size) and int(crops.patch_size) != int(enc.input_size),
         "region": bool(region),
         "dtype": "float32",
         "keys": {k: v for k, v in keys.items() if k != "uns" and (region or k == "spot")},
@@ -169,6 +173,7 @@ def _encode_all(
     device: str | torch.device | None,
     num_workers: int,
     region: bool,
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, dict]:
     """Run the encoder over every spot of ``crops``; returns spot, region and mask arrays and run info."""
     import torch
@@ -188,7 +193,10 @@ def _encode_all(
     loader = crop_loader(crops, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda)
     prep = Preprocess(enc, dev)
     n_tiles = 0
-    with torch.inference_mode(), tqdm(total=len(crops), desc=f"features ({enc.name})", unit="spot") as bar:
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(crops), desc=f"features ({enc.name})", unit="spot", disable=not progress) as bar,
+    ):
         for batch in loader:
             rows = batch["index"].numpy()
             images = [batch["patch"].to(dev, non_blocking=cuda)]
@@ -217,7 +225,7 @@ class Preprocess:
     def __init__(self, enc: ImageEncoder, device: torch.device) -> None:
         import torch
 
-        self.size = int(enc.input_size)
+        self.size = int(enc.input_size) if enc.fixed_size else None
         std = torch.tensor(enc.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.scale = 1.0 / (255.0 * std)
         self.shift = -torch.tensor(enc.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) / std
@@ -228,7 +236,7 @@ class Preprocess:
         import torch.nn.functional as F
 
         x = x.float()
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+        if self.size is not None and (x.shape[-1] != self.size or x.shape[-2] != self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         x = x * self.scale + self.shift
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

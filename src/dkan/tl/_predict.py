@@ -92,7 +92,9 @@ def predict(
     prep.ensure_tiles(sdata, cfg, table_key=tkey, image_key=image_key)
     if uns_get(adata, K.UNS_FEATURES) is not None:
         check_features(model, uns_get(adata, K.UNS_FEATURES))
-    feats = prep.ensure_features(sdata, model.meta["features"]["encoder"], table_key=tkey, device=dev, batch_size=64)
+    feats = prep.ensure_features(
+        sdata, model.meta["features"]["encoder"], table_key=tkey, device=dev, batch_size=64, progress=progress
+    )
     check_features(model, feats)
     if _has_counts(adata):
         prep.ensure_target(

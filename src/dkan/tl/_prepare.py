@@ -87,7 +87,7 @@ def ensure_tiles(sdata: SpatialData, config: DKANConfig, *, table_key: str | Non
 
 
 def ensure_features(
-    sdata: SpatialData, encoder: str, *, table_key: str | None, device: Any, batch_size: int
+    sdata: SpatialData, encoder: str, *, table_key: str | None, device: Any, batch_size: int, progress: bool = True
 ) -> dict[str, Any]:
     """Frozen spot and region features with ``encoder`` (computed when missing); returns their provenance."""
     import dkan
@@ -96,7 +96,9 @@ def ensure_features(
     old = uns_get(adata, K.UNS_FEATURES)
     if old is None or K.SPOT_FEATURES not in adata.obsm:
         logger.info("Extracting frozen %r features of every spot and region (`dkan.tl.extract_features`).", encoder)
-    dkan.tl.extract_features(sdata, encoder=encoder, table_key=table_key, device=device, batch_size=batch_size)
+    dkan.tl.extract_features(
+        sdata, encoder=encoder, table_key=table_key, device=device, batch_size=batch_size, progress=progress
+    )
     return dict(uns_get(adata, K.UNS_FEATURES))
 
 
@@ -136,6 +138,7 @@ def prepare_training(
     image_key: Any,
     descriptions: Any,
     device: Any,
+    progress: bool = True,
 ) -> tuple[list[str], np.ndarray, dict[str, Any], dict[str, Any]]:
     """Run every missing input step on the training data.
 
@@ -148,7 +151,11 @@ def prepare_training(
     for sd, adata in zip(sdatas, tables, strict=True):
         ensure_target(adata, genes)
         ensure_tiles(sd, cfg, table_key=table_key, image_key=image_key)
-        feats.append(ensure_features(sd, cfg.feature_encoder, table_key=table_key, device=device, batch_size=64))
+        feats.append(
+            ensure_features(
+                sd, cfg.feature_encoder, table_key=table_key, device=device, batch_size=64, progress=progress
+            )
+        )
     ids = {(r.get("encoder"), r.get("weights_hash")) for r in feats}
     if len(ids) > 1:
         raise ValueError(

@@ -77,7 +77,14 @@ def train(
     sdatas = prep.as_list(sdata)
     tables = [get_table(sd, table_key)[1] for sd in sdatas]
     genes, emb, feats, emb_rec = prep.prepare_training(
-        sdatas, tables, cfg, table_key=table_key, image_key=image_key, descriptions=descriptions, device=dev
+        sdatas,
+        tables,
+        cfg,
+        table_key=table_key,
+        image_key=image_key,
+        descriptions=descriptions,
+        device=dev,
+        progress=progress,
     )
     samples, reader = build_inputs(sdatas, tables, genes, cfg, table_key=table_key, with_target=True)
     module, result = fit_inputs(

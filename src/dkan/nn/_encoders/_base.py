@@ -28,6 +28,10 @@ class ImageEncoder(nn.Module):
         Registry name (or a description of the wrapped callable).
     mean, std
         Per-channel normalisation statistics (RGB) the weights expect.
+    fixed_size
+        ``True`` when the network only accepts ``input_size`` inputs (e.g. a ViT with a fixed position
+        embedding): crops of another size are resized. Convolutional networks and ViTs with
+        ``dynamic_img_size`` take crops at their own size (no resampling, much cheaper for small crops).
     input_size
         Square input resolution in pixels.
     num_features
@@ -48,8 +52,10 @@ class ImageEncoder(nn.Module):
         num_features: int,
         token_dim: int,
         weights_hash: str,
+        fixed_size: bool = False,
     ) -> None:
         super().__init__()
+        self.fixed_size = bool(fixed_size)
         self.name = name
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)

@@ -53,6 +53,7 @@ class TimmEncoder(ImageEncoder):
             num_features=int(getattr(model, "head_hidden_size", None) or token_dim),
             token_dim=token_dim,
             weights_hash=weights_hash,
+            fixed_size=hasattr(model, "patch_embed") and not getattr(model, "dynamic_img_size", False),
         )
         self.model = model
 
