@@ -211,7 +211,7 @@ def test_iter_batches_prefetch_matches_read_batch():
     dkan.tl.tile(sd, patch_size=P)
     ds = SpotCrops(sd, with_region=True, normalize=False, cache_bytes=3 * 40 * 50 * 30)
     order = rng.permutation(len(ds))
-    got = list(ds.iter_batches(order, 7))
+    got = list(ds.iter_batches(order, 7, prefetch=True))
     assert [len(b["patch"]) for b in got] == [7] * 5 + [5]
     for b, idx in zip(got, [order[i : i + 7] for i in range(0, 40, 7)], strict=True):
         assert b["index"].tolist() == idx.tolist()

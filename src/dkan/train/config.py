@@ -139,9 +139,9 @@ class DKANConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 32
-    max_epochs: int = 15
-    patience: int = 5
-    step_size: int = 10
+    max_epochs: int = 80
+    patience: int = 10
+    step_size: int = 30
     gamma: float = 0.9
     seed: int = 2021
     grad_clip: float | None = 1.0
