@@ -1,8 +1,22 @@
-"""Sphinx configuration for dkan."""
+"""Sphinx configuration for dkan.
+
+At build time this file copies the notebooks of ``tutorials/`` into ``docs/_tutorials/`` (git-ignored; myst-nb
+renders their stored outputs, nothing is executed) and writes the ``--help`` text of the command line into
+``docs/_generated/`` so that the CLI page always matches the code.
+"""
 
 from __future__ import annotations
 
+import io
+import os
+import shutil
+from contextlib import redirect_stdout
+from pathlib import Path
+
 import dkan
+
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
 
 project = "dkan"
 author = "dkan developers"
@@ -19,6 +33,7 @@ extensions = [
     "sphinx_autodoc_typehints",
 ]
 autosummary_generate = True
+templates_path = ["_templates"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 napoleon_google_docstring = False
@@ -27,13 +42,51 @@ napoleon_use_rtype = True
 typehints_document_rtype = False
 always_document_param_types = False
 myst_enable_extensions = ["colon_fence", "dollarmath"]
-nb_execution_mode = "off"  # tutorials are executed by the test suite; docs render stored outputs
+myst_heading_anchors = 3
+nb_execution_mode = "off"  # the quick start is executed by the test suite; docs render stored outputs
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "generated/*.inc"]
-intersphinx_mapping = {
-    "python": ("https://docs.python.org/3", None),
-}
+# Inventories are fetched only on Read the Docs: offline builds (CI, laptops) would warn, and -W fails on that.
+intersphinx_mapping = {"python": ("https://docs.python.org/3", None)} if os.environ.get("READTHEDOCS") else {}
 intersphinx_disabled_reftypes = ["*"]
 html_theme = "sphinx_book_theme"
 html_title = "dkan"
 nitpicky = False
 suppress_warnings = ["mystnb.unknown_mime_type", "myst.header", "autosummary.import_cycle"]
+
+
+def _copy_tutorials() -> None:
+    """Copy ``tutorials/*.ipynb`` into ``docs/_tutorials`` (replacing stale copies)."""
+    target = DOCS / "_tutorials"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    for nb in sorted((ROOT / "tutorials").glob("*.ipynb")):
+        shutil.copy2(nb, target / nb.name)
+
+
+def _write_cli_help() -> None:
+    """Write ``dkan --help``, ``dkan train --help`` and ``dkan predict --help`` into ``docs/_generated``."""
+    from dkan.cli import build_parser
+
+    target = DOCS / "_generated"
+    target.mkdir(exist_ok=True)
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # argparse wraps help to $COLUMNS; fix it so the page does not depend on a terminal
+    try:
+        for name, argv in {"cli_main": [], "cli_train": ["train"], "cli_predict": ["predict"]}.items():
+            buf = io.StringIO()
+            with redirect_stdout(buf):
+                try:
+                    build_parser().parse_args([*argv, "--help"])
+                except SystemExit:
+                    pass
+            (target / f"{name}.txt").write_text(buf.getvalue())
+    finally:
+        if old is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old
+
+
+_copy_tutorials()
+_write_cli_help()

@@ -32,6 +32,7 @@ def predict(
     image_key: str | Mapping[str, str] | None = None,
     batch_size: int = 256,
     overwrite: bool = False,
+    um_per_px: float | None = None,
     progress: bool = True,
 ) -> str:
     """Predict the expression of the model's gene panel at every spot.
@@ -60,6 +61,9 @@ def predict(
         Spots per forward pass.
     overwrite
         Replace an existing ``layers[key_added]``.
+    um_per_px
+        Pixel size of the image, needed only to lay pseudo-spots on a slide without a table (see
+        :func:`dkan.tl.make_spots`).
     progress
         Show a progress bar.
 
@@ -72,7 +76,7 @@ def predict(
     from dkan.tl._train import build_inputs, resolve_device
     from dkan.train.loop import predict_rows
 
-    tkey = _table_for(sdata, model, table_key=table_key, image_key=image_key)
+    tkey = _table_for(sdata, model, table_key=table_key, image_key=image_key, um_per_px=um_per_px)
     adata = sdata.tables[tkey]
     if key_added in adata.layers and not overwrite:
         raise ValueError(
@@ -157,7 +161,9 @@ def _has_counts(adata: AnnData) -> bool:
     return adata.n_vars > 0 and adata.X is not None and float(abs(adata.X).sum()) > 0
 
 
-def _table_for(sdata: SpatialData, model: DKANModel, *, table_key: str | None, image_key: Any) -> str:
+def _table_for(
+    sdata: SpatialData, model: DKANModel, *, table_key: str | None, image_key: Any, um_per_px: float | None
+) -> str:
     """The table to predict into; on an H&E-only slide, pseudo-spots and a new table over the panel."""
     if table_key is not None or len(sdata.tables):
         from dkan._utils import get_table
@@ -169,8 +175,10 @@ def _table_for(sdata: SpatialData, model: DKANModel, *, table_key: str | None, i
     import dkan
 
     logger.info("No table on this slide: laying pseudo-spots over the tissue (`dkan.tl.make_spots`).")
-    dkan.tl.make_spots(sdata, image_key=image_key if isinstance(image_key, str) else None)
-    tkey, adata = next(iter(sdata.tables.items()))
+    _, tkey = dkan.tl.make_spots(
+        sdata, image_key=image_key if isinstance(image_key, str) else None, um_per_px=um_per_px
+    )
+    adata = sdata.tables[tkey]
     sdata.tables[tkey] = _panel_table(adata, model.genes)
     return tkey
 

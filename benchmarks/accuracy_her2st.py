@@ -1,0 +1,426 @@
+"""Accuracy of DKAN, the mean/ridge baselines and the ablations on the her2st sections with images (C2-C6).
+
+Leave-one-section-out over the five serial sections of patient C (the only her2st sections with images in
+``../shared/data``): every fold trains on four sections and tests on the fifth. Serial sections of one patient
+make this optimistic compared with the paper's leave-one-patient-out over 8 patients (see the results file).
+All methods see identical folds and identical inputs: the 250-gene panel (reference rule: detected in >= 10 %
+of all spots, top 250 by total counts), the normalised targets, the frozen image features (computed once and
+shared by every method and fold) and the gene-text embeddings of the RefSeq summaries (NCBI gene_info for
+synonyms and full names). Each DKAN variant stops early and picks its checkpoint on a random 10 % of the
+training spots; the test section is never seen during training.
+
+Prints one table (MAE, MSE, PCC ALL/HPG/HEG/HVG, mean ± population std over the five folds), the run time
+and the machine, and writes them to ``benchmarks/results/accuracy_her2st_<preset>.md``.
+
+Usage::
+
+    python benchmarks/accuracy_her2st.py --preset small                 # CPU, offline encoders
+    python benchmarks/accuracy_her2st.py --preset her2st --device cuda  # needs UNI, ResNet18 (Ciga), BioBERT
+    python benchmarks/accuracy_her2st.py --preset her2st --set feature_encoder=efficientnet_lite0 \\
+        --set patch_encoder=efficientnet_lite0 --set text_encoder=minilm
+    python benchmarks/accuracy_her2st.py --ablations none --set max_epochs=5   # quick smoke run
+
+Options: ``--data DIR`` (shared data folder holding ``her2st/`` and ``gene_text/``; default ``$DKAN_DATA_DIR``
+or ``../shared/data``), ``--ablations a,b`` (default: all), ``--baselines``, ``--device``, ``--set key=value``
+(any :class:`dkan.DKANConfig` field, repeatable), ``--out FILE``, ``--json FILE`` (per-fold metrics and
+learning curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = Path(os.environ.get("DKAN_DATA_DIR", ROOT.parent / "shared" / "data"))
+ALL_ABLATIONS = ("no_text", "no_contrastive", "no_multiscale", "fixed_weights", "no_distill", "gene_tokens")
+OFFLINE = {"feature_encoder": "efficientnet_lite0", "patch_encoder": "efficientnet_lite0", "text_encoder": "minilm"}
+#: The paper's HER2+ row for DKAN (Table 1; leave-one-patient-out over 8 patients, UNI/ResNet18/BioBERT).
+PAPER = {"MAE": "0.361 ± 0.04", "MSE": "0.224 ± 0.06", "PCC-ALL": "0.330 ± 0.13", "PCC-HPG": "0.531 ± 0.15",
+         "PCC-HEG": "0.317 ± 0.09", "PCC-HVG": "0.304 ± 0.07"}  # fmt: skip
+log = logging.getLogger("dkan.bench")
+
+
+# ---------------------------------------------------------------------- command line
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small", choices=("small", "her2st"))
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder (her2st/, gene_text/)")
+    p.add_argument("--ablations", default="all", help="comma-separated ablation names, 'all' or 'none'")
+    p.add_argument("--baselines", default="mean,ridge", help="comma-separated: mean, ridge; or 'none'")
+    p.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, default=None, help="results markdown (default benchmarks/results/...)")
+    p.add_argument("--json", type=Path, default=None, help="also dump per-fold metrics and learning curves")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-3", "amp=False", "contrastive_chunk=None"]`` -> typed values (Python literals, else strings)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, found {item!r}.")
+        try:
+            out[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = raw
+    return out
+
+
+def names(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    if value in ("none", ""):
+        return ()
+    if value == "all":
+        return allowed
+    picked = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in picked if v not in allowed]
+    if bad:
+        raise SystemExit(f"Unknown {what} {bad}; choose from {list(allowed)}, 'all' or 'none'.")
+    return picked
+
+
+# ---------------------------------------------------------------------- checks before the long run
+def check_setup(cfg: Any, device: str | None) -> str:
+    """Resolve the device and make sure every encoder of ``cfg`` loads; exit with a clear message otherwise."""
+    import torch
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    heavy = cfg.patch_trainable or cfg.d > 256
+    if heavy and not dev.startswith("cuda"):
+        raise SystemExit(
+            f"This configuration (d={cfg.d}, trainable patch trunk={cfg.patch_trainable}) needs a CUDA GPU, but the "
+            f"device is {dev!r} (CUDA available: {torch.cuda.is_available()}). Run `--preset small` on a CPU."
+        )
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"`--device {dev}` but CUDA is not available here; use `--device cpu`.")
+    import dkan.nn
+
+    wanted = [("feature_encoder", "image")] + ([("patch_encoder", "image")] if cfg.patch_trainable else [])
+    wanted.append(("text_encoder", "text"))
+    missing = []
+    for field, kind in wanted:
+        name = getattr(cfg, field)
+        if name == OFFLINE[field]:
+            continue  # installed from PyPI, always loadable offline
+        try:
+            (dkan.nn.create_image_encoder if kind == "image" else dkan.nn.create_text_encoder)(name)
+        except Exception as err:  # noqa: BLE001 - any loader failure means the same thing here
+            missing.append(f"  {field}={name!r}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+    if missing:
+        sets = " ".join(f"--set {k}={v}" for k, v in OFFLINE.items())
+        raise SystemExit(
+            "Cannot load the encoders of this preset:\n" + "\n".join(missing) + "\nProvide the weights (UNI: "
+            "$UNI_CKPT_PATH; ResNet18 Ciga: $DKAN_RESNET18_CIGA; BioBERT: $DKAN_BIOBERT_PATH) or use the offline "
+            f"encoders: {sets}"
+        )
+    return dev
+
+
+# ---------------------------------------------------------------------- machine and timing
+def machine() -> dict[str, str]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "cpu": f"{cpu}, {cores} cores usable (torch threads {torch.get_num_threads()})",
+        "gpu": gpu,
+        "python / torch": f"{platform.python_version()} / {torch.__version__}",
+        "os": platform.platform(),
+    }
+
+
+def load() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)
+        return out.stdout.strip() + (" (+ uncommitted changes)" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+class Stopwatch(logging.Handler):
+    """Timestamps of the dkan log messages that mark phases (first fold start, each training start)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.events: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith(("Fold ", "Training on ", "Early stopping")):
+            self.events.append((time.perf_counter(), msg))
+
+
+# ---------------------------------------------------------------------- the run
+def gene_descriptions(sdata: Any, data: Path, n_genes: int) -> pd.DataFrame:
+    """Select the panel (reference rule, all sections pooled) and describe it from the offline RefSeq files."""
+    import dkan
+    from dkan import _keys as K
+    from dkan._utils import get_table
+
+    _, table = get_table(sdata, None)
+    dkan.pp.select_genes(table, n_genes=n_genes, flavor="reference")
+    panel = list(table.var_names[table.var[K.PANEL].to_numpy(bool)])
+    text = data / "gene_text"
+    return dkan.tl.describe_genes(
+        panel,
+        source=text / "human_refseq_summaries_by_symbol.tsv.gz",
+        gene_info=text / "Homo_sapiens.gene_info.gz",
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import dkan
+    from dkan.train.config import DKANConfig
+
+    overrides = parse_overrides(args.overrides)
+    cfg = DKANConfig.resolve(args.preset, **overrides)
+    ablations = names(args.ablations, ALL_ABLATIONS, "ablations")
+    baselines = names(args.baselines, ("mean", "ridge"), "baselines")
+    device = check_setup(cfg, args.device)
+    her2st = args.data / "her2st"
+    if not (her2st / "ST-cnts").is_dir():
+        raise SystemExit(f"No her2st data at {her2st}; pass --data (the folder holding her2st/ and gene_text/).")
+
+    watch = Stopwatch()
+    logging.getLogger("dkan").addHandler(watch)
+    t0 = time.perf_counter()
+    start_load = load()
+    sdata = dkan.datasets.her2st(her2st)
+    desc = gene_descriptions(sdata, args.data, cfg.n_genes)
+    log.info("Gene texts: %s", desc["source"].value_counts().to_dict())
+    t_read = time.perf_counter()
+    res = dkan.tl.cross_validate(
+        sdata,
+        groupby="sample",
+        config=cfg,
+        baselines=baselines,
+        ablations=ablations,
+        descriptions=desc,
+        device=device,
+        progress=not args.no_progress,
+    )
+    t1 = time.perf_counter()
+    fold_starts = [t for t, m in watch.events if m.startswith("Fold ")]
+    return {
+        "res": res,
+        "cfg": cfg,
+        "overrides": overrides,
+        "device": device,
+        "ablations": ablations,
+        "baselines": baselines,
+        "text_sources": desc["source"].value_counts().to_dict(),
+        "times": {
+            "total": t1 - t0,
+            "read + panel + descriptions": t_read - t0,
+            "inputs (tiles, features, text embeddings)": (fold_starts[0] if fold_starts else t1) - t_read,
+            "folds (training + baselines + evaluation)": t1 - (fold_starts[0] if fold_starts else t1),
+        },
+        "train_times": training_times(watch.events, t1),
+        "load": (start_load, load()),
+        "sections": res.obs["sample"].value_counts(sort=False).to_dict(),
+    }
+
+
+def training_times(events: list[tuple[float, str]], end: float) -> list[float]:
+    starts = [i for i, (_, m) in enumerate(events) if m.startswith("Training on ")]
+    out = []
+    for i in starts:
+        nxt = next((t for t, m in events[i + 1 :] if m.startswith(("Training on ", "Fold "))), end)
+        out.append(nxt - events[i][0])
+    return out
+
+
+# ---------------------------------------------------------------------- reporting
+def target_check(res: Any) -> list[str]:
+    pf = res.summary.per_fold
+    s = res.summary.summary
+    lines = []
+    for other in ("ridge", "no_text"):
+        if other not in s.index:
+            continue
+        for metric, label in (("pcc_all", "PCC-ALL"), ("pcc_heg", "PCC-HEG")):
+            a, b = s.loc["DKAN", f"{metric}_mean"], s.loc[other, f"{metric}_mean"]
+            fa = pf[pf["method"] == "DKAN"].set_index("fold")[metric]
+            fb = pf[pf["method"] == other].set_index("fold")[metric].reindex(fa.index)
+            wins = int((fa > fb).sum())
+            verdict = "beats" if a > b else "does NOT beat"
+            lines.append(
+                f"- DKAN {verdict} {other} on {label}: {a:.3f} vs {b:.3f} (difference {a - b:+.3f}; "
+                f"DKAN higher in {wins}/{len(fa)} folds)"
+            )
+    return lines
+
+
+def per_fold_table(res: Any, metric: str) -> pd.DataFrame:
+    pf = res.summary.per_fold
+    t = pf.pivot(index="method", columns="fold", values=metric).reindex(res.summary.methods)
+    t.columns = [f"test {res.folds[int(f)][0]}" if str(f).isdigit() else str(f) for f in t.columns]
+    return t.round(3)
+
+
+def epochs_table(res: Any) -> pd.DataFrame:
+    rows = {}
+    for method, folds in res.histories.items():
+        ran = [len(h) for h in folds]
+        best = [int(np.nanargmax([r["val_pcc"] for r in h])) if h else -1 for h in folds]
+        val = [float(np.nanmax([r["val_pcc"] for r in h])) if h else float("nan") for h in folds]
+        rows[method] = {
+            "epochs run": " ".join(map(str, ran)),
+            "best epoch": " ".join(map(str, best)),
+            "best val PCC": " ".join(f"{v:.3f}" for v in val),
+        }
+    return pd.DataFrame(rows).T
+
+
+def md_table(df: pd.DataFrame, index_name: str = "method") -> str:
+    cols = [index_name, *map(str, df.columns)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += [
+        "| " + " | ".join([str(i), *map(str, row)]) + " |" for i, row in zip(df.index, df.to_numpy(), strict=True)
+    ]
+    return "\n".join(lines)
+
+
+def fmt_time(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
+
+
+def report(out: dict[str, Any], args: argparse.Namespace) -> str:
+    res, cfg = out["res"], out["cfg"]
+    table = res.table()
+    cmd = "python benchmarks/accuracy_her2st.py " + " ".join(sys.argv[1:])
+    mach = machine()
+    tt = out["train_times"]
+    lines = [
+        f"# her2st accuracy benchmark, preset `{args.preset}`",
+        "",
+        f"Command: `{cmd.strip()}`  ",
+        f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; dkan commit {git_commit()}  ",
+        f"Device: {out['device']}; " + "; ".join(f"{k}: {v}" for k, v in mach.items()) + "  ",
+        f"Load average (1/5/15 min) at start: {out['load'][0]}; at end: {out['load'][1]} "
+        "(the machine was shared with other jobs, so times are inflated)  ",
+        f"Total run time: {fmt_time(out['times']['total'])}",
+        "",
+        "## Protocol",
+        "",
+        f"- Data: her2st sections {', '.join(f'{k} ({v} spots)' for k, v in out['sections'].items())}, all from "
+        "patient C (the only sections with images here). Leave-one-section-out: 5 folds, each tests on one section "
+        "and trains on the other four.",
+        "- **Serial sections of one patient make leave-one-section-out optimistic**: train and test share the "
+        "patient, the tumour and the staining batch. These numbers are not comparable to the paper's "
+        "leave-one-patient-out over 8 patients, which also uses other encoders (UNI, ResNet18, BioBERT).",
+        f"- Panel: {cfg.n_genes} genes, reference rule (detected in >= 10 % of all spots of the five sections, top "
+        "by total counts); targets: library size 1e4 over the panel, log10(1+x), 3x3 grid smoothing. HEG/HVG are "
+        "chosen on the pooled labels, HPG on each method's own fold results (reference protocol).",
+        f"- Inputs shared by every method and fold: frozen `{cfg.feature_encoder}` features of each spot "
+        f"({cfg.patch_size} px crops at {cfg.target_mpp} µm/px) and of its {cfg.region_grid}x{cfg.region_grid} "
+        f"region; `{cfg.text_encoder}` embeddings of the gene descriptions (sources: {out['text_sources']}).",
+        f"- DKAN preset `{args.preset}`"
+        + (f" with overrides {out['overrides']}" if out["overrides"] else "")
+        + f": d={cfg.d}, lr={cfg.lr}, batch {cfg.batch_size}, <= {cfg.max_epochs} epochs, patience {cfg.patience}, "
+        f"trainable patch trunk {cfg.patch_trainable}. Early stopping and checkpoint choice use a random "
+        f"{cfg.val_fraction:.0%} of the training spots (never the test section).",
+        "- Baselines: `mean` = training mean per gene; `ridge` = HEST-Benchmark protocol on the frozen spot "
+        "features (standardise, PCA to 256, ridge alpha = 100 / (n_features x n_targets)).",
+        "",
+        "## Results (mean ± population std over the 5 folds)",
+        "",
+        md_table(table),
+        "",
+        "Paper, HER2+ (DKAN, Table 1), for orientation only (not comparable: leave-one-patient-out over 8 "
+        "patients, UNI/ResNet18/BioBERT):",
+        "",
+        md_table(pd.DataFrame([PAPER], index=["DKAN (paper)"])),
+        "",
+        "## Target: DKAN vs ridge and vs the no-text ablation (same folds, same features)",
+        "",
+        *target_check(res),
+        "",
+        "## Per fold",
+        "",
+        "PCC-ALL:",
+        "",
+        md_table(per_fold_table(res, "pcc_all")),
+        "",
+        "PCC-HEG:",
+        "",
+        md_table(per_fold_table(res, "pcc_heg")),
+        "",
+        "## Training (per fold, test section order " + ", ".join(f[0] for f in res.folds) + ")",
+        "",
+        md_table(epochs_table(res)),
+        "",
+        "## Time",
+        "",
+        *[f"- {k}: {fmt_time(v)}" for k, v in out["times"].items()],
+        f"- DKAN trainings: {len(tt)}, {np.mean(tt):.0f} s each on average (min {np.min(tt):.0f}, max {np.max(tt):.0f})"
+        if tt
+        else "- no DKAN training",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def dump_json(path: Path, res: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "folds": res.folds,
+        "per_fold": res.summary.per_fold.to_dict(orient="records"),
+        "histories": res.histories,
+        "gene_sets": {k: v for k, v in res.summary.gene_sets.items() if k != "hpg"},
+    }
+    path.write_text(json.dumps(payload, indent=1, default=float))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("dkan").setLevel(logging.INFO)
+    out = run(args)
+    text = report(out, args)
+    path = args.out or ROOT / "benchmarks" / "results" / f"accuracy_her2st_{args.preset}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    if args.json is not None:
+        dump_json(args.json, out["res"])
+    print("\n" + out["res"].table().to_string())
+    print("\n" + "\n".join(target_check(out["res"])))
+    print(f"\nTotal run time {fmt_time(out['times']['total'])}; machine: {machine()}; load {out['load']}")
+    print(f"Results written to {path}")
+
+
+if __name__ == "__main__":
+    main()
