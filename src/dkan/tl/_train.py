@@ -49,7 +49,8 @@ def train(
         A preset name (``"small"``, ``"her2st"``, ``"stnet"``, ``"cscc"``), a :class:`dkan.DKANConfig`, a
         mapping of overrides, or ``None`` for ``"small"``.
     device
-        ``"cuda"``, ``"cpu"``, ... Default: CUDA when available.
+        ``"cuda"``, ``"cpu"``, ... Default: CUDA when available. Launched with ``torchrun --nproc_per_node=N``,
+        training runs under DDP on ``cuda:LOCAL_RANK`` (see :func:`init_distributed`).
     table_key
         Table annotating the spots; inferred when there is one.
     image_key
@@ -73,7 +74,7 @@ def train(
     from dkan.train.model import DKANModel
 
     cfg = DKANConfig.resolve(config, **overrides)
-    dev = resolve_device(device)
+    dev = resolve_device(device if device is not None else init_distributed())
     sdatas = prep.as_list(sdata)
     tables = [get_table(sd, table_key)[1] for sd in sdatas]
     genes, emb, feats, emb_rec = prep.prepare_training(
@@ -144,6 +145,27 @@ def fit_inputs(
     if result.best_state is not None:
         module.load_state_dict(result.best_state)
     return module.eval(), result
+
+
+def init_distributed() -> str | None:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``); return this rank's device.
+
+    Training then runs under PyTorch DDP: each rank takes a disjoint share of the per-sample batches and
+    gradients are averaged across ranks (NCCL on CUDA, gloo on CPU).
+    """
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        logger.info("Joined DDP process group (%s), rank %d.", backend, torch.distributed.get_rank())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
