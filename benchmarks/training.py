@@ -19,8 +19,9 @@ with random weights on 224 px crops taken from random 256 px uint8 tiles held on
 Usage::
 
     python benchmarks/training.py --quick               # smoke test, < 1 min on 2 CPU cores
-    python benchmarks/training.py                       # CPU: small preset at batch 32 and 128
+    python benchmarks/training.py --threads 1           # CPU: small preset at batch 32 and 128
     python benchmarks/training.py --device cuda         # GPU: small at 32 and 128, her2st at 128
+    python benchmarks/training.py --device cuda --cells her2st:128:1 --spots '600*30'  # stnet-sized data
     python benchmarks/training.py --her2st-cpu --cells her2st:8 --max-steps 2   # her2st path on CPU, extrapolated
 """
 
@@ -334,6 +335,14 @@ def table(rows: list[dict], device: str) -> str:
     return "\n".join(out)
 
 
+def parse_spots(text: str) -> tuple[int, ...]:
+    """``"600*30"`` -> 30 sections of 600 spots; ``"170,180"`` -> two sections."""
+    if "*" in text:
+        n, k = text.split("*")
+        return (int(n),) * int(k)
+    return tuple(int(x) for x in text.split(","))
+
+
 def parse_cells(text: str, epochs: int) -> list[tuple[str, int, int]]:
     """``"small:32,small:128:1"`` -> [(preset, batch, epochs)]."""
     cells = []
@@ -352,9 +361,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per cell (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per cell")
     p.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch; s/epoch is then extrapolated")
+    p.add_argument("--spots", default=None, help="spots per section, e.g. '600*30' or '170,180' (default her2st)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: torch's default)")
     p.add_argument("--her2st-cpu", action="store_true", help="allow the her2st preset on CPU")
-    p.add_argument("--quick", action="store_true", help="3 small sections, 64 genes, batch 32, one epoch (smoke test)")
+    p.add_argument(
+        "--quick", action="store_true", help="3 small sections, 64 genes, batch 32, one epoch, 1 thread (smoke test)"
+    )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per cell")
     p.add_argument("--output", default=None, help="markdown file (default benchmarks/results/training_<device>.md)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -373,8 +385,10 @@ def main(argv: list[str] | None = None) -> None:
     cells = parse_cells(args.cells or ("small:32:1" if args.quick else default), args.epochs)
     if not cuda and any(c[0] != "small" for c in cells) and not args.her2st_cpu:
         raise ValueError("Presets other than `small` on CPU need `--her2st-cpu` (and probably `--max-steps`).")
-    spots = QUICK_SPOTS if args.quick else SPOTS
+    spots = QUICK_SPOTS if args.quick else parse_spots(args.spots) if args.spots else SPOTS
     warmup, n_genes = (1, 64) if args.quick else (args.warmup, N_GENES)
+    if args.quick and not args.threads:
+        args.threads = 1  # two threads on a shared 2-core box oversubscribe badly (3x slower under load)
     load0, started = os.getloadavg(), time.perf_counter()
     rows = []
     for preset, batch, epochs in cells:

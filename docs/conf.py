@@ -20,7 +20,7 @@ ROOT = DOCS.parent
 
 project = "dkan"
 author = "dkan developers"
-copyright = "2026, dkan developers"  # noqa: A001
+copyright = "2026, dkan developers"
 version = release = dkan.__version__
 
 extensions = [

@@ -87,29 +87,29 @@ class _StreamedNTXent(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, a: Tensor, b: Tensor, temperature: float, chunk: int) -> Tensor:
         with torch.autocast(a.device.type, enabled=False):
-            lse = torch.cat(
-                [torch.logsumexp(a[i : i + chunk] @ b.T / temperature, dim=1) for i in range(0, len(a), chunk)]
-            )
-            positive = (a * b).sum(dim=1) / temperature
-        ctx.save_for_backward(a, b, lse)
+            a_t = a / temperature  # scale once, not every block
+            lse = torch.cat([torch.logsumexp(a_t[i : i + chunk] @ b.T, dim=1) for i in range(0, len(a), chunk)])
+            positive = (a_t * b).sum(dim=1)
+        ctx.save_for_backward(a_t, b, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         return (lse - positive).mean()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        a, b, lse = ctx.saved_tensors
+        a_t, b, lse = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
-        scale = grad / (len(a) * t)
-        grad_a = torch.empty_like(a)
+        scale = grad / len(a_t)
+        grad_a = torch.empty_like(a_t)
         grad_b = torch.zeros_like(b)
-        with torch.autocast(a.device.type, enabled=False):
-            for i in range(0, len(a), chunk):
+        with torch.autocast(a_t.device.type, enabled=False):
+            for i in range(0, len(a_t), chunk):
                 rows = slice(i, i + chunk)
-                p = torch.exp(a[rows] @ b.T / t - lse[rows, None])  # softmax rows of this chunk
+                p = torch.addmm(-lse[rows, None], a_t[rows], b.T).exp_()  # softmax rows of this block, in place
                 grad_a[rows] = p @ b
-                grad_b += p.T @ a[rows]
-        grad_a = (grad_a - b) * scale
-        grad_b = (grad_b - a) * scale
+                grad_b.addmm_(p.T, a_t[rows])
+        # d/da_i = (sum_j p_ij b_j - b_i) / t ; d/db_j = sum_i p_ij a_i / t - a_j / t  (a_t = a / t)
+        grad_a = (grad_a - b) * (scale / t)
+        grad_b = (grad_b - a_t) * scale
         return grad_a, grad_b, None, None
 
 

@@ -1,0 +1,76 @@
+"""The quick-start notebook runs top to bottom in a kernel of this interpreter and shows a positive held-out PCC."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+CELL_TIMEOUT_S = 900  # per cell; training on 2 CPU cores is the longest cell (a few minutes)
+
+
+def _outputs_text(cell) -> str:
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream":
+            parts.append(out.get("text", ""))
+        elif "data" in out:
+            parts.append(out["data"].get("text/plain", ""))
+    return "".join(parts)
+
+
+def test_python3_kernel_is_this_interpreter():
+    """``kernel_name="python3"`` must start this venv's python, or the notebook would run against another dkan."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    km = KernelManager(kernel_name="python3")
+    km.kernel_spec  # noqa: B018 - resolves the spec like NotebookClient does
+    cmd = km.format_kernel_cmd()
+    assert Path(cmd[0]).resolve() == Path(sys.executable).resolve(), (spec.argv, cmd)
+
+
+def test_quickstart_notebook_executes(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(TUTORIALS / "quickstart.ipynb", as_version=4)
+    # Record the kernel's interpreter, so a kernel of another environment cannot pass silently.
+    nb.cells.append(nbformat.v4.new_code_cell("import sys; print('KERNEL-PREFIX', sys.prefix)"))
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+
+    text = "\n".join(_outputs_text(c) for c in nb.cells if c.cell_type == "code")
+    prefix = re.search(r"KERNEL-PREFIX (\S+)", text)
+    assert prefix is not None and Path(prefix.group(1)).resolve() == Path(sys.prefix).resolve()
+
+    pcc = re.search(r"Held-out slide s3: PCC-ALL = (-?[0-9.]+)", text)
+    assert pcc is not None, "the summary line of the evaluation is missing"
+    assert float(pcc.group(1)) > 0.2, f"held-out PCC {pcc.group(1)} is not clearly positive"
+    assert "loaded model predicts the same: True" in text
+
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 4, (
+        f"expected the training history, spatial_pred, spatialdata-plot and squidpy figures, got {len(images)}"
+    )
+
+
+@pytest.mark.parametrize("name", ["quickstart", "her2st", "he_only"])
+def test_tutorial_notebooks_are_valid_and_stored_with_outputs(name):
+    """Every tutorial is a valid notebook committed with its outputs (the docs render them) and no errors."""
+    import nbformat
+
+    nb = nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and nb.metadata["kernelspec"]["name"] == "python3"
+    errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert all(c.get("execution_count") for c in code), f"{name}.ipynb has cells that were not run"
+    assert any("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))
