@@ -22,8 +22,9 @@ Usage::
 
 Options: ``--data DIR`` (shared data folder holding ``her2st/`` and ``gene_text/``; default ``$DKAN_DATA_DIR``
 or ``../shared/data``), ``--ablations a,b`` (default: all), ``--baselines``, ``--device``, ``--set key=value``
-(any :class:`dkan.DKANConfig` field, repeatable), ``--out FILE``, ``--json FILE`` (per-fold metrics and
-learning curves).
+(any :class:`dkan.DKANConfig` field, repeatable), ``--jobs N`` (DKAN variants trained in N parallel processes on
+inputs prepared once; default: the CPU cores, 1 on CUDA), ``--cache FILE`` (h5ad of the prepared inputs: reused
+when present, written otherwise), ``--out FILE``, ``--json FILE`` (per-fold metrics and learning curves).
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=None, help="results markdown (default benchmarks/results/...)")
     p.add_argument("--json", type=Path, default=None, help="also dump per-fold metrics and learning curves")
+    p.add_argument("--jobs", type=int, default=1, help="DKAN variants trained in parallel processes (1: in-process)")
+    p.add_argument(
+        "--cache", type=Path, default=None, help="h5ad of the prepared table: reused if present, else written"
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -144,7 +149,7 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {
         "cpu": f"{cpu}, {cores} cores usable (torch threads {torch.get_num_threads()})",
@@ -152,6 +157,10 @@ def machine() -> dict[str, str]:
         "python / torch": f"{platform.python_version()} / {torch.__version__}",
         "os": platform.platform(),
     }
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def load() -> str:
@@ -210,6 +219,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ablations = names(args.ablations, ALL_ABLATIONS, "ablations")
     baselines = names(args.baselines, ("mean", "ridge"), "baselines")
     device = check_setup(cfg, args.device)
+    if args.jobs is None:
+        args.jobs = 1 if device.startswith("cuda") else max(1, min(usable_cores(), 1 + len(ablations)))
     her2st = args.data / "her2st"
     if not (her2st / "ST-cnts").is_dir():
         raise SystemExit(f"No her2st data at {her2st}; pass --data (the folder holding her2st/ and gene_text/).")
@@ -222,36 +233,154 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     desc = gene_descriptions(sdata, args.data, cfg.n_genes)
     log.info("Gene texts: %s", desc["source"].value_counts().to_dict())
     t_read = time.perf_counter()
-    res = dkan.tl.cross_validate(
-        sdata,
-        groupby="sample",
-        config=cfg,
-        baselines=baselines,
-        ablations=ablations,
-        descriptions=desc,
-        device=device,
-        progress=not args.no_progress,
-    )
+    if args.jobs > 1 or args.cache is not None:
+        prepare_inputs(sdata, cfg, desc, device, args.cache, progress=not args.no_progress)
+    t_inputs = time.perf_counter()
+    if args.jobs > 1:
+        res, train_times = run_parallel(args, cfg, sdata, desc, device, ablations, baselines)
+    else:
+        res = dkan.tl.cross_validate(
+            sdata,
+            groupby="sample",
+            config=cfg,
+            baselines=baselines,
+            ablations=ablations,
+            descriptions=desc,
+            device=device,
+            progress=not args.no_progress,
+        )
+        train_times = None
     t1 = time.perf_counter()
-    fold_starts = [t for t, m in watch.events if m.startswith("Fold ")]
+    if args.jobs == 1 and args.cache is None:  # input steps ran inside cross_validate, up to the first fold
+        t_inputs = next((t for t, m in watch.events if m.startswith("Fold ")), t1)
     return {
         "res": res,
         "cfg": cfg,
         "overrides": overrides,
         "device": device,
+        "jobs": args.jobs,
         "ablations": ablations,
         "baselines": baselines,
         "text_sources": desc["source"].value_counts().to_dict(),
         "times": {
             "total": t1 - t0,
             "read + panel + descriptions": t_read - t0,
-            "inputs (tiles, features, text embeddings)": (fold_starts[0] if fold_starts else t1) - t_read,
-            "folds (training + baselines + evaluation)": t1 - (fold_starts[0] if fold_starts else t1),
+            "inputs (tiles, features, text embeddings)": t_inputs - t_read,
+            f"folds (training + baselines + evaluation, {args.jobs} process(es))": t1 - t_inputs,
         },
-        "train_times": training_times(watch.events, t1),
+        "train_times": train_times if train_times is not None else training_times(watch.events, t1),
         "load": (start_load, load()),
         "sections": res.obs["sample"].value_counts(sort=False).to_dict(),
     }
+
+
+# ---------------------------------------------------------------------- inputs once, methods in parallel
+def prepare_inputs(sdata: Any, cfg: Any, desc: pd.DataFrame, device: str, cache: Path | None, progress: bool) -> None:
+    """Run the input steps of ``cross_validate`` once (or load them from ``cache``), so later calls skip them."""
+    import anndata as ad
+    import torch
+
+    from dkan._utils import get_table
+    from dkan.tl import _prepare as prep
+
+    key, table = get_table(sdata, None)
+    if cache is not None and cache.is_file():
+        log.info("Loading the prepared table (features, targets, tiles) from %s.", cache)
+        cached = ad.read_h5ad(cache)
+        if list(cached.obs_names) != list(table.obs_names):
+            raise SystemExit(f"--cache {cache} holds other spots than the data; delete it.")
+        sdata.tables[key] = cached
+        return
+    prep.prepare_training(
+        [sdata], [table], cfg, table_key=key, image_key=None, descriptions=desc, device=torch.device(device),
+        progress=progress,
+    )  # fmt: skip
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        sdata.tables[key].write_h5ad(cache)
+
+
+def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
+    """One DKAN variant (and optionally the baselines) over all folds, in a worker process."""
+    import anndata as ad
+    import torch
+
+    import dkan
+    from dkan._utils import get_table
+
+    torch.set_num_threads(task["threads"])
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("dkan").setLevel(logging.INFO)
+    watch = Stopwatch()
+    logging.getLogger("dkan").addHandler(watch)
+    sdata = dkan.datasets.her2st(task["her2st"])
+    key, _ = get_table(sdata, None)
+    sdata.tables[key] = ad.read_h5ad(task["table"])
+    t0 = time.perf_counter()
+    res = dkan.tl.cross_validate(
+        sdata,
+        groupby="sample",
+        config=task["cfg"],
+        baselines=task["baselines"],
+        ablations=(),
+        descriptions=task["desc"],
+        device=task["device"],
+        progress=False,
+    )
+    preds = {(task["name"] if m == "DKAN" else m): p for m, p in res.predictions.items()}
+    return {
+        "name": task["name"],
+        "preds": preds,
+        "history": res.histories["DKAN"],
+        "obs": res.obs,
+        "genes": res.genes,
+        "folds": res.folds,
+        "train_times": training_times(watch.events, time.perf_counter()),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def run_parallel(args, cfg, sdata, desc, device, ablations, baselines) -> tuple[Any, list[float]]:
+    """Each DKAN variant in its own worker process (``--jobs`` at a time) on the prepared inputs; merged results."""
+    import multiprocessing as mp
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dkan import _keys as K
+    from dkan._utils import get_table, iter_samples
+    from dkan.tl._cv import ABLATIONS, CVResult, _summarise
+
+    key, table = get_table(sdata, None)
+    threads = max(1, usable_cores() // args.jobs)
+    variants = [("DKAN", cfg)] + [(a, cfg.replace(**ABLATIONS[a])) for a in ablations]
+    with tempfile.TemporaryDirectory(prefix="dkan_bench_") as tmp:
+        path = Path(tmp) / "table.h5ad"
+        table.write_h5ad(path)
+        tasks = [
+            {"name": name, "cfg": vcfg, "baselines": baselines if i == 0 else (), "her2st": args.data / "her2st",
+             "table": path, "desc": desc, "device": device, "threads": threads}
+            for i, (name, vcfg) in enumerate(variants)
+        ]  # fmt: skip
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            outs = list(pool.map(_variant_task, tasks))
+    preds = {}
+    for o in outs:
+        preds.update({m: p for m, p in o["preds"].items() if m not in baselines})
+    preds.update({m: p for o in outs for m, p in o["preds"].items() if m in baselines})
+    first = outs[0]
+    gidx = table.var_names.get_indexer(first["genes"])
+    target = np.concatenate(
+        [
+            np.asarray(table.layers[K.TARGET][s.obs_idx][:, gidx])
+            for s in iter_samples(sdata, table_key=key, need_image=False)
+        ]
+    ).astype(np.float32)
+    if target.shape != next(iter(preds.values())).shape:
+        raise RuntimeError(f"Target {target.shape} and predictions {next(iter(preds.values())).shape} differ.")
+    summary = _summarise(preds, target, first["obs"], first["genes"])
+    histories = {o["name"]: o["history"] for o in outs}
+    res = CVResult(summary, first["folds"], preds, first["obs"], first["genes"], histories)
+    return res, [t for o in outs for t in o["train_times"]]
 
 
 def training_times(events: list[tuple[float, str]], end: float) -> list[float]:
@@ -351,7 +480,8 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         f"- DKAN preset `{args.preset}`"
         + (f" with overrides {out['overrides']}" if out["overrides"] else "")
         + f": d={cfg.d}, lr={cfg.lr}, batch {cfg.batch_size}, <= {cfg.max_epochs} epochs, patience {cfg.patience}, "
-        f"trainable patch trunk {cfg.patch_trainable}. Early stopping and checkpoint choice use a random "
+        f"trainable patch trunk {cfg.patch_trainable}, NT-Xent over {cfg.contrastive_genes or 'all'} random genes per "
+        f"step, grad clip {cfg.grad_clip}. Early stopping and checkpoint choice use a random "
         f"{cfg.val_fraction:.0%} of the training spots (never the test section).",
         "- Baselines: `mean` = training mean per gene; `ridge` = HEST-Benchmark protocol on the frozen spot "
         "features (standardise, PCA to 256, ridge alpha = 100 / (n_features x n_targets)).",

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
-CELL_TIMEOUT_S = 900  # per cell; training on 2 CPU cores is the longest cell (a few minutes)
+IMAGE_TYPES = {"image/png", "image/jpeg"}
+CELL_TIMEOUT_S = 1200  # per cell, a guard against hangs; training is the longest cell (minutes on 2 busy CPU cores)
 
 
 def _outputs_text(cell) -> str:
@@ -31,9 +32,11 @@ def test_python3_kernel_is_this_interpreter():
     km = KernelManager(kernel_name="python3")
     km.kernel_spec  # noqa: B018 - resolves the spec like NotebookClient does
     cmd = km.format_kernel_cmd()
-    assert Path(cmd[0]).resolve() == Path(sys.executable).resolve(), (spec.argv, cmd)
+    # not resolved: every venv's python is a symlink to the same base interpreter
+    assert Path(cmd[0]).absolute() == Path(sys.executable).absolute(), (spec.argv, cmd)
 
 
+@pytest.mark.slow  # a few minutes on 2 CPU cores (feature extraction and 30 epochs); CI runs slow tests
 def test_quickstart_notebook_executes(tmp_path):
     import nbformat
     from nbclient import NotebookClient
@@ -55,7 +58,7 @@ def test_quickstart_notebook_executes(tmp_path):
     assert float(pcc.group(1)) > 0.2, f"held-out PCC {pcc.group(1)} is not clearly positive"
     assert "loaded model predicts the same: True" in text
 
-    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    images = [o for c in nb.cells for o in c.get("outputs", []) if IMAGE_TYPES & set(o.get("data", {}))]
     assert len(images) >= 4, (
         f"expected the training history, spatial_pred, spatialdata-plot and squidpy figures, got {len(images)}"
     )
@@ -73,4 +76,4 @@ def test_tutorial_notebooks_are_valid_and_stored_with_outputs(name):
     errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     assert all(c.get("execution_count") for c in code), f"{name}.ipynb has cells that were not run"
-    assert any("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))
+    assert any(IMAGE_TYPES & set(o.get("data", {})) for c in code for o in c.get("outputs", []))

@@ -189,6 +189,8 @@ class DKANLoss:
         Weights when ``adaptive`` is off.
     chunk_size
         Rows per NT-Xent block.
+    contrastive_genes
+        Genes drawn at random per call (the same for every spot) for the NT-Xent term; ``None``: all genes.
     """
 
     temperature: float = 0.1
@@ -200,6 +202,7 @@ class DKANLoss:
     fixed_w_sup: float = 1.0
     fixed_w_con: float = 1.0
     chunk_size: int | None = None
+    contrastive_genes: int | None = None
 
     @classmethod
     def from_config(cls, config: DKANConfig) -> DKANLoss:
@@ -214,6 +217,7 @@ class DKANLoss:
             fixed_w_sup=config.fixed_w_sup,
             fixed_w_con=config.fixed_w_con,
             chunk_size=config.contrastive_chunk,
+            contrastive_genes=config.contrastive_genes,
         )
 
     def __call__(self, out: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
@@ -228,7 +232,12 @@ class DKANLoss:
         zero = sup.new_zeros(())
         if not (self.use_contrastive and "z_exp" in out):
             return {"loss": sup, "sup": sup.detach(), "con": zero, "w_sup": zero + 1.0, "w_con": zero}
-        con = nt_xent(out["z_img"], out["z_exp"], temperature=self.temperature, chunk_size=self.chunk_size)
+        z_img, z_exp = out["z_img"], out["z_exp"]
+        k = self.contrastive_genes
+        if k is not None and z_img.ndim == 3 and z_img.shape[1] > k:  # same random genes for every spot
+            idx = torch.randperm(z_img.shape[1], device=z_img.device)[:k]
+            z_img, z_exp = z_img[:, idx], z_exp[:, idx]
+        con = nt_xent(z_img, z_exp, temperature=self.temperature, chunk_size=self.chunk_size)
         if self.adaptive:
             w_sup, w_con = adaptive_weights(sup.detach(), con.detach(), contrastive_factor=self.contrastive_factor)
         else:
