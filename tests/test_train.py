@@ -19,6 +19,14 @@ def split():
 
 @pytest.fixture(scope="module")
 def trained(split):
+    """A quickly trained model (dummy image features) for the prediction / save / refusal mechanics."""
+    train_sd, _ = split
+    model = dkan.tl.train(copy_sdata(train_sd), config="small", progress=False, max_epochs=2, feature_encoder="dummy")
+    return train_sd, model
+
+
+@pytest.fixture(scope="module")
+def learned(split):
     """The real pipeline on toy slides: EfficientNet-Lite0 features, MiniLM text, small preset, 40 epochs."""
     train_sd, _ = split
     model = dkan.tl.train(copy_sdata(train_sd), config="small", progress=False, max_epochs=40, patience=40)
@@ -46,8 +54,9 @@ def test_training_is_bit_identical_on_cpu(toy_master):
         assert np.array_equal(va.numpy(), vb.numpy()), ka
 
 
-def test_trained_model_beats_the_training_mean_on_a_held_out_slide(trained, split):
-    _, model = trained
+@pytest.mark.slow  # EfficientNet features of 576 spots x 26 tiles and 40 epochs: minutes on 2 CPU cores
+def test_trained_model_beats_the_training_mean_on_a_held_out_slide(learned, split):
+    _, model = learned
     held = copy_sdata(split[1])
     dkan.tl.predict(held, model, progress=False)
     res = dkan.tl.evaluate(held)
