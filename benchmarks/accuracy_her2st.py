@@ -286,10 +286,7 @@ def prepare_inputs(sdata: Any, cfg: Any, desc: pd.DataFrame, device: str, cache:
     key, table = get_table(sdata, None)
     if cache is not None and cache.is_file():
         log.info("Loading the prepared table (features, targets, tiles) from %s.", cache)
-        cached = ad.read_h5ad(cache)
-        if list(cached.obs_names) != list(table.obs_names):
-            raise SystemExit(f"--cache {cache} holds other spots than the data; delete it.")
-        sdata.tables[key] = cached
+        inject(table, ad.read_h5ad(cache), source=f"--cache {cache}")
         return
     prep.prepare_training(
         [sdata], [table], cfg, table_key=key, image_key=None, descriptions=desc, device=torch.device(device),
@@ -298,6 +295,19 @@ def prepare_inputs(sdata: Any, cfg: Any, desc: pd.DataFrame, device: str, cache:
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         sdata.tables[key].write_h5ad(cache)
+
+
+def inject(table: Any, prepared: Any, *, source: str) -> None:
+    """Copy the prepared inputs (obsm, layers, var flags, ``uns["dkan"]``) of a saved table into ``table``."""
+    if list(prepared.obs_names) != list(table.obs_names) or list(prepared.var_names) != list(table.var_names):
+        raise SystemExit(f"{source} holds other spots or genes than the data; delete it.")
+    for k, v in prepared.obsm.items():
+        table.obsm[k] = v
+    for k, v in prepared.layers.items():
+        table.layers[k] = v
+    for c in prepared.var.columns.difference(table.var.columns):
+        table.var[c] = prepared.var[c].to_numpy()
+    table.uns["dkan"] = prepared.uns["dkan"]
 
 
 def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
@@ -314,8 +324,7 @@ def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
     watch = Stopwatch()
     logging.getLogger("dkan").addHandler(watch)
     sdata = dkan.datasets.her2st(task["her2st"])
-    key, _ = get_table(sdata, None)
-    sdata.tables[key] = ad.read_h5ad(task["table"])
+    inject(get_table(sdata, None)[1], ad.read_h5ad(task["table"]), source=str(task["table"]))
     t0 = time.perf_counter()
     res = dkan.tl.cross_validate(
         sdata,
