@@ -299,6 +299,8 @@ def prepare_inputs(sdata: Any, cfg: Any, desc: pd.DataFrame, device: str, cache:
 
 def inject(table: Any, prepared: Any, *, source: str) -> None:
     """Copy the prepared inputs (obsm, layers, var flags, ``uns["dkan"]``) of a saved table into ``table``."""
+    from dkan import _keys as K
+
     if list(prepared.obs_names) != list(table.obs_names) or list(prepared.var_names) != list(table.var_names):
         raise SystemExit(f"{source} holds other spots or genes than the data; delete it.")
     for k, v in prepared.obsm.items():
@@ -307,7 +309,7 @@ def inject(table: Any, prepared: Any, *, source: str) -> None:
         table.layers[k] = v
     for c in prepared.var.columns.difference(table.var.columns):
         table.var[c] = prepared.var[c].to_numpy()
-    table.uns["dkan"] = prepared.uns["dkan"]
+    table.uns[K.UNS] = prepared.uns[K.UNS]
 
 
 def _variant_task(task: dict[str, Any]) -> dict[str, Any]:

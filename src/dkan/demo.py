@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m dkan.demo", description=__doc__)
     parser.add_argument("--out", default="dkan_demo", help="folder for the plot and the saved model")
-    parser.add_argument("--epochs", type=int, default=15, help="maximum training epochs (small preset)")
+    parser.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: small preset)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
 
     train_sd, test_sd = split_toy()
-    model = dkan.tl.train(train_sd, config="small", max_epochs=args.epochs)
+    overrides = {} if args.epochs is None else {"max_epochs": args.epochs}
+    model = dkan.tl.train(train_sd, config="small", **overrides)
     dkan.tl.predict(test_sd, model)
     res = dkan.tl.evaluate(test_sd)
     table = test_sd.tables[K.TABLE]
