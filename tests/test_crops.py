@@ -218,3 +218,17 @@ def test_iter_batches_prefetch_matches_read_batch():
         for k, i in enumerate(idx):
             np.testing.assert_array_equal(b["region"][k].numpy(), region_tiles(img, *xy[i]))
             np.testing.assert_array_equal(b["patch"][k].numpy(), crop(img, *xy[i], P))
+
+
+def test_strip_cache_holds_the_rows_a_window_spans_within_bounds():
+    import dask.array as da
+
+    from dkan.tl._windows import strip_cache_bytes
+
+    img = da.zeros((3, 40_000, 40_000), dtype=np.uint8, chunks=(3, 1024, 1024))
+    # a 1120 px window spans up to 3 chunk rows; one more row and rounding up: 4 rows of 3 x 1024 x 40000 bytes
+    assert strip_cache_bytes(img, 1120) == 4 * 3 * 1024 * 40_000
+    assert strip_cache_bytes(img, 100_000) == 2**30  # capped: never near the image's size
+    small = da.zeros((3, 500, 500), dtype=np.uint8, chunks=(3, 100, 100))
+    assert strip_cache_bytes(small, 64) == 256 * 2**20  # the floor
+    assert strip_cache_bytes(np.zeros((3, 10, 10), np.uint8), 64) == 256 * 2**20  # not chunked

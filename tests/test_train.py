@@ -117,3 +117,24 @@ def test_predict_on_he_only_slide_makes_pseudo_spots(trained, split):
     assert list(table.var_names) == model.genes
     assert table.n_obs > 50 and np.isfinite(table.layers[K.PRED]).all()
     assert len(he.shapes) == 1
+
+
+def test_trainable_patch_branch_trains_predicts_and_round_trips(split, tmp_path):
+    """``patch_trainable=True`` (the reference presets): crops read per step, encoder weights learned and saved."""
+    train_sd, held_sd = split
+    cfg = {**FAST, "max_epochs": 2, "patch_trainable": True, "patch_encoder": "dummy"}
+    model = dkan.tl.train(copy_sdata(train_sd), config="small", progress=False, **cfg)
+    enc = model.module.patch_encoder
+    assert enc is not None
+    fresh = dkan.nn.create_image_encoder("dummy")
+    pairs = zip(enc.parameters(), fresh.parameters(), strict=True)
+    moved = [not np.allclose(a.detach().numpy(), b.detach().numpy()) for a, b in pairs]
+    assert any(moved), "the patch encoder's weights did not change in training"
+    new = copy_sdata(held_sd)
+    dkan.tl.predict(new, model, progress=False)
+    pred = new.tables[K.TABLE][:, model.genes].layers[K.PRED]
+    assert np.isfinite(pred).all() and pred.std(0).mean() > 0
+    model.save(tmp_path / "m")
+    again = copy_sdata(held_sd)
+    dkan.tl.predict(again, dkan.DKANModel.load(tmp_path / "m"), progress=False)
+    np.testing.assert_allclose(again.tables[K.TABLE][:, model.genes].layers[K.PRED], pred, atol=1e-5)

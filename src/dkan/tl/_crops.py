@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, Sampler
 from dkan import _keys as K
 from dkan._utils import get_table, table_attrs, uns_get
 from dkan.tl._tile import image_levels, rgb, tile, tile_keys, window_origins
-from dkan.tl._windows import ChunkReader, _BufferPool, read_window
+from dkan.tl._windows import ChunkReader, _BufferPool, read_window, strip_cache_bytes
 
 __all__ = ["BatchBySample", "ChunkReader", "SpotCrops", "augment", "read_window"]
 
@@ -50,7 +50,7 @@ class _Source:
     region_side: int
 
 
-def _sources(sdata: SpatialData, k: int, table_key: str | None, tile_key: str | None, cache_bytes: int) -> list:
+def _sources(sdata: SpatialData, k: int, table_key: str | None, tile_key: str | None, cache_bytes: int | None) -> list:
     """Crop sources of every tiled sample of one SpatialData (runs :func:`tile` with defaults if needed)."""
     tkey, adata = get_table(sdata, table_key)
     step = tile_keys(None)["uns"] if tile_key is None else tile_key
@@ -76,7 +76,7 @@ def _sources(sdata: SpatialData, k: int, table_key: str | None, tile_key: str | 
                 sdata_index=k,
                 table_key=tkey,
                 obs_idx=idx,
-                reader=ChunkReader(level, cache_bytes=cache_bytes),
+                reader=ChunkReader(level, cache_bytes=cache_bytes or strip_cache_bytes(level, rec["region_side"])),
                 spot_px=np.asarray(adata.obsm[keys["spot_px"]])[idx],
                 mask=np.asarray(adata.obsm[keys["region_mask"]], dtype=bool)[idx],
                 patch_side=int(rec["patch_side"]),
@@ -140,7 +140,8 @@ class SpotCrops(Dataset):
     seed
         Seed of the augmentation generator in the main process; DataLoader workers use their worker seed.
     cache_bytes
-        Budget of the per-image chunk cache.
+        Budget of the per-image chunk cache. ``None``: enough for the chunk rows that one row of region windows
+        spans (so each chunk is decoded once in table order), between 256 MiB and 1 GiB.
 
     Attributes
     ----------
@@ -162,7 +163,7 @@ class SpotCrops(Dataset):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         seed: int = 0,
-        cache_bytes: int = 256 * 2**20,
+        cache_bytes: int | None = None,
     ) -> None:
         sdatas = list(sdata) if isinstance(sdata, list | tuple) else [sdata]
         if not sdatas:
@@ -204,6 +205,10 @@ class SpotCrops(Dataset):
         src = self._src_of[idx]
         rows = np.array([self._sources[s].obs_idx[loc] for s, loc in zip(src, self._local[idx], strict=True)])
         return src, rows.astype(np.int64)
+
+    def source_rows(self) -> list[np.ndarray]:
+        """Per sample (in the order of ``samples``), the table rows of its spots."""
+        return [src.obs_idx for src in self._sources]
 
     def _draw(self, n: int) -> np.ndarray:
         """``(n, 3)`` augmentation draws ``(hflip, vflip, rot)`` from the per-process generator."""

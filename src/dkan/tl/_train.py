@@ -232,14 +232,37 @@ def build_inputs(
 
 
 def _patch_reader(crop_sets: list[tuple[Any, Any]], cfg: DKANConfig, *, table_key: str | None) -> Any:
-    """``read(sample, rows, augment) -> (B, 3, P, P)`` patch crops normalised for the patch encoder."""
-    from dkan.nn.image_encoders import encoder_normalization
-    from dkan.tl._crops import read_patches
+    """``read(sample, rows, augment) -> (B, 3, P, P)`` patch crops normalised for the patch encoder.
 
-    mean, std = encoder_normalization(cfg.patch_encoder)
+    ``rows`` index the spots of sample ``sample`` (in the order of :class:`SampleInputs`); crops come lazily from
+    the image through :class:`~dkan.tl._crops.SpotCrops`, augmented (flips, 90 degree rotations) with a generator
+    seeded from ``cfg.seed`` when ``augment``.
+    """
+    import torch
+
+    from dkan.nn.image_encoders import create_image_encoder
+    from dkan.tl._crops import SpotCrops
+
+    enc = create_image_encoder(cfg.patch_encoder, pretrained=False)  # only its normalisation is needed here
+    datasets: dict[int, tuple[SpotCrops, np.ndarray]] = {}
+    for sd, _ in crop_sets:
+        if id(sd) in datasets:
+            continue
+        crops = SpotCrops(sd, table_key=table_key, mean=enc.mean, std=enc.std)
+        n_obs = get_table(sd, table_key)[1].n_obs
+        position = np.full(n_obs, -1, dtype=np.int64)  # table row -> dataset index
+        for src_rows, ds_idx in zip(crops.source_rows(), crops.samples, strict=True):
+            position[src_rows] = ds_idx
+        datasets[id(sd)] = (crops, position)
+    gen = torch.Generator().manual_seed(int(cfg.seed))
 
     def read(s: int, rows: np.ndarray, augment: bool) -> torch.Tensor:
         sd, sample = crop_sets[s]
-        return read_patches(sd, sample.obs_idx[rows], table_key=table_key, mean=mean, std=std, augment=augment)
+        crops, position = datasets[id(sd)]
+        idx = position[sample.obs_idx[np.asarray(rows)]]
+        if (idx < 0).any():
+            raise ValueError(f"Sample `{sample.name}` has spots without tile geometry; run dkan.tl.tile again.")
+        tf = (torch.rand((len(idx), 3), generator=gen) < 0.5).numpy().astype(np.int64) if augment else None
+        return crops.read_batch(idx, transforms=tf)["patch"].clone()
 
     return read

@@ -25,6 +25,23 @@ def read_window(array: Any, y0: int, x0: int, h: int, w: int) -> np.ndarray:
     return out
 
 
+def strip_cache_bytes(array: Any, window: int, *, floor: int = 256 * 2**20, cap: int = 2**30) -> int:
+    """Chunk-cache budget that keeps the chunk rows one ``window``-high row of spots spans, plus one row.
+
+    Spots read in table (row-major) order revisit every chunk row for each spot row that crosses it; when the
+    rows a window spans fit in the cache, each chunk is decoded once. Clamped to ``[floor, cap]`` bytes, so a
+    huge image never gets a cache near its size.
+    """
+    data = array.data if hasattr(array, "dims") else array
+    chunks = getattr(data, "chunks", None)
+    if chunks is None:
+        return floor
+    c, _, w = data.shape
+    chunk_h = int(max(chunks[1]))
+    rows = -(-int(window) // chunk_h) + 2
+    return int(min(max(rows * chunk_h * w * c * data.dtype.itemsize, floor), cap))
+
+
 class ChunkReader:
     """Read many windows of one ``(c, y, x)`` image, fetching each image chunk once (LRU cache by bytes)."""
 
