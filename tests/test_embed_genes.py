@@ -164,3 +164,20 @@ def test_real_refseq_keratins_cluster():
     keratin = [cos[i, j] for i in range(3) for j in range(3) if i < j]
     cross = [cos[i, j] for i in range(3) for j in (3, 4)]
     assert min(keratin) > max(cross) + 0.1, (keratin, cross)
+
+
+def test_subset_of_genes_leaves_nan_rows_and_reruns_on_change(tiny):
+    adata = _adata()
+    embed_genes(adata, descriptions=DESCRIPTIONS, text_encoder=tiny, device="cpu", genes=["ERBB2", "KRT5"])
+    emb = adata.varm[K.GENE_EMBEDDING]
+    assert np.isfinite(emb[[0, 1]]).all() and np.isnan(emb[[2, 3]]).all()
+    meta = uns_get(adata, K.UNS_GENE_EMBEDDING)
+    assert meta["genes"] == ["ERBB2", "KRT5"] and meta["source"] == ["summary", "summary"]
+    full = _adata()
+    embed_genes(full, descriptions=DESCRIPTIONS, text_encoder=tiny, device="cpu")
+    np.testing.assert_allclose(emb[[0, 1]], full.varm[K.GENE_EMBEDDING][[0, 1]], atol=1e-5)
+    # another subset is not "up to date": the new genes get their rows
+    embed_genes(adata, descriptions=DESCRIPTIONS, text_encoder=tiny, device="cpu", genes=["IGKC"])
+    assert np.isfinite(adata.varm[K.GENE_EMBEDDING][2]).all()
+    with pytest.raises(KeyError, match="not in `var_names`"):
+        embed_genes(adata, descriptions=DESCRIPTIONS, text_encoder=tiny, device="cpu", genes=["NOPE"])

@@ -54,7 +54,6 @@ def test_training_is_bit_identical_on_cpu(toy_master):
         assert np.array_equal(va.numpy(), vb.numpy()), ka
 
 
-@pytest.mark.slow  # EfficientNet features of 576 spots x 26 tiles and 40 epochs: minutes on 2 CPU cores
 def test_trained_model_beats_the_training_mean_on_a_held_out_slide(learned, split):
     _, model = learned
     held = copy_sdata(split[1])

@@ -36,7 +36,6 @@ def test_python3_kernel_is_this_interpreter():
     assert Path(cmd[0]).absolute() == Path(sys.executable).absolute(), (spec.argv, cmd)
 
 
-@pytest.mark.slow  # a few minutes on 2 CPU cores (feature extraction and 30 epochs); CI runs slow tests
 def test_quickstart_notebook_executes(tmp_path):
     import nbformat
     from nbclient import NotebookClient

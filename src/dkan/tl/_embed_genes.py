@@ -37,6 +37,8 @@ def embed_genes(
     batch_size: int = 64,
     device: str | None = None,
     describe_kwargs: Mapping[str, Any] | None = None,
+    genes: Sequence[str] | None = None,
+    progress: bool = True,
 ) -> None:
     """Embed a text description of every gene with a text encoder.
 
@@ -66,15 +68,27 @@ def embed_genes(
     describe_kwargs
         Options of :func:`dkan.tl.describe_genes` (``gene_info``, ``llm``, ``cache_dir``, ...) when
         ``descriptions`` is a mapping, a path or ``"ncbi"``.
+    genes
+        Embed only these genes (e.g. the gene panel; the rows of the other genes are NaN). Default: every gene.
+    progress
+        Show a progress bar over the batches of texts.
 
     Returns
     -------
     Nothing; writes ``table.varm[key_added]`` (``n_vars x dim`` float32, a row for every gene) and the provenance
     ``table.uns["dkan"]["gene_embedding"]``: ``encoder``, ``pooling``, ``dim``, ``weights_hash``, ``key_added``,
-    ``source_counts`` and, per gene in ``var_names`` order, ``text_sha1`` and ``source``.
+    ``source_counts`` and, per embedded gene (``var_names`` order, or ``genes`` recorded as ``genes``), ``text_sha1``
+    and ``source``.
     """
     adata = _as_table(sdata, table_key)
-    genes = [str(g) for g in adata.var_names]
+    all_genes = [str(g) for g in adata.var_names]
+    if genes is None:
+        genes = all_genes
+    else:
+        genes = [str(g) for g in genes]
+        unknown = sorted(set(genes) - set(all_genes))
+        if unknown:
+            raise KeyError(f"`genes` holds {len(unknown)} name(s) not in `var_names`, e.g. {unknown[:5]}.")
     texts = gene_texts(genes, descriptions, describe_kwargs=describe_kwargs or {})
     enc_name = text_encoder.name if _is_encoder(text_encoder) else str(text_encoder)
     enc_pooling = text_encoder.pooling if _is_encoder(text_encoder) else pooling
@@ -83,15 +97,21 @@ def embed_genes(
     old = uns_get(adata, step)
     if old is not None and key_added in adata.varm and not overwrite:
         _check_same_encoder(old, enc_name, enc_pooling, key_added)
-        if list(old.get("text_sha1", [])) == sha and adata.varm[key_added].shape[0] == len(genes):
+        same_genes = list(old.get("genes", all_genes)) == genes
+        if same_genes and list(old.get("text_sha1", [])) == sha and adata.varm[key_added].shape[0] == len(all_genes):
             logger.info("Gene embeddings `%s` are up to date (same encoder and texts); nothing to do.", key_added)
             return
     encoder = text_encoder if _is_encoder(text_encoder) else _create(text_encoder, pooling, device)
     if old is not None and key_added in adata.varm and not overwrite:
         _check_same_encoder(old, encoder.name, encoder.pooling, key_added, weights_hash=encoder.weights_hash)
     logger.info("Embedding %d gene descriptions with %s (%s pooling).", len(genes), encoder.name, encoder.pooling)
-    emb = encoder.encode(texts["text"].tolist(), batch_size=batch_size, progress=True)
-    adata.varm[key_added] = emb.astype(np.float32, copy=False)
+    emb = encoder.encode(texts["text"].tolist(), batch_size=batch_size, progress=progress)
+    if len(genes) == len(all_genes) and genes == all_genes:
+        adata.varm[key_added] = emb.astype(np.float32, copy=False)
+    else:
+        full = np.full((len(all_genes), emb.shape[1]), np.nan, dtype=np.float32)
+        full[adata.var_names.get_indexer(genes)] = emb
+        adata.varm[key_added] = full
     counts = texts["source"].value_counts()
     uns_set(
         adata,
@@ -103,6 +123,7 @@ def embed_genes(
             "weights_hash": encoder.weights_hash,
             "key_added": key_added,
             "source_counts": {str(k): int(v) for k, v in counts.items()},
+            **({} if genes == all_genes else {"genes": genes}),
             "text_sha1": sha,
             "source": texts["source"].astype(str).tolist(),
         },
