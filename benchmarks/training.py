@@ -198,7 +198,8 @@ def worker(spec: dict) -> dict:
     from dkan.train.model import build_module
 
     device = torch.device(spec["device"])
-    cfg = DKANConfig.from_preset(spec["preset"], batch_size=spec["batch"], n_genes=spec["genes"])
+    extra = {} if spec.get("contrastive_genes") == "preset" else {"contrastive_genes": spec["contrastive_genes"]}
+    cfg = DKANConfig.from_preset(spec["preset"], batch_size=spec["batch"], n_genes=spec["genes"], **extra)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     samples, genes = make_samples(tuple(spec["spots"]), n_genes=spec["genes"], seed=0, device=device)
@@ -369,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per cell")
     p.add_argument("--output", default=None, help="markdown file (default benchmarks/results/training_<device>.md)")
+    p.add_argument(
+        "--contrastive-genes", default="preset", help="genes per step in dkan's NT-Xent: N, 'all' or 'preset'"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -404,6 +408,9 @@ def main(argv: list[str] | None = None) -> None:
                 "epochs": epochs,
                 "warmup": warmup,
                 "max_steps": args.max_steps,
+                "contrastive_genes": {"all": None, "preset": "preset"}.get(
+                    args.contrastive_genes, int(args.contrastive_genes) if args.contrastive_genes.isdigit() else 0
+                ),
             }
             t0 = time.perf_counter()
             rows.append({**spec, "result": run_cell(spec, timeout=args.timeout)})
@@ -416,7 +423,8 @@ def main(argv: list[str] | None = None) -> None:
         f"- device: {device_name(args.device, args.threads)}; torch {torch.__version__}; "
         f"Python {platform.python_version()}",
         f"- data: {len(spots)} sections, {sum(spots)} spots, {n_genes} genes, features {FEATURE_DIM}-d "
-        f"(spot + {REGION}x{REGION} region), gene embeddings {GENE_DIM}-d; one epoch = all spots, no validation",
+        f"(spot + {REGION}x{REGION} region), gene embeddings {GENE_DIM}-d; one epoch = all spots, no validation; "
+        f"genes per step in dkan's NT-Xent: {args.contrastive_genes} (the reference contrasts all genes)",
         f"- load average (1/5/15 min) at start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, at end "
         + "/".join(f"{x:.2f}" for x in os.getloadavg())
         + f"; total wall time {time.perf_counter() - started:.0f} s",

@@ -45,6 +45,7 @@ def her2st(
     join: Literal["inner", "outer"] = "inner",
     scale_factors: Sequence[int] | None = (2, 2, 2, 2),
     chunks: tuple[int, int, int] = (3, 1024, 1024),
+    progress: bool = True,
 ) -> SpatialData:
     """Read sections of the her2st repository layout into one SpatialData.
 
@@ -66,6 +67,8 @@ def her2st(
         Image pyramid downsampling factors; ``None`` for single-scale images.
     chunks
         Dask chunks of the images, ``(c, y, x)``.
+    progress
+        Show a progress bar over the sections.
 
     Returns
     -------
@@ -89,7 +92,7 @@ def her2st(
             f"`sections` {bad} have no counts file or no image in {root}; sections with images: {with_image}."
         )
     sdatas = []
-    for s in tqdm(sections, desc="her2st sections", disable=len(sections) < 2):
+    for s in tqdm(sections, desc="her2st sections", disable=not progress or len(sections) < 2):
         spots = root / "ST-spotfiles" / f"{s}_selection.tsv"
         if not spots.is_file():
             raise FileNotFoundError(f"Section {s} has no spot file {spots}.")
