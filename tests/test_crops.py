@@ -175,7 +175,6 @@ def test_crops_tile_on_demand(toy):
     torch.testing.assert_close(clone[5]["patch"], ds[5]["patch"])
 
 
-@pytest.mark.slow
 def test_her2st_crop_equals_pil_crop():
     import pandas as pd
     from PIL import Image

@@ -98,7 +98,6 @@ def test_make_spots_options_and_errors():
         dkan.tl.make_spots(blank, um_per_px=1.0, spacing_um=40.0)
 
 
-@pytest.mark.slow
 def test_make_spots_her2st_covers_tissue_avoids_background():
     from scipy.spatial import cKDTree
 
