@@ -231,3 +231,8 @@ def test_strip_cache_holds_the_rows_a_window_spans_within_bounds():
     small = da.zeros((3, 500, 500), dtype=np.uint8, chunks=(3, 100, 100))
     assert strip_cache_bytes(small, 64) == 256 * 2**20  # the floor
     assert strip_cache_bytes(np.zeros((3, 10, 10), np.uint8), 64) == 256 * 2**20  # not chunked
+
+
+def test_dataset_classes_are_public():
+    assert dkan.tl.SpotCrops is SpotCrops and dkan.tl.BatchBySample is BatchBySample
+    assert {"SpotCrops", "BatchBySample"} <= set(dir(dkan.tl))

@@ -7,6 +7,8 @@ __getattr__, __dir__, __all__ = lazy_module(
     {
         "tile": "_tile",
         "make_spots": "_make_spots",
+        "SpotCrops": "_crops",
+        "BatchBySample": "_crops",
         "extract_features": "_features",
         "describe_genes": "_describe",
         "embed_genes": "_embed_genes",
