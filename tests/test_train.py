@@ -27,9 +27,9 @@ def trained(split):
 
 @pytest.fixture(scope="module")
 def learned(split):
-    """The real pipeline on toy slides: EfficientNet-Lite0 features, MiniLM text, small preset, 40 epochs."""
-    train_sd, _ = split
-    model = dkan.tl.train(copy_sdata(train_sd), config="small", progress=False, max_epochs=40, patience=40)
+    """The real pipeline on toy slides: EfficientNet-Lite0 features, MiniLM text, the small preset as users get it."""
+    train_sd = copy_sdata(split[0])  # train writes the panel, target, tiles and features into its input
+    model = dkan.tl.train(train_sd, config="small", progress=False)
     return train_sd, model
 
 
@@ -55,11 +55,11 @@ def test_training_is_bit_identical_on_cpu(toy_master):
 
 
 def test_trained_model_beats_the_training_mean_on_a_held_out_slide(learned, split):
-    _, model = learned
+    train_sd, model = learned
     held = copy_sdata(split[1])
     dkan.tl.predict(held, model, progress=False)
     res = dkan.tl.evaluate(held)
-    y_train = split[0].tables[K.TABLE][:, model.genes].layers[K.TARGET]
+    y_train = train_sd.tables[K.TABLE][:, model.genes].layers[K.TARGET]
     y = held.tables[K.TABLE][:, model.genes].layers[K.TARGET]
     mse_mean = float(np.mean((y - y_train.mean(0)) ** 2))
     # the training mean is constant per gene (PCC undefined): DKAN must correlate clearly and have lower error
