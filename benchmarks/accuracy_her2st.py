@@ -31,27 +31,20 @@ from __future__ import annotations
 
 import argparse
 import ast
-import datetime
-import json
 import logging
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from _her2st_report import dump_json, fmt_time, load, machine, report, target_check, usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("DKAN_DATA_DIR", ROOT.parent / "shared" / "data"))
 ALL_ABLATIONS = ("no_text", "no_contrastive", "no_multiscale", "fixed_weights", "no_distill", "gene_tokens")
 OFFLINE = {"feature_encoder": "efficientnet_lite0", "patch_encoder": "efficientnet_lite0", "text_encoder": "minilm"}
-#: The paper's HER2+ row for DKAN (Table 1; leave-one-patient-out over 8 patients, UNI/ResNet18/BioBERT).
-PAPER = {"MAE": "0.361 ± 0.04", "MSE": "0.224 ± 0.06", "PCC-ALL": "0.330 ± 0.13", "PCC-HPG": "0.531 ± 0.15",
-         "PCC-HEG": "0.317 ± 0.09", "PCC-HVG": "0.304 ± 0.07"}  # fmt: skip
 log = logging.getLogger("dkan.bench")
 
 
@@ -138,45 +131,6 @@ def check_setup(cfg: Any, device: str | None) -> str:
 
 
 # ---------------------------------------------------------------------- machine and timing
-def machine() -> dict[str, str]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = usable_cores()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {
-        "cpu": f"{cpu}, {cores} cores usable (torch threads {torch.get_num_threads()})",
-        "gpu": gpu,
-        "python / torch": f"{platform.python_version()} / {torch.__version__}",
-        "os": platform.platform(),
-    }
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def load() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)
-        return out.stdout.strip() + (" (+ uncommitted changes)" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 class Stopwatch(logging.Handler):
@@ -404,146 +358,6 @@ def training_times(events: list[tuple[float, str]], end: float) -> list[float]:
 
 
 # ---------------------------------------------------------------------- reporting
-def target_check(res: Any) -> list[str]:
-    pf = res.summary.per_fold
-    s = res.summary.summary
-    lines = []
-    for other in ("ridge", "no_text"):
-        if other not in s.index:
-            continue
-        for metric, label in (("pcc_all", "PCC-ALL"), ("pcc_heg", "PCC-HEG")):
-            a, b = s.loc["DKAN", f"{metric}_mean"], s.loc[other, f"{metric}_mean"]
-            fa = pf[pf["method"] == "DKAN"].set_index("fold")[metric]
-            fb = pf[pf["method"] == other].set_index("fold")[metric].reindex(fa.index)
-            wins = int((fa > fb).sum())
-            verdict = "beats" if a > b else "does NOT beat"
-            lines.append(
-                f"- DKAN {verdict} {other} on {label}: {a:.3f} vs {b:.3f} (difference {a - b:+.3f}; "
-                f"DKAN higher in {wins}/{len(fa)} folds)"
-            )
-    return lines
-
-
-def per_fold_table(res: Any, metric: str) -> pd.DataFrame:
-    pf = res.summary.per_fold
-    t = pf.pivot(index="method", columns="fold", values=metric).reindex(res.summary.methods)
-    t.columns = [f"test {res.folds[int(f)][0]}" if str(f).isdigit() else str(f) for f in t.columns]
-    return t.round(3)
-
-
-def epochs_table(res: Any) -> pd.DataFrame:
-    rows = {}
-    for method, folds in res.histories.items():
-        ran = [len(h) for h in folds]
-        best = [int(np.nanargmax([r["val_pcc"] for r in h])) if h else -1 for h in folds]
-        val = [float(np.nanmax([r["val_pcc"] for r in h])) if h else float("nan") for h in folds]
-        rows[method] = {
-            "epochs run": " ".join(map(str, ran)),
-            "best epoch": " ".join(map(str, best)),
-            "best val PCC": " ".join(f"{v:.3f}" for v in val),
-        }
-    return pd.DataFrame(rows).T
-
-
-def md_table(df: pd.DataFrame, index_name: str = "method") -> str:
-    cols = [index_name, *map(str, df.columns)]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += [
-        "| " + " | ".join([str(i), *map(str, row)]) + " |" for i, row in zip(df.index, df.to_numpy(), strict=True)
-    ]
-    return "\n".join(lines)
-
-
-def fmt_time(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
-
-
-def report(out: dict[str, Any], args: argparse.Namespace) -> str:
-    res, cfg = out["res"], out["cfg"]
-    table = res.table()
-    cmd = "python benchmarks/accuracy_her2st.py " + " ".join(sys.argv[1:])
-    mach = machine()
-    tt = out["train_times"]
-    lines = [
-        f"# her2st accuracy benchmark, preset `{args.preset}`",
-        "",
-        f"Command: `{cmd.strip()}`  ",
-        f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; dkan commit {git_commit()}  ",
-        f"Device: {out['device']}; " + "; ".join(f"{k}: {v}" for k, v in mach.items()) + "  ",
-        f"Load average (1/5/15 min) at start: {out['load'][0]}; at end: {out['load'][1]} "
-        "(the machine was shared with other jobs, so times are inflated)  ",
-        f"Total run time: {fmt_time(out['times']['total'])}",
-        "",
-        "## Protocol",
-        "",
-        f"- Data: her2st sections {', '.join(f'{k} ({v} spots)' for k, v in out['sections'].items())}, all from "
-        "patient C (the only sections with images here). Leave-one-section-out: 5 folds, each tests on one section "
-        "and trains on the other four.",
-        "- **Serial sections of one patient make leave-one-section-out optimistic**: train and test share the "
-        "patient, the tumour and the staining batch. These numbers are not comparable to the paper's "
-        "leave-one-patient-out over 8 patients, which also uses other encoders (UNI, ResNet18, BioBERT).",
-        f"- Panel: {cfg.n_genes} genes, reference rule (detected in >= 10 % of all spots of the five sections, top "
-        "by total counts); targets: library size 1e4 over the panel, log10(1+x), 3x3 grid smoothing. HEG/HVG are "
-        "chosen on the pooled labels, HPG on each method's own fold results (reference protocol).",
-        f"- Inputs shared by every method and fold: frozen `{cfg.feature_encoder}` features of each spot "
-        f"({cfg.patch_size} px crops at {cfg.target_mpp} µm/px) and of its {cfg.region_grid}x{cfg.region_grid} "
-        f"region; `{cfg.text_encoder}` embeddings of the gene descriptions (sources: {out['text_sources']}).",
-        f"- DKAN preset `{args.preset}`"
-        + (f" with overrides {out['overrides']}" if out["overrides"] else "")
-        + f": d={cfg.d}, lr={cfg.lr}, batch {cfg.batch_size}, <= {cfg.max_epochs} epochs, patience {cfg.patience}, "
-        f"trainable patch trunk {cfg.patch_trainable}, NT-Xent over {cfg.contrastive_genes or 'all'} random genes per "
-        f"step, grad clip {cfg.grad_clip}. Early stopping and checkpoint choice use a random "
-        f"{cfg.val_fraction:.0%} of the training spots (never the test section).",
-        "- Baselines: `mean` = training mean per gene; `ridge` = HEST-Benchmark protocol on the frozen spot "
-        "features (standardise, PCA to 256, ridge alpha = 100 / (n_features x n_targets)).",
-        "",
-        "## Results (mean ± population std over the 5 folds)",
-        "",
-        md_table(table),
-        "",
-        "Paper, HER2+ (DKAN, Table 1), for orientation only (not comparable: leave-one-patient-out over 8 "
-        "patients, UNI/ResNet18/BioBERT):",
-        "",
-        md_table(pd.DataFrame([PAPER], index=["DKAN (paper)"])),
-        "",
-        "## Target: DKAN vs ridge and vs the no-text ablation (same folds, same features)",
-        "",
-        *target_check(res),
-        "",
-        "## Per fold",
-        "",
-        "PCC-ALL:",
-        "",
-        md_table(per_fold_table(res, "pcc_all")),
-        "",
-        "PCC-HEG:",
-        "",
-        md_table(per_fold_table(res, "pcc_heg")),
-        "",
-        "## Training (per fold, test section order " + ", ".join(f[0] for f in res.folds) + ")",
-        "",
-        md_table(epochs_table(res)),
-        "",
-        "## Time",
-        "",
-        *[f"- {k}: {fmt_time(v)}" for k, v in out["times"].items()],
-        f"- DKAN trainings: {len(tt)}, {np.mean(tt):.0f} s each on average (min {np.min(tt):.0f}, max {np.max(tt):.0f})"
-        if tt
-        else "- no DKAN training",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def dump_json(path: Path, res: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "folds": res.folds,
-        "per_fold": res.summary.per_fold.to_dict(orient="records"),
-        "histories": res.histories,
-        "gene_sets": {k: v for k, v in res.summary.gene_sets.items() if k != "hpg"},
-    }
-    path.write_text(json.dumps(payload, indent=1, default=float))
 
 
 def main(argv: list[str] | None = None) -> None:
