@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from _machine import cpu_model
 
 if TYPE_CHECKING:
     import argparse
@@ -26,14 +27,7 @@ PAPER = {"MAE": "0.361 ± 0.04", "MSE": "0.224 ± 0.06", "PCC-ALL": "0.330 ± 0.
 def machine() -> dict[str, str]:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model(platform.processor() or platform.machine())
     cores = usable_cores()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {

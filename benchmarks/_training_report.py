@@ -6,16 +6,15 @@ import os
 import platform
 import statistics
 
+from _machine import cpu_model
+
 
 def device_name(device: str, threads: int) -> str:
     import torch
 
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    model = platform.processor() or "CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as fh:
-            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
+    model = cpu_model(platform.processor() or "CPU")
     return f"{model}, {os.cpu_count()} logical cores, torch threads {threads or torch.get_num_threads()}"
 
 

@@ -106,12 +106,12 @@ def embed_genes(
         _check_same_encoder(old, encoder.name, encoder.pooling, key_added, weights_hash=encoder.weights_hash)
     logger.info("Embedding %d gene descriptions with %s (%s pooling).", len(genes), encoder.name, encoder.pooling)
     emb = encoder.encode(texts["text"].tolist(), batch_size=batch_size, progress=progress)
-    if len(genes) == len(all_genes) and genes == all_genes:
-        adata.varm[key_added] = emb.astype(np.float32, copy=False)
-    else:
+    subset = genes != all_genes
+    if subset:
         full = np.full((len(all_genes), emb.shape[1]), np.nan, dtype=np.float32)
         full[adata.var_names.get_indexer(genes)] = emb
-        adata.varm[key_added] = full
+        emb = full
+    adata.varm[key_added] = emb.astype(np.float32, copy=False)
     counts = texts["source"].value_counts()
     uns_set(
         adata,
@@ -123,7 +123,7 @@ def embed_genes(
             "weights_hash": encoder.weights_hash,
             "key_added": key_added,
             "source_counts": {str(k): int(v) for k, v in counts.items()},
-            **({} if genes == all_genes else {"genes": genes}),
+            **({"genes": genes} if subset else {}),
             "text_sha1": sha,
             "source": texts["source"].astype(str).tolist(),
         },
