@@ -91,6 +91,9 @@ def test_chunk_reader_small_cache_and_chunks():
     clone = pickle.loads(pickle.dumps(reader))
     assert len(clone._cache) == 0
     np.testing.assert_array_equal(clone.read(windows[:1])[0], read_window(img, *windows[0]))
+    split = ChunkReader(da.from_array(img, chunks=(1, 30, 40)), cache_bytes=3 * 30 * 40 * 10)  # channels split
+    for win, got in zip(windows, split.read(windows), strict=True):
+        np.testing.assert_array_equal(got, read_window(img, *win))
 
 
 @pytest.mark.parametrize("tf", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1), (0, 1, 1)])
