@@ -47,3 +47,26 @@ def test_config_field():
     assert DKANLoss.from_config(PRESETS["small"]).contrastive_genes == 32
     with pytest.raises(ValueError, match="contrastive_genes"):
         DKANConfig(contrastive_genes=0)
+
+
+def test_model_runs_the_expression_path_for_the_drawn_genes_only():
+    """The gene queries do not interact in the cross encoder: a subset gives those genes' rows of the full output."""
+    from test_nn_model import CFG, G, TinyConv, make_batch
+
+    from dkan.nn.model import DKAN
+
+    torch.manual_seed(0)
+    model = DKAN(CFG.replace(contrastive_genes=3), G, 12, 10, TinyConv()).eval()
+    batch = make_batch()
+    full = model(batch, with_expression=True)  # eval mode: no draw, all genes
+    assert full["z_exp"].shape[1] == G and "genes_subset" not in full
+    idx = torch.tensor([4, 0, 2])
+    sub = model(batch, with_expression=True, genes_subset=idx)
+    torch.testing.assert_close(sub["z_exp"], full["z_exp"][:, idx])
+    torch.testing.assert_close(sub["pred"], full["pred"])
+    model.train()
+    out = model(batch)  # training: a fresh draw of 3 genes; the loss pairs them with the same genes of z_img
+    assert out["z_exp"].shape[1] == 3 and len(set(out["genes_subset"].tolist())) == 3
+    loss = DKANLoss(contrastive_genes=3, use_distill=False)(out, batch["target"])
+    want = nt_xent_dense(out["z_img"][:, out["genes_subset"]], out["z_exp"], temperature=0.1)
+    torch.testing.assert_close(loss["con"], want)

@@ -221,3 +221,24 @@ def test_slide_encoder_is_permutation_equivariant():
     perm = torch.randperm(len(grid))
     torch.testing.assert_close(enc(x[perm], grid[perm]), out[perm], atol=1e-5, rtol=1e-5)
     assert len(SlideEncoder(16, 1, 2, 2.0).rest) == 0
+
+
+def test_dropout_cpu_mask_statistics_gradient_and_seed():
+    from dkan.nn.layers import Dropout
+
+    x = torch.randn(64, 50, 40, requires_grad=True)
+    drop = Dropout(0.25)
+    assert isinstance(drop, torch.nn.Dropout) and drop.state_dict() == {}
+    torch.manual_seed(1)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    torch.manual_seed(1)
+    torch.testing.assert_close(drop(x), y)  # reproducible from torch's seed
+    assert not torch.equal(drop(x), y)  # and a fresh mask on the next call
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    assert (Dropout(1.0).train()(x) == 0).all()

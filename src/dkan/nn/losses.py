@@ -180,7 +180,8 @@ class DKANLoss:
     contrastive_factor
         Factor on the contrastive weight in :func:`adaptive_weights`.
     use_contrastive
-        Add the NT-Xent term (when the outputs hold ``"z_exp"``).
+        Add the NT-Xent term (when the outputs hold ``"z_exp"``; with ``"genes_subset"`` (k,) the term compares
+        ``z_exp`` (B, k, d) with those genes of ``z_img``).
     adaptive
         Adaptive weights; otherwise ``fixed_w_sup`` and ``fixed_w_con``.
     use_distill
@@ -234,7 +235,9 @@ class DKANLoss:
             return {"loss": sup, "sup": sup.detach(), "con": zero, "w_sup": zero + 1.0, "w_con": zero}
         z_img, z_exp = out["z_img"], out["z_exp"]
         k = self.contrastive_genes
-        if k is not None and z_img.ndim == 3 and z_img.shape[1] > k:  # same random genes for every spot
+        if "genes_subset" in out:  # the model ran the expression path for these genes only
+            z_img = z_img[:, out["genes_subset"]]
+        elif k is not None and z_img.ndim == 3 and z_img.shape[1] > k:  # same random genes for every spot
             idx = torch.randperm(z_img.shape[1], device=z_img.device)[:k]
             z_img, z_exp = z_img[:, idx], z_exp[:, idx]
         con = nt_xent(z_img, z_exp, temperature=self.temperature, chunk_size=self.chunk_size)

@@ -211,7 +211,9 @@ class DKAN(nn.Module):
         lead = torch.ones(mask.shape[0], 1 + patch.shape[1], dtype=torch.bool, device=mask.device)
         return torch.cat(parts, dim=1), torch.cat([lead, mask.bool()], dim=1)
 
-    def forward(self, batch: Mapping[str, Tensor], *, with_expression: bool | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, batch: Mapping[str, Tensor], *, with_expression: bool | None = None, genes_subset: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Predict expression for a batch of spots of one sample.
 
         Parameters
@@ -225,11 +227,16 @@ class DKAN(nn.Module):
         with_expression
             Run the expression path (needs ``"target"``). Default: in training mode when ``"target"`` is present and
             ``config.use_contrastive``.
+        genes_subset
+            Gene indices (k,) the expression path runs for. Default: all genes, or in training mode with
+            ``config.contrastive_genes = k < G`` a fresh random draw of ``k`` genes (the only ones the NT-Xent
+            term uses; the gene queries do not interact in the cross encoder, so their outputs are the same).
 
         Returns
         -------
         ``"pred"`` (B, G), ``"pred_fusion"``, ``"pred_patch"`` and, when enabled, ``"pred_region"``,
-        ``"pred_slide"`` (B, G); ``"z_img"`` (B, G, d); ``"z_exp"`` (B, G, d) when the expression path ran.
+        ``"pred_slide"`` (B, G); ``"z_img"`` (B, G, d); ``"z_exp"`` (B, G, d) when the expression path ran, or
+        (B, k, d) with ``"genes_subset"`` (k,) when it ran for a subset.
         """
         cfg = self.config
         if "patch_tokens" in batch:  # frozen patch branch: precomputed tokens (B, T, C)
@@ -265,5 +272,12 @@ class DKAN(nn.Module):
         if with_expression:
             h = self.encode_expression(_require(batch, "target", "for the expression path"))
             genes_exp = self.encode_genes(batch.get("genes")) if cfg.separate_exp_text else genes
+            k = cfg.contrastive_genes
+            if genes_subset is None:
+                draw = self.training and k is not None and k < self.n_genes
+                genes_subset = torch.randperm(self.n_genes, device=h.device)[:k] if draw else None
+            if genes_subset is not None:
+                genes_exp = genes_exp[:, genes_subset]
+                out["genes_subset"] = genes_subset
             out["z_exp"] = self.exp_cross(genes_exp.expand(n, -1, -1), h[:, None])
         return out

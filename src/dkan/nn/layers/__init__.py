@@ -9,11 +9,13 @@ from dkan.nn.layers.blocks import (
     TransformerBlock,
     TransformerEncoder,
 )
+from dkan.nn.layers.dropout import Dropout
 from dkan.nn.layers.positional import PEGH, grid_cells
 
 __all__ = [
     "PEGH",
     "CrossEncoder",
+    "Dropout",
     "ExpressionEncoder",
     "FeedForward",
     "MultiHeadAttention",

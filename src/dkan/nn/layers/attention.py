@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dkan.nn.layers.dropout import Dropout
+
 __all__ = ["MultiHeadAttention", "RelativePositionBias", "attend", "attention_weights"]
 
 
@@ -126,7 +128,7 @@ class MultiHeadAttention(nn.Module):
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
         self.rel_bias = RelativePositionBias(heads, grid) if grid is not None else None
-        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout)) if heads > 1 else nn.Identity()
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), Dropout(dropout)) if heads > 1 else nn.Identity()
 
     def _split(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape

@@ -12,6 +12,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from dkan.nn.layers.attention import MultiHeadAttention
+from dkan.nn.layers.dropout import Dropout
 from dkan.nn.layers.positional import PEGH
 
 __all__ = ["CrossEncoder", "ExpressionEncoder", "FeedForward", "SlideEncoder", "TransformerBlock", "TransformerEncoder"]
@@ -21,9 +22,7 @@ class FeedForward(nn.Sequential):
     """``Linear(dim, hidden) -> GELU -> Dropout -> Linear(hidden, dim) -> Dropout``."""
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
-        super().__init__(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
-        )
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, dim), Dropout(dropout))
 
 
 class TransformerBlock(nn.Module):
@@ -171,7 +170,7 @@ class ExpressionEncoder(nn.Module):
     def __init__(self, n_genes: int, dim: int, dropout: float = 0.3) -> None:
         super().__init__()
         self.proj = nn.Linear(n_genes, dim)
-        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(dim, dim), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(dim, dim), Dropout(dropout))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, y: Tensor) -> Tensor:
