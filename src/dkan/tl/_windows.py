@@ -99,9 +99,11 @@ class ChunkReader:
         if missing:
             import dask
 
-            if self._blocks is None:
-                self._blocks = self.data.to_delayed()
-            arrays = dask.compute(*[self._blocks[0, i, j] for i, j in missing])
+            with self._lock:
+                if self._blocks is None:
+                    self._blocks = self.data.to_delayed()
+                blocks = [self._blocks[0, i, j] for i, j in missing]
+            arrays = dask.compute(*blocks)
             with self._lock:
                 for key, arr in zip(missing, arrays, strict=True):
                     if key not in self._cache:
