@@ -124,8 +124,7 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         f"Command: `{cmd.strip()}`  ",
         f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; dkan commit {git_commit()}  ",
         f"Device: {out['device']}; " + "; ".join(f"{k}: {v}" for k, v in mach.items()) + "  ",
-        f"Load average (1/5/15 min) at start: {out['load'][0]}; at end: {out['load'][1]} "
-        "(the machine was shared with other jobs, so times are inflated)  ",
+        f"Load average (1/5/15 min) at start: {out['load'][0]}; at end: {out['load'][1]}  ",
         f"Total run time: {fmt_time(out['times']['total'])}",
         "",
         "## Protocol",

@@ -130,7 +130,7 @@ def check_setup(cfg: Any, device: str | None) -> str:
     return dev
 
 
-# ---------------------------------------------------------------------- machine and timing
+# ---------------------------------------------------------------------- timing
 
 
 class Stopwatch(logging.Handler):
@@ -266,6 +266,21 @@ def inject(table: Any, prepared: Any, *, source: str) -> None:
     table.uns[K.UNS] = prepared.uns[K.UNS]
 
 
+def load_prepared(data: Path, cache: Path, n_genes: int) -> tuple[Any, str, Any, pd.DataFrame, list[str]]:
+    """The her2st sections with the inputs of a ``--cache`` h5ad: ``(sdata, table key, table, descriptions, panel)``."""
+    import anndata as ad
+
+    import dkan
+    from dkan import _keys as K
+    from dkan._utils import get_table
+
+    sdata = dkan.datasets.her2st(data / "her2st", progress=False)
+    key, table = get_table(sdata, None)
+    desc = gene_descriptions(sdata, data, n_genes)
+    inject(table, ad.read_h5ad(cache), source=str(cache))
+    return sdata, key, table, desc, list(table.var_names[table.var[K.PANEL].to_numpy(bool)])
+
+
 def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
     """One DKAN variant (and optionally the baselines) over all folds, in a worker process."""
     import anndata as ad
@@ -357,7 +372,7 @@ def training_times(events: list[tuple[float, str]], end: float) -> list[float]:
     return out
 
 
-# ---------------------------------------------------------------------- reporting
+# ---------------------------------------------------------------------- entry point
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_her2st import DEFAULT_DATA, gene_descriptions, inject, machine, parse_overrides
+from accuracy_her2st import DEFAULT_DATA, load_prepared, machine, parse_overrides
 
 HEADS = ("pred", "pred_fusion", "pred_patch", "pred_region", "pred_slide")
 
@@ -69,11 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
 
-    import anndata as ad
     import torch
 
     import dkan
-    from dkan._utils import get_table
     from dkan.tl._baselines import fit_ridge
     from dkan.tl._prepare import gene_embeddings
     from dkan.tl._train import build_inputs, fit_inputs
@@ -82,11 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     cfg = dkan.DKANConfig.resolve("small", **parse_overrides(args.overrides))
-    sdata = dkan.datasets.her2st(args.data / "her2st", progress=False)
-    key, table = get_table(sdata, None)
-    desc = gene_descriptions(sdata, args.data, cfg.n_genes)
-    inject(table, ad.read_h5ad(args.cache), source=str(args.cache))
-    genes = list(table.var_names[table.var["dkan_panel"]])
+    sdata, key, table, desc, genes = load_prepared(args.data, args.cache, cfg.n_genes)
     emb, _ = gene_embeddings([table], genes, text_encoder=cfg.text_encoder, descriptions=desc)
     samples, _ = build_inputs([sdata], [table], genes, cfg, table_key=key, with_target=True)
     names = [s.name for s in samples]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_her2st import DEFAULT_DATA, gene_descriptions, inject, machine
+from accuracy_her2st import DEFAULT_DATA, load_prepared, machine
 
 N_SHUFFLES = 200
 
@@ -77,21 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-encoder", default="minilm")
     args = p.parse_args(argv)
 
-    import anndata as ad
-
-    import dkan
     from dkan import _keys as K
-    from dkan._utils import get_table
-    from dkan.nn.text_encoders import create_text_encoder
+    from dkan.tl._prepare import gene_embeddings
 
-    sdata = dkan.datasets.her2st(args.data / "her2st", progress=False)
-    _, table = get_table(sdata, None)
-    desc = gene_descriptions(sdata, args.data, 250)
-    inject(table, ad.read_h5ad(args.cache), source=str(args.cache))
-    genes = list(table.var_names[table.var[K.PANEL].to_numpy(bool)])
+    _, _, table, desc, genes = load_prepared(args.data, args.cache, 250)
     y = np.asarray(table[:, genes].layers[K.TARGET], dtype=np.float64)
-    texts = [str(t) for t in desc.loc[genes, "text"]]
-    emb = create_text_encoder(args.text_encoder).encode(texts)
+    emb, _ = gene_embeddings([table], genes, text_encoder=args.text_encoder, descriptions=desc)
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     sim = unit @ unit.T
     off = sim[np.triu_indices_from(sim, k=1)]
