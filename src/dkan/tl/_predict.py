@@ -33,6 +33,7 @@ def predict(
     batch_size: int = 256,
     overwrite: bool = False,
     um_per_px: float | None = None,
+    gene_symbols: str | None = None,
     progress: bool = True,
 ) -> str:
     """Predict the expression of the model's gene panel at every spot.
@@ -42,6 +43,10 @@ def predict(
     panel) and, when the table holds measured counts, ``layers["dkan_target"]`` gets the model's
     normalisation so that :func:`dkan.tl.evaluate` compares like with like. A slide with only an image gets
     pseudo-spots (:func:`dkan.tl.make_spots`) and a new table over them with ``var_names`` = the panel.
+
+    The target is normalised exactly as in training: when the table lacks some of the panel genes, whose
+    counts made up each spot's training library size, no target is written (a warning says why) rather than
+    one on another scale.
 
     Parameters
     ----------
@@ -64,6 +69,9 @@ def predict(
     um_per_px
         Pixel size of the image, needed only to lay pseudo-spots on a slide without a table (see
         :func:`dkan.tl.make_spots`).
+    gene_symbols
+        ``var`` column holding the gene symbols the model uses, when ``var_names`` are other ids (e.g. Ensembl
+        ids of a Visium table); scanpy's name for the same option.
     progress
         Show a progress bar.
 
@@ -71,12 +79,42 @@ def predict(
     -------
     The name of the table holding the predictions.
     """
+    from dkan._genes import use_symbols
+
+    tkey = _table_for(sdata, model, table_key=table_key, image_key=image_key, um_per_px=um_per_px)
+    with use_symbols(sdata.tables[tkey], gene_symbols):
+        return _predict_table(
+            sdata,
+            tkey,
+            model,
+            key_added=key_added,
+            device=device,
+            image_key=image_key,
+            batch_size=batch_size,
+            overwrite=overwrite,
+            progress=progress,
+        )
+
+
+def _predict_table(
+    sdata: SpatialData,
+    tkey: str,
+    model: DKANModel,
+    *,
+    key_added: str,
+    device: str | torch.device | None,
+    image_key: str | Mapping[str, str] | None,
+    batch_size: int,
+    overwrite: bool,
+    progress: bool,
+) -> str:
+    """Predict into table ``tkey``, matching the model's genes to its ``var_names``."""
     from tqdm.auto import tqdm
 
+    from dkan._genes import missing_genes_hint
     from dkan.tl._train import build_inputs, resolve_device
     from dkan.train.loop import predict_rows
 
-    tkey = _table_for(sdata, model, table_key=table_key, image_key=image_key, um_per_px=um_per_px)
     adata = sdata.tables[tkey]
     if key_added in adata.layers and not overwrite:
         raise ValueError(
@@ -86,7 +124,8 @@ def predict(
     if (gidx < 0).all():
         raise ValueError(
             f"None of the model's {len(model.genes)} genes is in table `{tkey}` (e.g. {model.genes[:3]}); "
-            "predict on a table with the model's gene symbols, or on a slide without a table."
+            "predict on a table with the model's gene symbols, or on a slide without a table. "
+            + missing_genes_hint(adata, model.genes)
         )
     if (gidx < 0).any():
         lost = [g for g, i in zip(model.genes, gidx, strict=True) if i < 0]
@@ -100,10 +139,9 @@ def predict(
         sdata, model.meta["features"]["encoder"], table_key=tkey, device=dev, batch_size=64, progress=progress
     )
     check_features(model, feats)
-    if _has_counts(adata):
-        prep.ensure_target(
-            adata, [g for g, i in zip(model.genes, gidx, strict=True) if i >= 0], model.meta["normalize"]
-        )
+    with_target = _has_counts(adata) and prep.ensure_model_target(
+        adata, list(model.genes), model.meta["normalize"], table_key=tkey
+    )
 
     samples, reader = build_inputs([sdata], [adata], model.genes, cfg, table_key=tkey, with_target=False)
     module = model.module.to(dev).eval()
@@ -135,7 +173,11 @@ def predict(
         out[np.ix_(smp.obs_idx, gidx[keep])] = pred[:, keep]
     model.module.cpu()
     adata.layers[key_added] = out
-    uns_set(adata, K.UNS_PREDICT, {"layer": key_added, "genes": list(model.genes), **_identity(model)})
+    uns_set(
+        adata,
+        K.UNS_PREDICT,
+        {"layer": key_added, "genes": list(model.genes), "target_written": with_target, **_identity(model)},
+    )
     logger.info("Wrote predictions of %d genes to `%s.layers[%r]`.", int(keep.sum()), tkey, key_added)
     return tkey
 

@@ -70,6 +70,55 @@ def ensure_target(adata: AnnData, genes: list[str], normalize: Mapping[str, Any]
     dkan.pp.normalize(adata, genes=list(genes), **kwargs)
 
 
+def ensure_model_target(
+    adata: AnnData, genes: list[str], normalize: Mapping[str, Any] | None, *, table_key: str
+) -> bool:
+    """Write ``layers["dkan_target"]`` over the model's ``genes`` exactly as the model was trained, or refuse.
+
+    With library-size scaling (``target_sum``) the training library of a spot was the sum over the whole panel
+    (``library_size="panel genes"``); a table lacking some panel genes cannot reproduce it, so no target is
+    written (a warning says why) rather than a target on another scale. Without scaling the genes are
+    independent and the target is written over the genes present.
+
+    Returns
+    -------
+    Whether the target layer holds the model's normalisation of the genes present.
+    """
+    params = dict(normalize or {})
+    present = [g for g in genes if g in adata.var_names]
+    scaled = params.get("target_sum", 1e4) is not None
+    library = params.get("library_size", "panel genes")
+    reason = None
+    if scaled and library != "panel genes":
+        reason = f"the model's library sizes were sums over {library!r} of its training table"
+    elif scaled and len(present) < len(genes):
+        lost = [g for g in genes if g not in set(present)]
+        reason = (
+            f"it lacks {len(lost)} of the model's {len(genes)} genes (e.g. {lost[:5]}), and in training each spot's "
+            f"library size was its count summed over all {len(genes)}; a target over the other {len(present)} genes "
+            "would be on another scale"
+        )
+    if reason is None:
+        ensure_target(adata, present, params)
+        return True
+    old = uns_get(adata, K.UNS_NORMALIZE)
+    kept = (
+        f" The existing `layers[{K.TARGET!r}]` (normalised over {len((old or {}).get('genes', []))} genes) is left "
+        "as it is; do not evaluate against it."
+        if K.TARGET in adata.layers
+        else ""
+    )
+    logger.warning(
+        "Not writing `layers[%r]` of table `%s` for evaluation: %s. Evaluate on a table with every panel gene "
+        "(a gene that was measured but never detected can be added as a zero-count column).%s",
+        K.TARGET,
+        table_key,
+        reason,
+        kept,
+    )
+    return False
+
+
 def ensure_tiles(sdata: SpatialData, config: DKANConfig, *, table_key: str | None, image_key: Any) -> None:
     """Compute the tile geometry with the config's settings unless it is there already."""
     import dkan
