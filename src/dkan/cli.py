@@ -194,9 +194,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------- commands
 def _train(args: argparse.Namespace) -> int:
     import dkan
+    from dkan.train._store import check_target
 
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"`--out {args.out}` exists; pass --overwrite to replace it.")
+    check_target(args.out, overwrite=True)  # before training: refuse a folder that is not a dkan model up front
     overrides = parse_overrides(args.overrides)
     sdata = _read(args.store)
     model = dkan.tl.train(
@@ -249,8 +251,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _check_out(store: Path, out: Path, *, overwrite: bool) -> None:
     if out == store or store in out.parents or out in store.parents:
         raise ValueError(f"`--out {out}` overlaps the input store {store}; use --in-place to update the input store.")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"`--out {out}` exists; pass --overwrite to replace it.")
+    _check_replaceable_store(out, overwrite=overwrite)
 
 
 def write_new_store(sdata: SpatialData, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -270,8 +271,7 @@ def write_new_store(sdata: SpatialData, out: str | os.PathLike, *, overwrite: bo
     The path written.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"`{out}` exists; pass overwrite to replace it.")
+    _check_replaceable_store(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -287,6 +287,18 @@ def write_new_store(sdata: SpatialData, out: str | os.PathLike, *, overwrite: bo
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _check_replaceable_store(out: Path, *, overwrite: bool) -> None:
+    """Refuse to replace anything at ``out`` but a zarr store (a folder with zarr metadata at its root)."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"`{out}` exists; pass overwrite to replace it.")
+    if not out.is_dir() or not any((out / name).is_file() for name in ("zarr.json", ".zgroup")):
+        raise ValueError(
+            f"`{out}` exists and is not a zarr store; dkan only replaces stores. Choose another output path."
+        )
 
 
 def update_in_place(sdata: SpatialData, table_key: str, *, added: Sequence[str] = ()) -> None:

@@ -12,5 +12,6 @@ __getattr__, __dir__, __all__ = lazy_module(
         "list_text_encoders": "text_encoders",
         "register_text_encoder": "text_encoders",
         "DKAN": "model",
+        "convert_checkpoint": "_encoders._weights",
     },
 )

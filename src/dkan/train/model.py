@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,9 @@ from dkan.train.config import DKANConfig
 
 _WEIGHTS = "model.safetensors"
 _GENES = "genes.safetensors"
-_META = "dkan.json"
-_FORMAT = 1
+_FORMAT = 2
+
+logger = logging.getLogger("dkan")
 
 
 def build_module(
@@ -91,49 +92,71 @@ class DKANModel:
         )
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the model to a folder (weights as safetensors, settings as JSON), atomically.
+        """Write the model to a folder (weights as safetensors, settings as JSON), crash-safely.
+
+        The folder holds ``dkan.json`` (settings, gene panel, history and SHA-256 checksums of everything) and
+        the tensor files it names. :meth:`load` verifies the checksums. A save interrupted at any point (even
+        by SIGKILL) leaves either the previous model or the new one at ``path``; its leftovers are removed by
+        the next save. Files and folders are created with the permissions of the process umask.
 
         Parameters
         ----------
         path
             Target folder.
         overwrite
-            Replace an existing folder. The old one is removed only after the new one is complete.
+            Replace the dkan model saved at ``path``. A file or a folder that is not a dkan model is never
+            overwritten (ValueError).
 
         Returns
         -------
         The folder written.
         """
-        from safetensors.torch import save_file, save_model
+        from dkan.train import _store
 
-        import dkan
-
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"`path={str(path)!r}` exists; pass `overwrite=True` to replace it.")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        path = _store.check_target(path, overwrite=overwrite)
+        if path.exists():
+            _store.clean_stale(path)
+            files = self._write(path)
+            _store.remove_unreferenced(path, set(files.values()))
+            return path
+        tmp = _store.new_temp_dir(path)
         try:
-            save_model(self.module, str(tmp / _WEIGHTS))
-            save_file({"gene_embeddings": torch.from_numpy(self.gene_embeddings)}, str(tmp / _GENES))
-            meta = {
-                "format": _FORMAT,
-                "dkan_version": dkan.__version__,
-                "config": self.config.to_dict(),
-                "genes": self.genes,
-                "meta": self.meta,
-                "history": self.history,
-            }
-            (tmp / _META).write_text(json.dumps(meta, indent=1, default=_json_default))
-            _replace_dir(tmp, path)
+            self._write(tmp)
+            _store.commit_new(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return path
 
+    def _write(self, folder: Path) -> dict[str, str]:
+        """Write fresh tensor files into ``folder``, then commit them by replacing its manifest."""
+        from safetensors.torch import save_file, save_model
+
+        import dkan
+        from dkan.train import _store
+
+        tok = _store.token()
+        files = {"weights": f"model.{tok}.safetensors", "genes": f"genes.{tok}.safetensors"}
+        save_model(self.module, str(folder / files["weights"]))
+        save_file({"gene_embeddings": torch.from_numpy(self.gene_embeddings)}, str(folder / files["genes"]))
+        for name in files.values():
+            _store.follow_umask(folder / name)
+            _fsync(folder / name)
+        content = json.loads(
+            json.dumps(
+                {"config": self.config.to_dict(), "genes": self.genes, "meta": self.meta, "history": self.history},
+                default=_json_default,
+            )
+        )
+        sums = {role: _store.file_sha256(folder / name) for role, name in files.items()}
+        sums["content"] = _store.content_sha256(content)
+        manifest = {"format": _FORMAT, "dkan_version": dkan.__version__, "files": files, "sha256": sums, **content}
+        _store.write_manifest(folder, manifest)
+        return files
+
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None) -> DKANModel:
-        """Rebuild a model saved with :meth:`save` (no pickle is read).
+        """Rebuild a model saved with :meth:`save` (no pickle is read), verifying its checksums.
 
         Parameters
         ----------
@@ -145,43 +168,135 @@ class DKANModel:
         Returns
         -------
         The model, in eval mode.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``path`` holds no saved model, or a file the manifest names is missing.
+        ValueError
+            A file is corrupted or edited (checksum mismatch), the manifest is invalid, or a tensor is missing or
+            has the wrong shape; the message names the file and the field.
         """
-        from safetensors.torch import load_file, load_model
+        from safetensors.torch import load_model
+
+        from dkan.train import _store
 
         path = Path(path)
-        if not (path / _META).is_file():
-            raise FileNotFoundError(f"`path={str(path)!r}` holds no saved dkan model (no {_META}).")
-        meta = json.loads((path / _META).read_text())
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"Model format {meta.get('format')} at {path} is not supported (expected {_FORMAT}).")
-        config = DKANConfig.from_dict(meta["config"])
-        emb = load_file(str(path / _GENES))["gene_embeddings"].numpy()
+        if not (path / _store.MANIFEST).is_file():
+            raise FileNotFoundError(f"`path={str(path)!r}` holds no saved dkan model (no {_store.MANIFEST}).")
+        meta = _store.read_manifest(path)
+        if meta["format"] not in (1, _FORMAT):
+            raise ValueError(
+                f"Model format {meta['format']!r} in {path / _store.MANIFEST} is not supported (expected "
+                f"{_FORMAT}); it was written by another dkan version ({meta.get('dkan_version')})."
+            )
+        files = _files(meta)
+        if meta["format"] == _FORMAT:
+            _verify(path, meta, files)
+        else:
+            logger.warning("%s was saved without checksums (format 1); save it again to add them.", path)
+        config, genes, feature_dim = _parse_content(path, meta)
+        emb = _read_tensor(path / files["genes"], "gene_embeddings", ndim=2, rows=len(genes))
         module = build_module(
-            config,
-            n_genes=len(meta["genes"]),
-            gene_dim=emb.shape[1],
-            feature_dim=int(meta["meta"]["features"]["dim"]),
-            pretrained=False,
+            config, n_genes=len(genes), gene_dim=emb.shape[1], feature_dim=feature_dim, pretrained=False
         )
-        load_model(module, str(path / _WEIGHTS), strict=True)
+        _check_tensors(path / files["weights"], module)
+        load_model(module, str(path / files["weights"]), strict=True)
         module.to(device or "cpu").eval()
-        return cls(module, config, meta["genes"], emb, meta["meta"], meta["history"])
+        return cls(module, config, genes, emb, meta["meta"], meta.get("history", []))
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a complete folder into place; an existing ``dst`` is kept until the move succeeded."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(dst, old)
+def _fsync(file: Path) -> None:
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _files(meta: dict[str, Any]) -> dict[str, str]:
+    """Tensor files named by a manifest (format 1 used fixed names)."""
+    files = meta.get("files", {"weights": _WEIGHTS, "genes": _GENES})
+    if not isinstance(files, dict) or set(files) != {"weights", "genes"}:
+        raise ValueError(f"The model manifest's field `files` is invalid: {files!r}.")
+    for name in files.values():
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"The model manifest's field `files` names an invalid file {name!r}.")
+    return files
+
+
+def _verify(path: Path, meta: dict[str, Any], files: dict[str, str]) -> None:
+    """Compare the recorded SHA-256 of the tensor files and of the JSON content with what is on disk."""
+    from dkan.train import _store
+
+    sums = meta.get("sha256")
+    if not isinstance(sums, dict):
+        raise ValueError(f"{path / _store.MANIFEST} has no `sha256` field: the manifest was edited or truncated.")
+    for role, name in files.items():
+        file = path / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} (the model's `{role}` file) is missing; the model folder is incomplete.")
+        if _store.file_sha256(file) != sums.get(role):
+            raise ValueError(
+                f"{file} does not match the checksum recorded in {_store.MANIFEST} (field `sha256.{role}`): the "
+                "file is corrupted or was changed after saving."
+            )
+    content = {k: meta.get(k) for k in ("config", "genes", "meta", "history")}
+    if _store.content_sha256(content) != sums.get("content"):
+        raise ValueError(
+            f"{path / _store.MANIFEST} was edited after saving (field `sha256.content` does not match its config, "
+            "genes, meta and history); predictions would be mislabelled. Save the model again."
+        )
+
+
+def _parse_content(path: Path, meta: dict[str, Any]) -> tuple[DKANConfig, list[str], int]:
+    """Config, gene list and feature dimension of a manifest, each checked with an error naming the field."""
+    where = path / "dkan.json"
+    genes = meta.get("genes")
+    if not isinstance(genes, list) or not genes or not all(isinstance(g, str) for g in genes):
+        raise ValueError(f"{where}: field `genes` must be a non-empty list of gene names.")
+    if len(set(genes)) != len(genes):
+        raise ValueError(f"{where}: field `genes` holds duplicated names.")
     try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        config = DKANConfig.from_dict(meta["config"])
+        feature_dim = int(meta["meta"]["features"]["dim"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{where}: field `config` or `meta.features.dim` is missing or invalid ({err}).") from None
+    return config, genes, feature_dim
+
+
+def _read_tensor(file: Path, key: str, *, ndim: int, rows: int) -> np.ndarray:
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing; the model folder is incomplete.")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            if key not in f.keys():
+                raise ValueError(f"{file} holds no tensor `{key}`.")
+            t = f.get_tensor(key)
+    except SafetensorError as err:
+        raise ValueError(f"{file} is not a readable safetensors file ({err}).") from None
+    if t.ndim != ndim or t.shape[0] != rows:
+        raise ValueError(f"{file}: tensor `{key}` has shape {tuple(t.shape)}, expected {rows} rows ({ndim}-d).")
+    return t.numpy()
+
+
+def _check_tensors(file: Path, module: torch.nn.Module) -> None:
+    """Compare the names and shapes of the tensors in ``file`` with the network's state dict."""
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing; the model folder is incomplete.")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{file} is not a readable safetensors file ({err}).") from None
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        raise ValueError(f"{file} lacks tensor(s) {missing[:5]} that the model's config needs.")
+    wrong = [f"{k}: {shapes[k]} vs {expected[k]}" for k in expected if shapes[k] != expected[k]]
+    if wrong:
+        raise ValueError(f"{file}: tensor shapes do not match the model's config (file vs config): {wrong[:5]}.")
 
 
 def _json_default(obj: Any) -> Any:

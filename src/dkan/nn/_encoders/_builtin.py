@@ -200,7 +200,11 @@ def ciga_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
 
 @register_image_encoder("resnet18_ciga")
 def build_resnet18_ciga(
-    *, pretrained: bool = True, checkpoint_path: str | os.PathLike | None = None, download: bool = False
+    *,
+    pretrained: bool = True,
+    checkpoint_path: str | os.PathLike | None = None,
+    download: bool = False,
+    sha256: str | None = None,
 ) -> ResNetTrunk:
     """ResNet18 with the self-supervised histopathology weights of Ciga et al. (``tenpercent_resnet18.ckpt``).
 
@@ -212,7 +216,12 @@ def build_resnet18_ciga(
         The ``.ckpt`` file (or a folder holding it). Defaults to ``$DKAN_RESNET18_CIGA``, then the dkan cache
         folder (``$DKAN_CACHE_DIR`` or ``~/.cache/dkan``).
     download
-        Download the release file into the cache folder when it is not found.
+        Download the release file into the cache folder when it is not found; needs ``sha256``.
+    sha256
+        Expected SHA-256 of the release file; a download with another digest is deleted and refused. dkan ships
+        no digest for this file (it could not be verified when this was written), so give the one of a copy you
+        trust. The release is a Lightning checkpoint: if it holds more than tensors, convert it once with
+        :func:`dkan.nn.convert_checkpoint`.
 
     Returns
     -------
@@ -221,7 +230,13 @@ def build_resnet18_ciga(
     if not pretrained and checkpoint_path is None:
         return ResNetTrunk(_resnet18_trunk(), name="resnet18_ciga", weights_hash="random").eval()
     path = resolve_checkpoint(
-        checkpoint_path, what="Ciga ResNet18", env=CIGA_ENV, filename=CIGA_FILE, url=CIGA_URL, download=download
+        checkpoint_path,
+        what="Ciga ResNet18",
+        env=CIGA_ENV,
+        filename=CIGA_FILE,
+        url=CIGA_URL,
+        sha256=sha256,
+        download=download,
     )
     sd = ciga_state_dict(read_state_dict(path))
     model = build_with_weights(_resnet18_trunk, sd, source=str(path))

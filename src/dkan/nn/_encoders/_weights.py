@@ -55,13 +55,15 @@ def resolve_checkpoint(
     filename: str,
     cache_name: str | None = None,
     url: str | None = None,
+    sha256: str | None = None,
     download: bool = False,
     hint: str = "",
 ) -> Path:
     """Find a weight file: ``path`` argument, then ``$env``, then the cache (downloading only if asked).
 
     A directory is searched for ``filename``; the cache holds it as ``cache_name`` (default ``filename``).
-    Raises FileNotFoundError saying where to put the file.
+    A download is accepted only when its SHA-256 equals ``sha256``. Raises FileNotFoundError saying where to put
+    the file.
     """
     source = "checkpoint_path" if path is not None else env
     if path is None:
@@ -80,10 +82,7 @@ def resolve_checkpoint(
     if cached.is_file():
         return cached
     if url is not None and download:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        logger.info("Downloading %s weights from %s to %s", what, url, cached)
-        torch.hub.download_url_to_file(url, str(cached), progress=True)
-        return cached
+        return download_verified(url, cached, sha256=sha256, what=what)
     how = f", or pass `download=True` to fetch it from {url}" if url is not None else ""
     raise FileNotFoundError(
         f"{what} weights not found. Pass `checkpoint_path=` (file or folder holding `{filename}`), set the "
@@ -92,27 +91,121 @@ def resolve_checkpoint(
     )
 
 
+def download_verified(url: str, dest: Path, *, sha256: str | None, what: str) -> Path:
+    """Download ``url`` to ``dest`` through a temporary file, keeping it only if its SHA-256 is ``sha256``.
+
+    Raises
+    ------
+    ValueError
+        No expected digest was given, or the download's digest differs (the file is deleted).
+    """
+    if not sha256 or len(sha256) != 64:
+        raise ValueError(
+            f"Refusing to download {what} weights from {url} without a known SHA-256 to check them against: pass "
+            "`sha256=` (64 hex digits, e.g. from `sha256sum` of a copy you trust), or download the file yourself "
+            "and pass `checkpoint_path=`."
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    logger.info("Downloading %s weights from %s to %s", what, url, dest)
+    try:
+        torch.hub.download_url_to_file(url, str(tmp), progress=True)
+        got = file_sha256(tmp)
+        if got != sha256.lower():
+            raise ValueError(
+                f"The {what} weights downloaded from {url} have SHA-256 {got}, expected {sha256.lower()}; the file "
+                "was deleted. The release may have changed or the download was tampered with."
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+_CONVERT_HINT = (
+    "dkan never unpickles weight files (a pickle can run arbitrary code). If you trust this file, convert it once "
+    "to safetensors with `dkan.nn.convert_checkpoint(src, dst, trust_pickle=True)` and pass the new file."
+)
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a weight file (``.safetensors`` or a torch pickle) onto the CPU, memory-mapped when possible."""
+    """Read a weight file (``.safetensors``, or a torch file holding only tensors) onto the CPU.
+
+    Torch files are read with ``weights_only=True`` (memory-mapped when possible); one that holds anything but
+    tensors and plain containers is refused, never unpickled.
+
+    Raises
+    ------
+    ValueError
+        The file cannot be read as weights; the message says how to convert a trusted checkpoint.
+    """
     p = Path(path)
     if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(p), device="cpu")
+        try:
+            return load_file(str(p), device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"Cannot read safetensors weights from {p}: {err}") from None
     try:
-        return _torch_load(p, weights_only=True)
-    except pickle.UnpicklingError:
-        logger.warning("%s holds more than tensors; loading it with full unpickling (trust only known files).", p)
-        return _torch_load(p, weights_only=False)
+        return _torch_load(p)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(f"Cannot read {p} as a plain tensor file ({first}). {_CONVERT_HINT}") from None
 
 
-def _torch_load(p: Path, *, weights_only: bool) -> dict:
+def _torch_load(p: Path) -> dict:
     try:
-        return torch.load(p, map_location="cpu", weights_only=weights_only, mmap=True)
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as err:  # the legacy (non-zip) format cannot be memory-mapped
         if "mmap" not in str(err).lower():
             raise
-        return torch.load(p, map_location="cpu", weights_only=weights_only)
+        return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def convert_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, *, trust_pickle: bool = False, key: str | None = None
+) -> Path:
+    """Convert a pickled torch checkpoint you trust into a ``.safetensors`` file that dkan can load safely.
+
+    Unpickling runs whatever code the file names, so this is the one place dkan does it, and only when asked.
+
+    Parameters
+    ----------
+    src
+        The torch checkpoint (``.pth``, ``.ckpt``, ``.bin``).
+    dst
+        The ``.safetensors`` file to write.
+    trust_pickle
+        Must be True: you confirm that ``src`` comes from a source you trust.
+    key
+        Entry holding the state dict (default: ``"state_dict"`` when present, else the top level).
+
+    Returns
+    -------
+    The file written.
+    """
+    from safetensors.torch import save_file
+
+    if trust_pickle is not True:
+        raise ValueError(
+            "`trust_pickle=True` is required: converting unpickles the checkpoint, which can run arbitrary code."
+        )
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"`dst={str(dst)!r}` must end in `.safetensors`.")
+    obj = torch.load(Path(src), map_location="cpu", weights_only=False)
+    sd = obj[key] if key is not None else (obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj)
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"{src} holds a {type(sd).__name__}, not a state dict; pass `key=` to choose an entry.")
+    tensors = {k: v.detach().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{src} holds no tensors under {key or 'the top level'}.")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, dst)
+    return dst
 
 
 def _fmt(keys: list[str], n: int = 12) -> str:
