@@ -277,6 +277,8 @@ def tile(
         raise ValueError(f"`patch_size` and `region_grid` must be positive; got {patch_size}, {region_grid}.")
     if target_mpp is not None and not target_mpp > 0:
         raise ValueError(f"`target_mpp` must be positive or None; got {target_mpp}.")
+    from dkan.tl._image_checks import check_image
+
     tkey, adata = get_table(sdata, table_key)
     samples = iter_samples(sdata, table_key=tkey, image_key=image_key, spots_key=spots_key)
     keys = tile_keys(key_added)
@@ -287,6 +289,8 @@ def tile(
         rec, xy, m, gr = _sample_geometry(
             sdata, sample, patch_size=int(patch_size), region_grid=int(region_grid), target_mpp=target_mpp
         )
+        level = image_levels(sdata.images[sample.image_key])[rec["level"]]
+        check_image(sdata, sample, level, xy, image_key=image_key, level_mpp=rec["mpp"], target_mpp=target_mpp)
         spot_px[sample.obs_idx], mask[sample.obs_idx], grid[sample.obs_idx] = xy, m, gr
         records[sample.name] = rec
         logger.info(
