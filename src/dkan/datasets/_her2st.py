@@ -55,6 +55,12 @@ def her2st(
     ``section`` (see :func:`dkan.io.read_st`); one table ``"table"`` holds all spots with ``obs["sample"]``
     (the section) and ``obs["patient"]`` (its letter).
 
+    dkan ships no data. The her2st data is public on Zenodo (record 3957257, linked from the README of
+    github.com/almaan/her2st) as 7z archives encrypted with passwords that the repository's README publishes.
+    Unpack the count matrices (``ST-cnts/``), the images (``ST-imgs/``) and the spot selection files
+    (``ST-spotfiles/``) into one folder and pass it as ``path``. Only 36 sections have counts; a section is
+    read when its image is there too.
+
     Parameters
     ----------
     path
