@@ -40,6 +40,7 @@ PRED_TABLE = "dkan_pred"  #: table created by ``predict`` on a slide without exp
 IMAGE_SUFFIX = "_image"  #: readers name images ``f"{sample}{suffix}"``
 SPOTS_SUFFIX = "_spots"  #: readers name spot circles ``f"{sample}{suffix}"``
 TABLE = "table"  #: default table name written by readers
+MICRONS_SUFFIX = "_um"  #: coordinate system ``f"{sample}{suffix}"`` in µm; its scale records a slide's µm/px
 
 # --- tiling / pseudo-spots (dkan.tl.tile, dkan.tl.make_spots) ------------------------------------------
 SPATIAL = "spatial"  #: ``obsm`` key of spot centres in pixels (scverse convention), written by make_spots

@@ -117,20 +117,28 @@ def _add_train(sub: Any) -> None:
 def _add_predict(sub: Any) -> None:
     p = sub.add_parser(
         "predict",
-        help="Predict expression on a SpatialData zarr store with a saved model.",
-        description="Predict the model's gene panel at every spot of a SpatialData zarr store. With a table of "
-        "spots, predictions go to table.layers[KEY_ADDED] (NaN for genes outside the panel); on an H&E-only "
-        "store, pseudo-spots and a new table are created. Missing tiles and frozen features are computed with "
-        "the model's settings.",
+        help="Predict expression on a SpatialData zarr store or a whole-slide file with a saved model.",
+        description="Predict the model's gene panel at every spot of a SpatialData zarr store, or of a whole-slide "
+        "file (.svs, .tif/OME-TIFF, .ndpi, .scn; read lazily with its pixel size through dkan.io.read_wsi). With a "
+        "table of spots, predictions go to table.layers[KEY_ADDED] (NaN for genes outside the panel); on an "
+        "H&E-only slide, tissue is detected on a low pyramid level and pseudo-spots and a new table are created. "
+        "Missing tiles and frozen features are computed with the model's settings.",
         epilog="--out writes a new store (to a temporary sibling path, renamed into place when complete). "
         "--in-place rewrites the table element of STORE (and adds any new element): the updated table is first "
         "backed up next to the store as .STORE.TABLE.dkan-backup.zarr, removed again on success.",
     )
-    p.add_argument("store", type=Path, help="Input SpatialData zarr store.")
+    p.add_argument("store", type=Path, help="Input SpatialData zarr store or whole-slide file (SLIDE).")
     p.add_argument("--model", required=True, type=Path, help="Model folder written by `dkan train` / DKANModel.save.")
+    p.add_argument(
+        "--um-per-px",
+        type=float,
+        default=None,
+        help="Pixel size (µm/px) of the full-resolution image, for a slide or H&E-only store that does not record "
+        "one (default: the slide's metadata).",
+    )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, default=None, help="Write the store with predictions to this new path.")
-    where.add_argument("--in-place", action="store_true", help="Update STORE itself (see below).")
+    where.add_argument("--in-place", action="store_true", help="Update STORE itself (see below; not for a slide file).")
     p.add_argument("--key-added", default=K.PRED, help=f"layers key of the predictions (default {K.PRED!r}).")
     p.add_argument("--batch-size", type=int, default=256, help="Spots per forward pass (default 256).")
     p.add_argument(
@@ -224,8 +232,12 @@ def _predict(args: argparse.Namespace) -> int:
     store = args.store.resolve()
     if args.out is not None:
         _check_out(store, args.out.resolve(), overwrite=args.overwrite)
+    from dkan.tl._slides import is_store, read_slide
+
+    if args.in_place and args.store.exists() and not is_store(args.store):
+        raise ValueError(f"`--in-place` needs a zarr store; `{args.store}` is a slide file. Use `--out OUT.zarr`.")
     model = dkan.DKANModel.load(args.model)
-    sdata = _read(args.store)
+    sdata = read_slide(args.store, um_per_px=args.um_per_px)
     before = {name: id(el) for _, name, el in sdata.gen_elements()}
     tkey = dkan.tl.predict(
         sdata,
@@ -236,6 +248,7 @@ def _predict(args: argparse.Namespace) -> int:
         image_key=args.image_key,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
+        um_per_px=args.um_per_px,
         progress=not args.no_progress,
     )
     if args.out is not None:

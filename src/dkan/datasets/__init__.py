@@ -8,5 +8,6 @@ __getattr__, __dir__, __all__ = lazy_module(
         "toy": "_toy",
         "copy_sdata": "_toy",
         "her2st": "_her2st",
+        "synthetic_wsi": "_wsi",
     },
 )

@@ -6,5 +6,7 @@ __getattr__, __dir__, __all__ = lazy_module(
     __name__,
     {
         "read_st": "_st",
+        "read_wsi": "_wsi",
+        "image_um_per_px": "_wsi",
     },
 )

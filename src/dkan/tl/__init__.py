@@ -14,6 +14,7 @@ __getattr__, __dir__, __all__ = lazy_module(
         "embed_genes": "_embed_genes",
         "train": "_train",
         "predict": "_predict",
+        "predict_slides": "_slides",
         "evaluate": "_evaluate",
         "combine_folds": "_combine",
         "fit_mean": "_baselines",

@@ -119,7 +119,8 @@ def make_spots(
     grid
         ``"hex"`` (Visium-like) or ``"square"`` (legacy ST-like).
     um_per_px
-        µm per scale-0 pixel of the image (required: an H&E-only slide has no spots to infer it from).
+        µm per scale-0 pixel of the image. Default: the pixel size recorded on the image (by
+        :func:`dkan.io.read_wsi`, see :func:`dkan.io.image_um_per_px`); an error when there is none.
     tissue_only
         Keep only spots whose centre lies on tissue (see the module docstring for the detector).
     key_added
@@ -141,11 +142,17 @@ def make_spots(
 
     from dkan._utils import choose_key
 
+    from dkan.io._wsi import image_um_per_px
+
     image_key = choose_key("images", "image_key", image_key, list(sdata.images.keys()))
+    if um_per_px is None:
+        um_per_px = image_um_per_px(sdata.images[image_key])
     if um_per_px is None or not um_per_px > 0:
         raise ValueError(
-            f"`um_per_px` is needed to lay {spacing_um} µm spots on image `{image_key}`; got {um_per_px}. "
-            "Pass the slide's resolution (e.g. from the scanner metadata; 0.25-0.5 µm/px at 40x-20x)."
+            f"`um_per_px` is needed to lay {spacing_um} µm spots on image `{image_key}`; got {um_per_px} and the "
+            "image records no pixel size. Read whole-slide files with `dkan.io.read_wsi` (which records it), or "
+            "pass the slide's resolution: `um_per_px=` here, `dkan predict --um-per-px` on the command line "
+            "(0.25-0.5 µm/px at 40x-20x)."
         )
     if not spacing_um > 0 or not diameter_um > 0:
         raise ValueError(f"`spacing_um` and `diameter_um` must be positive; got {spacing_um}, {diameter_um}.")

@@ -80,9 +80,13 @@ def reader_um_per_px(adata: AnnData, sample: str) -> float | None:
 
 
 def sample_um_per_px(sdata: SpatialData, sample: Sample, r_px: np.ndarray, *, required: bool) -> float | None:
-    """µm per scale-0 pixel of a sample's image: reader metadata, else the Visium 55 µm spot rule."""
+    """µm per scale-0 pixel of a sample's image: reader metadata, the image's µm system, or the Visium spot rule."""
+    from dkan.io._wsi import image_um_per_px
+
     value = reader_um_per_px(sdata.tables[sample.table_key], sample.name)
     if value is not None:
+        return value
+    if sample.image_key is not None and (value := image_um_per_px(sdata.images[sample.image_key])) is not None:
         return value
     if "radius" in sdata.shapes[sample.spots_key] and np.isfinite(r_px).any():
         value = VISIUM_SPOT_UM / (2.0 * float(np.nanmedian(r_px)))

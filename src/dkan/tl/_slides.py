@@ -1,0 +1,224 @@
+"""From slide files to prediction stores: one slide (``dkan predict SLIDE``) or a cohort in one call.
+
+Each slide goes through the stages *read* (:func:`dkan.io.read_wsi` for a slide file, spatialdata for a zarr
+store), *spots* (tissue detection on a low pyramid level and pseudo-spots, :func:`dkan.tl.make_spots`, when the
+slide has no table), *predict* (tiles, frozen features and the model, :func:`dkan.tl.predict`) and *write* (a
+new zarr store written to a temporary sibling and renamed into place). A store at the output path therefore
+means a finished slide: a rerun skips it, and a crash loses at most the slide in progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from spatialdata import SpatialData
+
+    from dkan.train.model import DKANModel
+
+logger = logging.getLogger("dkan")
+
+#: The columns of the table :func:`predict_slides` returns.
+REPORT_COLUMNS = ("slide", "out", "status", "n_spots", "read_s", "spots_s", "predict_s", "write_s", "error")
+
+
+def is_store(path: str | PathLike[str]) -> bool:
+    """Whether ``path`` is a zarr store (a folder) rather than a slide file."""
+    return Path(path).is_dir()
+
+
+def read_slide(path: str | PathLike[str], *, um_per_px: float | None = None) -> SpatialData:
+    """Read a SpatialData zarr store, or open a whole-slide file with :func:`dkan.io.read_wsi`.
+
+    Parameters
+    ----------
+    path
+        A zarr store (folder) or a slide file (``.svs``, ``.tif``, ``.ndpi``, ...).
+    um_per_px
+        Pixel size for a slide file whose metadata lacks it (ignored for a store; give it to
+        :func:`dkan.tl.predict` instead).
+
+    Returns
+    -------
+    The SpatialData (images lazy in both cases).
+    """
+    import spatialdata as sd
+
+    from dkan.io import read_wsi
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Slide `{path}` does not exist.")
+    if is_store(path):
+        try:
+            return sd.read_zarr(path)
+        except Exception as err:
+            raise ValueError(
+                f"Cannot read `{path}` as a SpatialData zarr store ({type(err).__name__}: {err})."
+            ) from err
+    return read_wsi(path, um_per_px=um_per_px)
+
+
+def output_path(slide: str | PathLike[str], out_dir: str | PathLike[str]) -> Path:
+    """The store a slide's predictions go to: ``out_dir / f"{name}.zarr"`` (name = file name without suffixes)."""
+    name = Path(slide).name.split(".")[0]
+    return Path(out_dir) / f"{name}.zarr"
+
+
+def predict_slide(
+    slide: str | PathLike[str],
+    model: DKANModel,
+    *,
+    out: str | PathLike[str],
+    um_per_px: float | None = None,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict the model's panel on one slide and write a new store; ``out`` is complete or absent.
+
+    Parameters
+    ----------
+    slide
+        Slide file or SpatialData zarr store.
+    model
+        A trained :class:`dkan.DKANModel`.
+    out
+        Path of the new zarr store.
+    um_per_px
+        Pixel size for a slide without one in its metadata (µm/px of the full-resolution image).
+    overwrite
+        Replace an existing store at ``out`` (only once the new one is complete).
+    device
+        Torch device (default CUDA when available).
+    batch_size
+        Spots per forward pass.
+    progress
+        Show progress bars for features and prediction.
+
+    Returns
+    -------
+    One row of the report of :func:`predict_slides` (stage times in seconds).
+    """
+    import dkan
+    from dkan.cli import write_new_store
+
+    slide, out = Path(slide), Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"`out={out}` exists; pass `overwrite=True` to replace it or choose another path.")
+    if out.resolve() == slide.resolve() or slide.resolve() in out.resolve().parents:
+        raise ValueError(f"`out={out}` would be written into the input `{slide}`; choose another path.")
+    row: dict[str, Any] = {"slide": str(slide), "out": str(out), "status": "written", "error": ""}
+    t = time.perf_counter()
+    sdata = read_slide(slide, um_per_px=um_per_px)
+    row["read_s"], t = time.perf_counter() - t, time.perf_counter()
+    if not len(sdata.tables):
+        logger.info("%s: detecting tissue and laying pseudo-spots", slide.name)
+        dkan.tl.make_spots(sdata, um_per_px=um_per_px)
+    row["spots_s"], t = time.perf_counter() - t, time.perf_counter()
+    tkey = dkan.tl.predict(sdata, model, device=device, batch_size=batch_size, um_per_px=um_per_px, progress=progress)
+    row["n_spots"] = int(sdata.tables[tkey].n_obs)
+    row["predict_s"], t = time.perf_counter() - t, time.perf_counter()
+    write_new_store(sdata, out, overwrite=overwrite)
+    row["write_s"] = time.perf_counter() - t
+    logger.info("%s: %d spots predicted, written to %s", slide.name, row["n_spots"], out)
+    return row
+
+
+def predict_slides(
+    slides: str | PathLike[str] | Sequence[str | PathLike[str]],
+    model: DKANModel | str | PathLike[str],
+    *,
+    out_dir: str | PathLike[str],
+    um_per_px: float | None = None,
+    overwrite: bool = False,
+    errors: str = "raise",
+    device: str | torch.device | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Predict a cohort of slides, writing each slide's store as soon as it is finished.
+
+    Every slide becomes ``out_dir / f"{name}.zarr"``, written atomically (temporary sibling, then renamed), so
+    an interrupted run loses at most the slide in progress and a rerun skips the slides already written.
+
+    Parameters
+    ----------
+    slides
+        Slide files (``.svs``, ``.tif``, ``.ndpi``, ...) and/or SpatialData zarr stores.
+    model
+        A trained :class:`dkan.DKANModel`, or the folder it was saved to.
+    out_dir
+        Folder for the output stores (created if needed).
+    um_per_px
+        Pixel size for slides whose metadata lacks it (the same for all of them).
+    overwrite
+        Recompute slides whose output store exists (default: skip them).
+    errors
+        ``"raise"``: stop at the first slide that fails; ``"skip"``: log the error, report it and go on.
+    device
+        Torch device (default CUDA when available).
+    batch_size
+        Spots per forward pass.
+    progress
+        Show progress bars (slides, features, prediction).
+
+    Returns
+    -------
+    One row per slide: ``slide``, ``out``, ``status`` (``written``, ``skipped`` or ``failed``), ``n_spots``,
+    stage times ``read_s``, ``spots_s``, ``predict_s``, ``write_s`` and ``error``.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from dkan.train.model import DKANModel
+
+    if errors not in ("raise", "skip"):
+        raise ValueError(f"`errors` must be 'raise' or 'skip'; got {errors!r}.")
+    paths = [Path(slides)] if isinstance(slides, str | PathLike) else [Path(s) for s in slides]
+    if not paths:
+        raise ValueError("`slides` is empty; pass one or more slide files or zarr stores.")
+    outs = [output_path(p, out_dir) for p in paths]
+    dupes = sorted({o.name for o in outs if outs.count(o) > 1})
+    if dupes:
+        raise ValueError(f"Several slides would write the same output {dupes}; rename them or use separate calls.")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"`slides` not found: {missing}.")
+    if not isinstance(model, DKANModel):
+        model = DKANModel.load(model)
+    rows = []
+    bar = tqdm(list(zip(paths, outs, strict=True)), desc="dkan slides", unit="slide", disable=not progress)
+    for path, out in bar:
+        bar.set_postfix_str(path.name)
+        if out.exists() and not overwrite:
+            logger.info("%s: %s exists, skipped (pass overwrite=True to recompute)", path.name, out)
+            rows.append({"slide": str(path), "out": str(out), "status": "skipped", "error": ""})
+            continue
+        try:
+            rows.append(
+                predict_slide(
+                    path,
+                    model,
+                    out=out,
+                    um_per_px=um_per_px,
+                    overwrite=overwrite,
+                    device=device,
+                    batch_size=batch_size,
+                    progress=progress,
+                )
+            )
+        except (KeyError, ValueError, TypeError, OSError) as err:
+            if errors == "raise":
+                raise
+            logger.error("%s: failed, skipped: %s", path.name, err)
+            rows.append({"slide": str(path), "out": str(out), "status": "failed", "error": str(err)})
+    return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
