@@ -3,9 +3,9 @@
 Tissue detector (documented, deterministic): on the pyramid level (or strided view) whose longer side is at
 most ``2048`` px, compute the HSV saturation ``(max - min) / max`` of every pixel; tissue is stained, so it is
 more saturated than the white/grey background. Pixels above the Otsu threshold of the saturation histogram
-(at least 0.1, so that a blank slide has no tissue) and not near-black (slide edges, pen) are tissue; the
-mask is then closed (3 iterations), holes are filled and components smaller than 1% of the largest one are
-removed.
+(scikit-image's ``threshold_otsu``, 256 bins; at least 0.1, so that a blank slide has no tissue) and not
+near-black (slide edges, pen) are tissue; the mask is then closed with a 7 x 7 square (scikit-image's
+``closing``), holes are filled and components smaller than 1% of the largest one are removed.
 """
 
 from __future__ import annotations
@@ -25,35 +25,31 @@ logger = logging.getLogger("dkan")
 
 _DETECT_MAX_SIDE = 2048
 _MIN_SATURATION = 0.1  #: floor of the threshold, so a blank slide (grey noise) has no tissue
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1D sample (maximises the between-class variance)."""
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
-    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
-    between = (w0 * w1 * (m0 - m1) ** 2)[:-1]
-    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))  # a plateau over empty bins: take its middle
-    return float((centres[best[0]] + centres[best[-1] + 1]) / 2)
+_CLOSING = 7  #: side of the square closing footprint (px of the low-res view)
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
-    """Boolean tissue mask of a small ``(c, y, x)`` uint8 RGB image (see the module docstring)."""
+    """Boolean tissue mask of a small ``(c, y, x)`` uint8 RGB image (see the module docstring).
+
+    Otsu's threshold and the closing come from scikit-image (:func:`skimage.filters.threshold_otsu`,
+    :func:`skimage.morphology.closing`), hole filling and the component sizes from :mod:`scipy.ndimage`.
+    """
     from scipy import ndimage
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import closing
 
     img = rgb.astype(np.float32)
     mx, mn = img.max(axis=0), img.min(axis=0)
     sat = (mx - mn) / np.maximum(mx, 1.0)
-    mask = (sat > max(otsu_threshold(sat.ravel()), _MIN_SATURATION)) & (mx > 30)
-    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3), bool), iterations=3)
+    threshold = threshold_otsu(sat) if sat.min() < sat.max() else _MIN_SATURATION  # constant image: no tissue
+    mask = (sat > max(float(threshold), _MIN_SATURATION)) & (mx > 30)
+    mask = closing(mask, np.ones((_CLOSING, _CLOSING), bool))
     mask = ndimage.binary_fill_holes(mask)
     labels, n = ndimage.label(mask)
     if n > 1:
-        sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
-        keep = np.r_[False, sizes >= 0.01 * sizes.max()]
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = sizes >= 0.01 * sizes[1:].max()
+        keep[0] = False
         mask = keep[labels]
     return mask
 
@@ -141,7 +137,6 @@ def make_spots(
     from spatialdata.transformations import get_transformation
 
     from dkan._utils import choose_key
-
     from dkan.io._wsi import image_um_per_px
 
     image_key = choose_key("images", "image_key", image_key, list(sdata.images.keys()))
