@@ -161,6 +161,7 @@ def normalize(
     panel = _panel_genes(adata, genes)
     gidx = adata.var_names.get_indexer(panel)
     x = _counts(adata, layer)[:, gidx]
+    _require_finite_counts(x, adata, panel, layer=layer, table=_table_name(data, table_key))
     if smooth and not {K.ARRAY_ROW, K.ARRAY_COL} <= set(adata.obs):
         raise KeyError(
             f"`smooth=True` needs grid coordinates in `obs[{K.ARRAY_ROW!r}]` and `obs[{K.ARRAY_COL!r}]`; found "
@@ -199,6 +200,29 @@ def normalize(
     }
     uns_set(adata, K.UNS_NORMALIZE, params)
     return None
+
+
+def _table_name(data: SpatialData | AnnData, table_key: str | None) -> str:
+    from dkan._utils import get_table
+
+    return get_table(data, table_key)[0] if hasattr(data, "tables") else "(the AnnData passed)"
+
+
+def _require_finite_counts(
+    x: sparse.csr_matrix, adata: AnnData, genes: list[str], *, layer: str | None, table: str
+) -> None:
+    """Refuse ``inf``/``NaN`` counts: one would make its spot's library infinite (a NaN target) or silently zero."""
+    bad = ~np.isfinite(x.data)
+    if not bad.any():
+        return
+    coo = x.tocoo()
+    first = int(np.flatnonzero(~np.isfinite(coo.data))[0])
+    where = "X" if layer is None else f"layers[{layer!r}]"
+    raise ValueError(
+        f"`{where}` of table {table!r} holds {int(bad.sum())} non-finite count(s) among the genes to normalise, "
+        f"e.g. {coo.data[first]} at spot {adata.obs_names[coo.row[first]]!r}, gene {genes[coo.col[first]]!r}. "
+        "dkan needs finite raw counts: fix or drop those spots/genes (or pass `genes=` without them)."
+    )
 
 
 def _scale_log(x: sparse.csr_matrix, target_sum: float | None, log: str | None) -> tuple[np.ndarray, int]:

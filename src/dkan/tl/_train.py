@@ -68,7 +68,18 @@ def train(
 
     Returns
     -------
-    The trained model (weights of the epoch with the best validation PCC), with ``model.history``.
+    The trained model, with ``model.history`` (one record per epoch; the selected one has ``"selected": True``).
+    Its weights are those of the epoch with the best smoothed validation score (``select_metric``, on the data
+    ``val_split`` holds out), or of the last epoch when ``val_fraction=0``; ``model.meta["train"]["selection"]``
+    says which epoch and why.
+
+    Raises
+    ------
+    ValueError
+        Non-finite targets or features (naming the table, sample, spot and gene), no usable validation data, or a
+        ``checkpoint`` of other data or settings with ``resume=True``.
+    dkan.train.loop.NonFiniteLossError
+        A loss became non-finite during training (the checkpoint of the last good epoch is kept).
     """
     from dkan.train.config import DKANConfig
     from dkan.train.model import DKANModel
@@ -89,7 +100,7 @@ def train(
     )
     samples, reader = build_inputs(sdatas, tables, genes, cfg, table_key=table_key, with_target=True)
     module, result = fit_inputs(
-        samples, emb, cfg, dev, reader=reader, progress=progress, checkpoint=checkpoint, resume=resume
+        samples, emb, cfg, dev, reader=reader, progress=progress, checkpoint=checkpoint, resume=resume, genes=genes
     )
     module.eval()
     meta = model_meta(tables[0], feats, emb_rec, cfg)
@@ -97,7 +108,8 @@ def train(
         "samples": [s.name for s in samples],
         "n_spots": int(sum(map(len, samples))),
         "best_epoch": result.best_epoch,
-        "best_val_pcc": result.best_score,
+        "best_val_score": result.best_score,
+        "selection": result.selection,
         "device": str(dev),
     }
     return DKANModel(module.cpu(), cfg, genes, emb, meta, result.history)
@@ -113,18 +125,30 @@ def fit_inputs(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    genes: list[str] | None = None,
 ) -> tuple[torch.nn.Module, Any]:
-    """Build a network and fit it on per-sample inputs; returns it (best weights loaded, in eval mode)."""
+    """Build a network and fit it on per-sample inputs; returns it (selected weights loaded, in eval mode).
+
+    The validation data is held out of ``samples`` as ``cfg.val_split`` says; ``result.selection`` records
+    which epoch was chosen, on which data and why. ``genes`` (names) make a resumed checkpoint check the panel.
+    """
     import torch
 
-    from dkan.train.data import split_validation
+    from dkan.train.data import make_validation_split
     from dkan.train.loop import fit
     from dkan.train.model import build_module
 
-    train_rows, val_rows = split_validation([len(s) for s in samples], cfg.val_fraction, seed=cfg.seed)
+    split = make_validation_split(
+        [s.name for s in samples],
+        [s.grid.numpy() for s in samples],
+        cfg.val_fraction,
+        strategy=cfg.val_split,
+        seed=cfg.seed,
+    )
+    train_rows, val_rows = split.train, split.val
     logger.info(
-        "Training on %d samples, %d spots (%d for validation), %d genes, on %s.",
-        len(samples), sum(map(len, train_rows)), sum(map(len, val_rows)), emb.shape[0], dev,
+        "Training on %d samples, %d spots, %d genes, on %s; validation: %d spots, %s.",
+        len(samples), sum(map(len, train_rows)), emb.shape[0], dev, sum(map(len, val_rows)), split.description,
     )  # fmt: skip
     torch.manual_seed(cfg.seed)
     module = build_module(cfg, n_genes=emb.shape[0], gene_dim=emb.shape[1], feature_dim=samples[0].spot.shape[1])
@@ -141,7 +165,9 @@ def fit_inputs(
         progress=progress,
         checkpoint=checkpoint,
         resume=resume,
+        identity={"genes": list(genes) if genes is not None else None, "validation": split.description},
     )
+    result.selection["validation"] = split.description
     if result.best_state is not None:
         module.load_state_dict(result.best_state)
     return module.eval(), result
@@ -215,12 +241,18 @@ def build_inputs(
             rows = s.obs_idx
             target = None
             if with_target:
-                target = torch.as_tensor(np.asarray(adata.layers[K.TARGET][rows][:, gidx], dtype=np.float32))
+                y = np.asarray(adata.layers[K.TARGET][rows][:, gidx], dtype=np.float32)
+                _require_finite(y, f"layers[{K.TARGET!r}]", adata, rows, s.name, genes)
+                target = torch.as_tensor(y)
+            spot = np.asarray(adata.obsm[K.SPOT_FEATURES][rows], dtype=np.float32)
+            region = np.asarray(adata.obsm[K.REGION_FEATURES][rows], dtype=np.float32)
+            _require_finite(spot, f"obsm[{K.SPOT_FEATURES!r}]", adata, rows, s.name)
+            _require_finite(region, f"obsm[{K.REGION_FEATURES!r}]", adata, rows, s.name)
             samples.append(
                 SampleInputs(
                     name=s.name,
-                    spot=torch.as_tensor(np.asarray(adata.obsm[K.SPOT_FEATURES][rows], dtype=np.float32)),
-                    region=torch.as_tensor(np.asarray(adata.obsm[K.REGION_FEATURES][rows], dtype=np.float32)),
+                    spot=torch.as_tensor(spot),
+                    region=torch.as_tensor(region),
                     mask=torch.as_tensor(np.asarray(adata.obsm[K.REGION_MASK][rows], dtype=bool)),
                     grid=torch.as_tensor(np.asarray(adata.obsm[K.GRID][rows], dtype=np.int64)),
                     target=target,
@@ -229,6 +261,23 @@ def build_inputs(
             crop_sets.append((sd, s))
     reader = _patch_reader(crop_sets, cfg, table_key=table_key) if cfg.patch_trainable else None
     return samples, reader
+
+
+def _require_finite(
+    values: np.ndarray, where: str, adata: Any, rows: np.ndarray, sample: str, genes: list[str] | None = None
+) -> None:
+    """Refuse ``inf``/``NaN`` model inputs, naming the first spot (and gene) that holds one."""
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return
+    first = np.argwhere(bad)[0]
+    spot = adata.obs_names[rows[first[0]]]
+    gene = f", gene {genes[first[1]]!r}" if genes is not None else ""
+    raise ValueError(
+        f"`{where}` of sample {sample!r} holds {int(bad.sum())} non-finite value(s) ({values[tuple(first)]} at spot "
+        f"{spot!r}{gene}); training on them gives a NaN model. Recompute it (e.g. `dkan.pp.normalize` on finite raw "
+        "counts, `dkan.tl.extract_features`) or drop those spots."
+    )
 
 
 def _patch_reader(crop_sets: list[tuple[Any, Any]], cfg: DKANConfig, *, table_key: str | None) -> Any:

@@ -15,6 +15,9 @@ from typing import Any, ClassVar
 __all__ = ["PRESETS", "DKANConfig"]
 
 _MODULES = ("fusion", "slide", "region", "img_cross", "exp_cross", "text")
+#: choices of ``DKANConfig.select_metric`` and ``DKANConfig.val_split``
+SELECT_METRICS = ("pcc", "mse", "both")
+VAL_SPLITS = ("auto", "sections", "blocks", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +65,20 @@ class DKANConfig:
     lr, weight_decay
         Adam learning rate and weight decay (the reference uses plain Adam, no decay).
     batch_size, max_epochs, patience
-        Spots per step, epoch limit, early-stopping patience (epochs without validation improvement).
+        Spots per step, epoch limit, early-stopping patience (epochs without improvement of the smoothed
+        validation score).
+    min_epochs
+        Early stopping never ends a run before this many epochs (``small``: 20; the reference presets: 0, as in the
+        authors' code). Any epoch can still be selected.
+    val_window
+        Model selection and early stopping use the mean validation score of the last ``val_window`` epochs
+        (``small``: 3; the reference presets: 1, the raw score as in the authors' code); the weights kept are those
+        of the window's last epoch. Epochs before the first full window are not selected (unless the run is
+        shorter than the window).
+    select_metric
+        Validation score that chooses the epoch: ``"pcc"`` (mean per-gene Pearson r, the reference's ``R``),
+        ``"mse"`` (lowest mean squared error) or ``"both"`` (mean of the PCC and of the per-gene R² =
+        1 - MSE / variance, so that both correlation and level count).
     step_size, gamma
         StepLR schedule, stepped per epoch.
     seed
@@ -72,8 +88,17 @@ class DKANConfig:
     amp
         Mixed precision on CUDA.
     val_fraction
-        Fraction of the training samples held out for early stopping and checkpoint choice (the reference
-        uses the test fold instead; see the docs).
+        Share of the training data held out for early stopping and checkpoint choice (the reference uses the
+        test fold instead; see the docs). ``0``: no validation; training runs ``max_epochs`` and keeps the last
+        epoch's weights (said in the log and in ``model.meta["train"]["selection"]``).
+    val_split
+        How the validation data is held out of the training samples: ``"sections"`` (``max(1, round(val_fraction
+        * n))`` whole samples, at least one left for training), ``"blocks"`` (square blocks of grid spots in every
+        sample, about ``val_fraction`` of its spots, and the spots within two grid steps of them left out of
+        training, so that no training target shares counts with a validation target through the 3x3
+        smoothing), ``"random"`` (a random ``val_fraction`` of the spots of each sample, the first dkan release:
+        training and validation targets share counts) or ``"auto"``: ``"sections"`` with at least 3 training
+        samples, else ``"blocks"``.
     n_genes
         Size of the gene panel.
     patch_size
@@ -106,6 +131,13 @@ class DKANConfig:
     separate_exp_text
         ``True``: run the text encoder a second time for the expression path (reference behaviour, different
         dropout noise); ``False`` reuses the image path's encoding.
+    standardize_genes
+        Centre and scale the gene embeddings per dimension over the training panel before the text projection
+        (``False``: the raw embeddings, as the reference).
+    gene_output
+        Output of the gene-query path: ``"shared"`` (the reference: one linear layer shared by all genes),
+        ``"bias"`` (plus a per-gene bias initialised to the training mean) or ``"affine"`` (plus a per-gene gain
+        and bias).
     """
 
     d: int = 64
@@ -147,12 +179,16 @@ class DKANConfig:
     batch_size: int = 32
     max_epochs: int = 80
     patience: int = 10
+    min_epochs: int = 20
+    val_window: int = 3
+    select_metric: str = "pcc"
     step_size: int = 30
     gamma: float = 0.9
     seed: int = 2021
     grad_clip: float | None = 1.0
     amp: bool = True
     val_fraction: float = 0.1
+    val_split: str = "auto"
     n_genes: int = 250
     patch_size: int = 64
     target_mpp: float | None = 2.0
@@ -169,11 +205,14 @@ class DKANConfig:
     use_distill: bool = True
     gene_attend_tokens: bool = False
     separate_exp_text: bool = False
+    standardize_genes: bool = True
+    gene_output: str = "affine"
 
     DEFAULT_PRESET: ClassVar[str] = "small"
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check_finite(self)
         _check_values(self)
 
     # ------------------------------------------------------------------ construction helpers
@@ -277,6 +316,14 @@ def _check_types(cfg: DKANConfig) -> None:
             raise TypeError(f"Expected `{name}` to be {expected}, found {value!r} ({type(value).__name__}).")
 
 
+def _check_finite(cfg: DKANConfig) -> None:
+    """Every number must be finite: ``inf``/``nan`` in a rate, weight or ratio only ever trains a NaN model."""
+    for name in sorted(_FLOAT_FIELDS):
+        value = getattr(cfg, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"Expected `{name}` to be a finite number, found {value!r}; pass a finite value.")
+
+
 def _require(cond: bool, name: str, expected: str, value: Any) -> None:
     if not cond:
         raise ValueError(f"Expected `{name}` to be {expected}, found {value!r}.")
@@ -302,11 +349,16 @@ def _check_values(cfg: DKANConfig) -> None:
     _require(chunk is None or chunk >= 1, "contrastive_chunk", "None or >= 1", chunk)
     cg = cfg.contrastive_genes
     _require(cg is None or cg >= 1, "contrastive_genes", "None or >= 1", cg)
-    _require(cfg.lr > 0 and math.isfinite(cfg.lr), "lr", "a finite number > 0", cfg.lr)
-    _require(cfg.weight_decay >= 0, "weight_decay", ">= 0", cfg.weight_decay)
+    # Adam steps move every weight by about `lr`: above 1 the network diverges within a step or two
+    _require(0 < cfg.lr <= 1, "lr", "in (0, 1] (typical: 1e-4 to 1e-2)", cfg.lr)
+    _require(0 <= cfg.weight_decay <= 1, "weight_decay", "in [0, 1] (typical: 0 to 1e-2)", cfg.weight_decay)
     _require(cfg.batch_size >= 1, "batch_size", ">= 1", cfg.batch_size)
     _require(cfg.max_epochs >= 1, "max_epochs", ">= 1", cfg.max_epochs)
     _require(cfg.patience >= 0, "patience", ">= 0", cfg.patience)
+    _require(cfg.min_epochs >= 0, "min_epochs", ">= 0", cfg.min_epochs)
+    _require(cfg.val_window >= 1, "val_window", ">= 1", cfg.val_window)
+    _require(cfg.select_metric in SELECT_METRICS, "select_metric", f"one of {SELECT_METRICS}", cfg.select_metric)
+    _require(cfg.val_split in VAL_SPLITS, "val_split", f"one of {VAL_SPLITS}", cfg.val_split)
     _require(cfg.step_size >= 1, "step_size", ">= 1", cfg.step_size)
     _require(0 < cfg.gamma <= 1, "gamma", "in (0, 1]", cfg.gamma)
     _require(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", "None or > 0", cfg.grad_clip)
@@ -314,6 +366,8 @@ def _check_values(cfg: DKANConfig) -> None:
     _require(cfg.n_genes >= 1, "n_genes", ">= 1", cfg.n_genes)
     _require(cfg.patch_size >= 1, "patch_size", ">= 1", cfg.patch_size)
     _require(cfg.target_mpp is None or cfg.target_mpp > 0, "target_mpp", "None or > 0", cfg.target_mpp)
+    outputs = ("shared", "bias", "affine")
+    _require(cfg.gene_output in outputs, "gene_output", f"one of {outputs}", cfg.gene_output)
 
 
 # ---------------------------------------------------------------------- presets
@@ -341,6 +395,8 @@ def _reference(tau: float, modules: dict[str, tuple[int, int, float, float]], **
         "batch_size": 128,
         "max_epochs": 200,
         "patience": 20,
+        "min_epochs": 0,
+        "val_window": 1,
         "step_size": 50,
         "gamma": 0.9,
         "seed": 2021,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,3 +111,117 @@ def split_validation(n_rows: list[int], fraction: float, *, seed: int) -> tuple[
         val.append(np.sort(perm[:k]))
         train.append(np.sort(perm[k:]))
     return train, val
+
+
+#: Chebyshev grid distance within which a training spot would share counts with a validation spot through the
+#: 3x3 (square) or hexagonal neighbour smoothing of the targets: each target mixes spots within one step.
+BUFFER_STEPS = 2
+#: validation spots of one sample below which its Pearson r per gene is undefined; such samples are not scored
+MIN_VAL_SPOTS = 3
+
+
+@dataclass
+class ValidationSplit:
+    """Per sample, the rows used for gradient steps and those used for model selection, and how they were chosen."""
+
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+    strategy: str  #: "sections", "blocks", "random" or "none"
+    description: str  #: one phrase for logs and the model's selection record
+    n_buffer: int = 0  #: spots left out of both (blocks: too close to a validation spot)
+
+
+def make_validation_split(
+    names: list[str], grids: list[np.ndarray], fraction: float, *, strategy: str, seed: int
+) -> ValidationSplit:
+    """Hold validation data out of the training samples (never the test samples).
+
+    Parameters
+    ----------
+    names
+        Sample names.
+    grids
+        Per sample, the ``(n, 2)`` integer grid positions of its spots.
+    fraction
+        Share of the data to hold out (``0``: none).
+    strategy
+        ``"sections"``, ``"blocks"``, ``"random"`` or ``"auto"`` (see :class:`~dkan.train.config.DKANConfig`).
+    seed
+        Random seed.
+
+    Returns
+    -------
+    The split.
+    """
+    sizes = [len(g) for g in grids]
+    if fraction <= 0:
+        empty = [np.zeros(0, dtype=np.int64) for _ in sizes]
+        return ValidationSplit([np.arange(n) for n in sizes], empty, "none", "no validation data (val_fraction=0)")
+    if strategy == "auto":
+        strategy = "sections" if len(sizes) >= 3 else "blocks"
+    if strategy == "sections":
+        return _section_split(names, sizes, fraction, seed=seed)
+    if strategy == "blocks":
+        return _block_split(grids, fraction, seed=seed)
+    if strategy == "random":
+        train, val = split_validation(sizes, fraction, seed=seed)
+        return ValidationSplit(train, val, "random", f"a random {fraction:.0%} of the spots of every training sample")
+    raise ValueError(f"Unknown `val_split={strategy!r}`; use 'auto', 'sections', 'blocks' or 'random'.")
+
+
+def _section_split(names: list[str], sizes: list[int], fraction: float, *, seed: int) -> ValidationSplit:
+    if len(sizes) < 2:
+        raise ValueError(
+            f"`val_split='sections'` needs at least 2 training samples, found {len(sizes)} ({names}); use "
+            "`val_split='blocks'` (spatial blocks inside each sample) or train on more samples."
+        )
+    k = min(max(1, round(fraction * len(sizes))), len(sizes) - 1)
+    held = set(np.random.default_rng(seed).permutation(len(sizes))[:k].tolist())
+    none = np.zeros(0, dtype=np.int64)
+    train = [none if s in held else np.arange(n) for s, n in enumerate(sizes)]
+    val = [np.arange(n) if s in held else none for s, n in enumerate(sizes)]
+    chosen = [names[s] for s in sorted(held)]
+    return ValidationSplit(train, val, "sections", f"held-out training sections {chosen}")
+
+
+def _block_split(grids: list[np.ndarray], fraction: float, *, seed: int) -> ValidationSplit:
+    rng = np.random.default_rng(seed)
+    train, val, n_buffer = [], [], 0
+    for grid in grids:
+        v = _blocks(np.asarray(grid, dtype=np.int64), fraction, rng)
+        near = _within(grid, grid[v], BUFFER_STEPS) & ~v
+        n_buffer += int(near.sum())
+        val.append(np.flatnonzero(v))
+        train.append(np.flatnonzero(~v & ~near))
+    desc = (
+        f"spatial blocks of about {fraction:.0%} of the spots of every training sample, {n_buffer} spot(s) within "
+        f"{BUFFER_STEPS} grid steps of them left out of training"
+    )
+    return ValidationSplit(train, val, "blocks", desc, n_buffer)
+
+
+def _blocks(grid: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Mask of the spots in randomly chosen square blocks of the grid, about ``fraction`` of them."""
+    want = round(len(grid) * fraction)
+    if want == 0:
+        return np.zeros(len(grid), dtype=bool)
+    n_blocks = max(1, want // 50)  # few large blocks: the left-out ring around a block grows with its perimeter
+    side = max(1, math.ceil(math.sqrt(want / n_blocks)))
+    cell = (grid + rng.integers(0, side, size=2)) // side
+    codes = cell[:, 0] * (1 << 32) + cell[:, 1]
+    mask = np.zeros(len(grid), dtype=bool)
+    for code in rng.permutation(np.unique(codes)):
+        mask |= codes == code
+        if mask.sum() >= want:
+            break
+    return mask
+
+
+def _within(grid: np.ndarray, centres: np.ndarray, steps: int) -> np.ndarray:
+    """Mask of the spots within Chebyshev distance ``steps`` of any of ``centres`` on the grid."""
+    if not len(centres):
+        return np.zeros(len(grid), dtype=bool)
+    reach = np.arange(-steps, steps + 1)
+    shifted = (centres[:, None, None, :] + np.stack(np.meshgrid(reach, reach, indexing="ij"), -1)).reshape(-1, 2)
+    code = (1 << 32) + 1  # grid coordinates are >= 0, shifts >= -steps: keep the codes unique
+    return np.isin((grid[:, 0] + steps) * code + grid[:, 1], (shifted[:, 0] + steps) * code + shifted[:, 1])

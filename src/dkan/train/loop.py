@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 from collections.abc import Callable
@@ -15,8 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dkan.train._checkpoint import load_checkpoint, run_identity, save_checkpoint
+from dkan.train._selection import finish_selection, smoothed_score, update_best
 from dkan.train.config import DKANConfig
-from dkan.train.data import SampleInputs, batch_inputs, plan_batches
+from dkan.train.data import MIN_VAL_SPOTS, SampleInputs, batch_inputs, plan_batches
 
 logger = logging.getLogger("dkan")
 
@@ -24,14 +25,23 @@ logger = logging.getLogger("dkan")
 PatchReader = Callable[[int, np.ndarray, bool], Tensor]
 
 
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """A training loss or weight became ``inf`` or ``NaN``; training stops and the last good checkpoint is kept."""
+
+
 @dataclass
 class FitResult:
-    """What :func:`fit` returns: the per-epoch history and the best weights on the validation rows."""
+    """What :func:`fit` returns: the per-epoch history, the selected weights and why they were selected.
 
-    history: list[dict[str, float]] = field(default_factory=list)
+    ``best_state`` is ``None`` when the weights of the last epoch are kept (no validation data, or no finite
+    validation score); ``selection`` says which epoch was chosen, on which score and why.
+    """
+
+    history: list[dict[str, Any]] = field(default_factory=list)
     best_state: dict[str, Tensor] | None = None
     best_epoch: int = -1
     best_score: float = -np.inf
+    selection: dict[str, Any] = field(default_factory=dict)
 
 
 def _dist() -> tuple[int, int]:
@@ -61,8 +71,13 @@ def fit(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     accumulate: int = 1,
+    identity: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Train ``module`` on batches of one sample each and keep the weights with the best validation PCC.
+    """Train ``module`` on batches of one sample each and keep the weights of the best validation epoch.
+
+    The epoch is chosen on ``config.select_metric`` averaged over the last ``config.val_window`` epochs; early
+    stopping waits ``config.patience`` epochs without improvement, never before ``config.min_epochs``. Without
+    validation rows (``val_fraction=0``) the run lasts ``max_epochs`` and the last epoch's weights are kept.
 
     Parameters
     ----------
@@ -75,7 +90,7 @@ def fit(
     genes
         Gene embeddings ``(G, Dt)`` on ``device`` (``None`` when ``use_text`` is off).
     config
-        Optimisation settings (lr, epochs, patience, StepLR, clipping, AMP, seed).
+        Optimisation settings (lr, epochs, patience, StepLR, clipping, AMP, seed, model selection).
     device
         Where the computation runs.
     read_patches
@@ -85,20 +100,32 @@ def fit(
     checkpoint
         File to write a resumable checkpoint to after every epoch (atomically).
     resume
-        Continue from ``checkpoint`` when it exists.
+        Continue from ``checkpoint`` when it exists; a checkpoint of other data or settings is refused.
     accumulate
         Batches whose gradients are averaged per optimiser step (one process). Under DDP every rank takes one
         batch per step and gradients are averaged across ranks, which equals ``accumulate=world_size`` here.
+    identity
+        Extra facts the checkpoint must match on resume (e.g. ``{"genes": [...]}``).
 
     Returns
     -------
-    The history and the best state.
+    The history, the selected state and the selection record.
+
+    Raises
+    ------
+    NonFiniteLossError
+        When a loss or weight becomes non-finite (the checkpoint of the last good epoch stays on disk).
+    ValueError
+        When there are no training rows, when ``val_fraction > 0`` but no sample has enough validation rows, or
+        when resuming from a checkpoint of other data or settings.
     """
     from tqdm.auto import tqdm
 
     from dkan.nn.losses import DKANLoss
 
+    has_val = _check_rows(train_rows, val_rows, config)
     loss_fn = DKANLoss.from_config(config)
+    ident = {**run_identity(module, samples, genes, config), **(identity or {})}
 
     rank, world = _dist()
     torch.manual_seed(config.seed + rank)
@@ -113,10 +140,11 @@ def fit(
     result, start, bad = FitResult(), 0, 0
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if resume and ckpt is not None and ckpt.is_file():
-        start, bad = _load_checkpoint(ckpt, module, opt, sched, result)
+        start, bad = load_checkpoint(ckpt, module, opt, sched, result, ident)
         logger.info("Resumed training from %s at epoch %d.", ckpt, start)
 
     bar = tqdm(range(start, config.max_epochs), desc="dkan train", disable=not progress or rank != 0, unit="epoch")
+    stopped = None
     for epoch in bar:
         module.train()
         plan = plan_batches(train_rows, config.batch_size, seed=config.seed, epoch=epoch, rank=rank, world_size=world)
@@ -128,29 +156,92 @@ def fit(
             batch = batch_inputs(samples[s], torch.as_tensor(rows, device=device), genes, patch=patch)
             with _autocast(device, config.amp):
                 out = net(batch)
-                loss = loss_fn(out, batch["target"])
+            loss = loss_fn(_full_precision(out), batch["target"].float())  # targets never rounded to bf16/fp16
             scaler.scale(loss["loss"] / accumulate).backward()
             if (i + 1) % accumulate == 0:
                 _step(module, opt, scaler, config.grad_clip)
             for k, v in loss.items():  # summed on the device; one sync per epoch
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
         sched.step()
-        record = {("total" if k == "loss" else k): float(v) / max(len(plan), 1) for k, v in sums.items()}
+        n_steps = max(len(plan), 1)
+        record: dict[str, Any] = {("total" if k == "loss" else k): float(v) / n_steps for k, v in sums.items()}
+        _check_finite(module, record, epoch, ckpt, config)
         record["epoch"] = epoch
-        record["val_pcc"] = validation_score(module, samples, val_rows, genes, config, device, read_patches)
+        if has_val:
+            record.update(validation_metrics(module, samples, val_rows, genes, config, device, read_patches))
+            record["val_score"] = smoothed_score([*result.history, record], config)
         result.history.append(record)
-        bad = _update_best(module, result, record, epoch, bad)
+        bad = update_best(module, result, record, epoch, bad, config) if has_val else 0
         bar.set_postfix(
             {k: f"{record[k]:.3g}" for k in ("total", "sup", "con", "w_sup", "w_con", "val_pcc") if k in record}
         )
         if ckpt is not None and rank == 0:
-            _save_checkpoint(ckpt, module, opt, sched, result, epoch + 1, bad)
-        if bad > config.patience:
+            save_checkpoint(ckpt, module, opt, sched, result, epoch + 1, bad, ident)
+        if has_val and bad > config.patience and epoch + 1 >= config.min_epochs:
+            stopped = epoch
             logger.info(
-                "Early stopping at epoch %d (best epoch %d, val PCC %.4f).", epoch, result.best_epoch, result.best_score
-            )
+                "Early stopping at epoch %d (best epoch %d, smoothed validation %s %.4f).",
+                epoch, result.best_epoch, config.select_metric, result.best_score,
+            )  # fmt: skip
             break
+    finish_selection(result, config, has_val=has_val, stopped=stopped)
     return result
+
+
+def _full_precision(out: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Model outputs in float32 at least, so that the loss is computed in full precision under autocast."""
+    return {k: v.float() if torch.is_floating_point(v) and v.dtype != torch.float64 else v for k, v in out.items()}
+
+
+def _check_rows(train_rows: list[np.ndarray], val_rows: list[np.ndarray], config: DKANConfig) -> bool:
+    """Refuse splits that cannot train or cannot select; return whether there is validation data to select on."""
+    if not sum(len(r) for r in train_rows):
+        raise ValueError(
+            "No training spots are left after holding out validation data; lower `val_fraction` "
+            f"(now {config.val_fraction}) or pass more samples."
+        )
+    n_val = [len(r) for r in val_rows]
+    if config.val_fraction <= 0 or not sum(n_val):
+        if config.val_fraction > 0:
+            raise ValueError(
+                f"`val_fraction={config.val_fraction}` left no validation spots; raise it, or pass "
+                "`val_fraction=0` to train for `max_epochs` and keep the last epoch."
+            )
+        logger.warning(
+            "No validation data (val_fraction=0): training runs all %d epochs without early stopping and keeps "
+            "the weights of the last epoch.",
+            config.max_epochs,
+        )
+        return False
+    if max(n_val) < MIN_VAL_SPOTS:
+        raise ValueError(
+            f"Too few validation spots to select a model: {n_val} per sample, and a per-gene Pearson r needs at "
+            f"least {MIN_VAL_SPOTS} in one sample. Raise `val_fraction` (now {config.val_fraction}), use "
+            "`val_split='sections'` with several samples, or pass `val_fraction=0` to train for `max_epochs` and "
+            "keep the last epoch."
+        )
+    if sum(n_val) < 30:
+        logger.warning("Model selection rests on %d validation spots only; its score will be noisy.", sum(n_val))
+    return True
+
+
+def _check_finite(module: nn.Module, record: dict[str, Any], epoch: int, ckpt: Path | None, config) -> None:
+    """Stop with :class:`NonFiniteLossError` when an epoch's loss or the weights are not finite."""
+    bad = {k: v for k, v in record.items() if not np.isfinite(v)}
+    weights_ok = bool(torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all())
+    if not bad and weights_ok:
+        return
+    what = ", ".join(f"`{k}`={v}" for k, v in bad.items()) if bad else "the weights"
+    kept = (
+        f" The checkpoint of the last good epoch is kept at {str(ckpt)!r}."
+        if ckpt is not None and ckpt.is_file() and epoch > 0
+        else " No checkpoint of an earlier epoch exists."
+    )
+    raise NonFiniteLossError(
+        f"Training stopped at epoch {epoch}: {what} became non-finite (losses are means over the epoch's steps)."
+        f"{kept} Lower `lr` (now {config.lr}), set `grad_clip` (now {config.grad_clip}) or check the inputs for "
+        "extreme values."
+    )
 
 
 def _step(module: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, clip: float | None) -> None:
@@ -160,16 +251,6 @@ def _step(module: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradS
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-
-
-def _update_best(module: nn.Module, result: FitResult, record: dict, epoch: int, bad: int) -> int:
-    score = record["val_pcc"]
-    if result.best_state is None or (np.isfinite(score) and score > result.best_score):
-        result.best_score = score if np.isfinite(score) else -np.inf
-        result.best_epoch = epoch
-        result.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in module.state_dict().items()})
-        return 0
-    return bad + 1
 
 
 @torch.inference_mode()
@@ -203,7 +284,7 @@ def predict_rows(
     return torch.cat(outs).numpy() if outs else np.zeros((0, n_genes), dtype=np.float32)
 
 
-def validation_score(
+def validation_metrics(
     module: nn.Module,
     samples: list[SampleInputs],
     val_rows: list[np.ndarray],
@@ -211,13 +292,19 @@ def validation_score(
     config: DKANConfig,
     device: torch.device,
     read_patches: PatchReader | None = None,
-) -> float:
-    """Mean over (sample, gene) of the Pearson r on the validation rows (the reference's ``R``)."""
+) -> dict[str, float]:
+    """Validation scores of the current weights.
+
+    ``val_pcc``: mean over (sample, gene) of the Pearson r on the validation rows (the reference's ``R``);
+    ``val_mse``: mean squared error over all validation spots and genes; ``val_r2``: mean over (sample, gene) of
+    ``1 - MSE / variance`` of the target. Samples with fewer than :data:`MIN_VAL_SPOTS` validation rows are skipped;
+    NaN when no value is defined.
+    """
     from dkan.tl._metrics import pearson_per_gene
 
-    rs = []
+    rs, r2s, sq, n = [], [], 0.0, 0
     for s, rows in enumerate(val_rows):
-        if len(rows) < 3:
+        if len(rows) < MIN_VAL_SPOTS:
             continue
         reader = (lambda r, s=s: read_patches(s, r, False)) if read_patches else None
         pred = predict_rows(
@@ -229,43 +316,32 @@ def validation_score(
             device=device,
             amp=config.amp,
             read_patches=reader,
-        )
-        target = samples[s].target[torch.as_tensor(rows, device=samples[s].target.device)].float().cpu().numpy()
+        ).astype(np.float64)
+        target = samples[s].target[torch.as_tensor(rows, device=samples[s].target.device)].double().cpu().numpy()
         r = pearson_per_gene(pred, target)
         rs.append(r[0] if isinstance(r, tuple) else r)
-    if not rs:
+        err = ((pred - target) ** 2).mean(axis=0)
+        var = target.var(axis=0)
+        r2s.append(np.where(var > 0, 1.0 - err / np.where(var > 0, var, 1.0), np.nan))
+        sq, n = sq + float(err.sum()) * len(rows), n + target.size
+    return {"val_pcc": _nanmean(rs), "val_mse": sq / n if n else float("nan"), "val_r2": _nanmean(r2s)}
+
+
+def _nanmean(parts: list[np.ndarray]) -> float:
+    if not parts:
         return float("nan")
-    allr = np.concatenate(rs)
-    return float(np.nanmean(allr)) if np.isfinite(allr).any() else float("nan")
+    values = np.concatenate(parts)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
-def _save_checkpoint(path: Path, module, opt, sched, result: FitResult, epoch: int, bad: int) -> None:
-    state: dict[str, Any] = {
-        "module": module.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "epoch": epoch,
-        "bad_epochs": bad,
-        "history": result.history,
-        "best_state": result.best_state,
-        "best_epoch": result.best_epoch,
-        "best_score": result.best_score,
-        "torch_rng": torch.get_rng_state(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, module, opt, sched, result: FitResult) -> tuple[int, int]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    module.load_state_dict(state["module"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    result.history = list(state["history"])
-    result.best_state = state["best_state"]
-    result.best_epoch = int(state["best_epoch"])
-    result.best_score = float(state["best_score"])
-    return int(state["epoch"]), int(state["bad_epochs"])
+def validation_score(
+    module: nn.Module,
+    samples: list[SampleInputs],
+    val_rows: list[np.ndarray],
+    genes: Tensor | None,
+    config: DKANConfig,
+    device: torch.device,
+    read_patches: PatchReader | None = None,
+) -> float:
+    """Mean over (sample, gene) of the Pearson r on the validation rows (the reference's ``R``)."""
+    return validation_metrics(module, samples, val_rows, genes, config, device, read_patches)["val_pcc"]
