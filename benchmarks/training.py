@@ -199,6 +199,8 @@ def worker(spec: dict) -> dict:
 
     device = torch.device(spec["device"])
     extra = {} if spec.get("contrastive_genes") == "preset" else {"contrastive_genes": spec["contrastive_genes"]}
+    if "amp" in spec:  # gpu_check.py: the same cell with mixed precision on or off
+        extra["amp"] = bool(spec["amp"])
     cfg = DKANConfig.from_preset(spec["preset"], batch_size=spec["batch"], n_genes=spec["genes"], **extra)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -346,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
                 "epochs": epochs,
                 "warmup": warmup,
                 "max_steps": args.max_steps,
-                "contrastive_genes": {"all": None, "preset": "preset"}.get(
+                "contrastive_genes": None  # the reference contrasts all genes (its dense loss needs them all)
+                if strategy == "reference"
+                else {"all": None, "preset": "preset"}.get(
                     args.contrastive_genes, int(args.contrastive_genes) if args.contrastive_genes.isdigit() else 0
                 ),
             }
