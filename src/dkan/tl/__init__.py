@@ -20,5 +20,13 @@ __getattr__, __dir__, __all__ = lazy_module(
         "fit_mean": "_baselines",
         "fit_ridge": "_baselines",
         "cross_validate": "_cv",
+        # objects the tools return (documented on the API page; not built by users)
+        "EvalResult": "_evaluate",
+        "CVResult": "_cv",
+        "CVSummary": "_combine",
+        "MeanPredictor": "_baselines",
+        "RidgePredictor": "_baselines",
+        "NCBIClient": "_ncbi",
+        "LLMClient": "_llm",
     },
 )

@@ -1,0 +1,92 @@
+"""Packaging: declared dependencies match what src/ imports, one version source, public API page, extras."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import dkan
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+#: import name -> distribution name where they differ
+_DIST = {"PIL": "pillow", "sklearn": "scikit-learn", "skimage": "scikit-image", "yaml": "pyyaml"}
+#: imports inside a try/except ImportError that raise a message naming the extra
+_OPTIONAL = {"squidpy": "svg"}
+
+
+def _requirement_names(reqs: list[str]) -> set[str]:
+    return {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+
+def _third_party_imports() -> set[str]:
+    stdlib = set(sys.stdlib_module_names)
+    found = set()
+    for path in (ROOT / "src" / "dkan").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            found |= {n.split(".")[0] for n in names}
+    return {n for n in found if n not in stdlib and n not in ("dkan", "__future__")}
+
+
+def test_core_dependencies_cover_every_runtime_import():
+    core = _requirement_names(PYPROJECT["project"]["dependencies"])
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    for name in sorted(_third_party_imports()):
+        dist = _DIST.get(name, name).lower().replace("_", "-")
+        if name in _OPTIONAL:
+            assert dist in _requirement_names(extras[_OPTIONAL[name]]), name
+            assert dist not in core, f"{dist} is optional (extra {_OPTIONAL[name]!r}) but listed as a core dependency"
+        else:
+            assert dist in core, f"src/ imports {name!r}; declare {dist!r} in [project] dependencies"
+
+
+def test_core_dependencies_have_floors_and_no_unused_entries():
+    deps = PYPROJECT["project"]["dependencies"]
+    assert all(">=" in d for d in deps), [d for d in deps if ">=" not in d]
+    used = {_DIST.get(n, n).lower().replace("_", "-") for n in _third_party_imports()} | {"zarr"}
+    assert _requirement_names(deps) <= used, _requirement_names(deps) - used
+
+
+def test_version_has_one_source():
+    assert "version" not in PYPROJECT["project"]
+    assert PYPROJECT["project"]["dynamic"] == ["version"]
+    assert PYPROJECT["tool"]["hatch"]["version"]["path"] == "src/dkan/__init__.py"
+    assert re.fullmatch(r"\d+\.\d+\.\d+([ab]|rc)?\d*", dkan.__version__)
+
+
+def test_license_and_typing_marker_ship():
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    assert PYPROJECT["project"]["license"] == "MIT"
+    assert (ROOT / "src" / "dkan" / "py.typed").exists()
+
+
+def test_api_page_documents_public_names_only():
+    page = (ROOT / "docs" / "api.md").read_text()
+    names = re.findall(r"^\s+(dkan\.[\w.]+)\s*$", page, flags=re.M)
+    assert len(names) > 30
+    private = [n for n in names if any(part.startswith("_") for part in n.split("."))]
+    assert not private, private
+    import importlib
+
+    for name in names:  # every documented name resolves
+        mod, _, attr = name.rpartition(".")
+        obj = importlib.import_module(mod)
+        assert hasattr(obj, attr) or importlib.util.find_spec(name), name
+
+
+def test_svg_flavour_without_squidpy_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "squidpy", None)  # import squidpy -> ImportError
+    sdata = dkan.datasets.toy(n_samples=1, grid_size=6, n_genes=12, seed=0)
+    with pytest.raises(ImportError, match=r"dkan\[svg\]"):
+        dkan.pp.select_genes(sdata, n_genes=5, flavor="svg")
