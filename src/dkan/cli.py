@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", default=None, help="Torch device, e.g. 'cuda', 'cuda:1', 'cpu' (default: CUDA if available)."
     )
+    p.add_argument(
+        "--gene-symbols",
+        default=None,
+        metavar="COLUMN",
+        help="Table var column of gene symbols, when var_names are other ids (e.g. Ensembl ids of a Visium table).",
+    )
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
     p.add_argument("-q", "--quiet", action="store_true", help="Log warnings and errors only.")
     p.add_argument("--debug", action="store_true", help="Debug logging, and full tracebacks on errors.")
@@ -106,6 +112,13 @@ def _add_train(sub: Any) -> None:
         default=None,
         help="Gene descriptions for the text embeddings: a TSV of {symbol, text} (e.g. NCBI RefSeq summaries) or "
         "'ncbi' to fetch them online (cached). Default: gene symbols only, with a warning.",
+    )
+    p.add_argument(
+        "--gene-info",
+        type=Path,
+        default=None,
+        help="NCBI gene_info file (e.g. Homo_sapiens.gene_info.gz): genes without a description get their full "
+        "name, and symbols missing from --descriptions are looked up under their official symbol.",
     )
     p.add_argument("--checkpoint", type=Path, default=None, help="File for a resumable checkpoint written every epoch.")
     p.add_argument("--resume", action="store_true", help="Continue from --checkpoint when it exists.")
@@ -166,6 +179,26 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def check_override_keys(overrides: Mapping[str, Any]) -> None:
+    """Refuse ``--set`` keys that are not configuration fields, naming the closest ones (difflib)."""
+    import difflib
+
+    from dkan.train.config import DKANConfig
+
+    fields = list(DKANConfig.field_names())
+    unknown = [key for key in overrides if key not in fields]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, fields, n=3)
+        hints.append(f"`{key}`" + (f" (did you mean {' or '.join(f'`{c}`' for c in close)}?)" if close else ""))
+    raise ValueError(
+        f"`--set` names {len(unknown)} unknown configuration field(s): {', '.join(hints)}. "
+        "`dkan train --help` lists the fields (documented in dkan.DKANConfig)."
+    )
+
+
 def _config(value: str | None) -> Any:
     """A preset name, or the mapping of a JSON file."""
     if value is None or not value.endswith(".json"):
@@ -208,6 +241,7 @@ def _train(args: argparse.Namespace) -> int:
         raise FileExistsError(f"`--out {args.out}` exists; pass --overwrite to replace it.")
     check_target(args.out, overwrite=True)  # before training: refuse a folder that is not a dkan model up front
     overrides = parse_overrides(args.overrides)
+    check_override_keys(overrides)  # before reading the store
     sdata = _read(args.store)
     model = dkan.tl.train(
         sdata,
@@ -216,6 +250,8 @@ def _train(args: argparse.Namespace) -> int:
         table_key=args.table_key,
         image_key=args.image_key,
         descriptions=args.descriptions,
+        gene_info=args.gene_info,
+        gene_symbols=args.gene_symbols,
         checkpoint=args.checkpoint,
         resume=args.resume,
         progress=not args.no_progress,
@@ -249,6 +285,7 @@ def _predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         um_per_px=args.um_per_px,
+        gene_symbols=args.gene_symbols,
         progress=not args.no_progress,
     )
     if args.out is not None:

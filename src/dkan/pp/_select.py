@@ -10,7 +10,7 @@ import pandas as pd
 from scipy import sparse
 
 from dkan import _keys as K
-from dkan._utils import get_table, uns_set
+from dkan._utils import check_int, get_table, uns_set
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -73,6 +73,7 @@ def select_genes(
     table_key: str | None = None,
     key_added: str = K.PANEL,
     inplace: bool = True,
+    gene_symbols: str | None = None,
 ) -> pd.DataFrame | None:
     """Choose the gene panel a model predicts.
 
@@ -112,6 +113,9 @@ def select_genes(
     inplace
         Write ``var[key_added]`` and ``uns["dkan"]["panel"]`` (the flavor, parameters and the ordered gene
         list); otherwise return the result.
+    gene_symbols
+        ``var`` column holding gene symbols, when ``var_names`` are other ids (e.g. Ensembl ids): ``genes`` and
+        the recorded panel are then symbols (scanpy's name for the same option).
 
     Returns
     -------
@@ -121,15 +125,32 @@ def select_genes(
     if flavor not in _FLAVORS:
         raise ValueError(f"`flavor={flavor!r}` is not one of {_FLAVORS}.")
     adata = _as_table(data, table_key)
+    if gene_symbols is not None:
+        from dkan._genes import use_symbols
+
+        with use_symbols(adata, gene_symbols):
+            return select_genes(
+                adata,
+                n_genes=n_genes,
+                flavor=flavor,
+                min_fraction=min_fraction,
+                genes=genes,
+                layer=layer,
+                key_added=key_added,
+                inplace=inplace,
+            )
     if genes is not None:
         return _fixed_panel(adata, list(genes), key_added=key_added, inplace=inplace)
+    n_genes = check_int(n_genes, "n_genes")
+    if isinstance(min_fraction, bool) or not isinstance(min_fraction, int | float | np.integer | np.floating):
+        raise TypeError(f"`min_fraction` must be a number in [0, 1]; found {type(min_fraction).__name__}.")
     if not 0 <= min_fraction <= 1:
         raise ValueError(f"`min_fraction={min_fraction}` must lie in [0, 1].")
     x = _counts(adata, layer)
     detected = np.asarray((x > 0).mean(axis=0)).ravel() if adata.n_obs else np.zeros(adata.n_vars)
     candidate = _valid_genes(adata) & (detected >= min_fraction)
     n_cand = int(candidate.sum())
-    if n_genes < 1 or n_genes > n_cand:
+    if n_genes > n_cand:
         raise ValueError(
             f"`n_genes={n_genes}` but only {n_cand} of {adata.n_vars} genes are uniquely named and detected in "
             f">= {min_fraction:.0%} of spots; lower `n_genes` or `min_fraction`."
@@ -229,7 +250,13 @@ def _rank_hvg(adata: AnnData, x: sparse.csr_matrix, idx: np.ndarray, n_genes: in
 
 
 def _rank_svg(adata: AnnData, x: sparse.csr_matrix, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    import squidpy as sq
+    try:
+        import squidpy as sq
+    except ImportError as err:  # an optional dependency: only this flavour needs it
+        raise ImportError(
+            "`flavor='svg'` needs squidpy (Moran's I); install it with `pip install 'dkan[svg]'` or pick "
+            "`flavor='hvg'`."
+        ) from err
 
     from dkan.pp._normalize import detect_grid
 

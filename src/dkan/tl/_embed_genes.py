@@ -101,7 +101,7 @@ def embed_genes(
         if same_genes and list(old.get("text_sha1", [])) == sha and adata.varm[key_added].shape[0] == len(all_genes):
             logger.info("Gene embeddings `%s` are up to date (same encoder and texts); nothing to do.", key_added)
             return
-    encoder = text_encoder if _is_encoder(text_encoder) else _create(text_encoder, pooling, device)
+    encoder = text_encoder if _is_encoder(text_encoder) else _create(text_encoder, pooling, device, progress=progress)
     if old is not None and key_added in adata.varm and not overwrite:
         _check_same_encoder(old, encoder.name, encoder.pooling, key_added, weights_hash=encoder.weights_hash)
     logger.info("Embedding %d gene descriptions with %s (%s pooling).", len(genes), encoder.name, encoder.pooling)
@@ -196,10 +196,23 @@ def _is_encoder(obj: Any) -> bool:
     return hasattr(obj, "encode") and hasattr(obj, "pooling") and hasattr(obj, "weights_hash")
 
 
-def _create(name: str | os.PathLike, pooling: str | None, device: str | None) -> TextEncoder:
+def _create(name: str | os.PathLike, pooling: str | None, device: str | None, *, progress: bool = True) -> TextEncoder:
+    """Build a text encoder; without ``progress`` the ``transformers`` weight-loading bar is hidden too."""
     from dkan.nn.text_encoders import create_text_encoder
 
-    return create_text_encoder(name, pooling=pooling, device=device)
+    if progress:
+        return create_text_encoder(name, pooling=pooling, device=device)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - the text encoders need transformers
+        return create_text_encoder(name, pooling=pooling, device=device)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return create_text_encoder(name, pooling=pooling, device=device)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _check_same_encoder(

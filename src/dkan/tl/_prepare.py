@@ -152,7 +152,13 @@ def ensure_features(
 
 
 def gene_embeddings(
-    tables: list[AnnData], genes: list[str], *, text_encoder: str, descriptions: Any
+    tables: list[AnnData],
+    genes: list[str],
+    *,
+    text_encoder: str,
+    descriptions: Any,
+    describe_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Gene-semantic embeddings of ``genes`` (from ``varm`` when present, else computed)."""
     import anndata as ad
@@ -168,12 +174,24 @@ def gene_embeddings(
             return emb, dict(rec)
     if first.n_vars <= MAX_VARM_GENES:
         logger.info("Embedding gene descriptions with %r (`dkan.tl.embed_genes`).", text_encoder)
-        dkan.tl.embed_genes(first, descriptions=descriptions, text_encoder=text_encoder)
+        dkan.tl.embed_genes(
+            first,
+            descriptions=descriptions,
+            text_encoder=text_encoder,
+            describe_kwargs=describe_kwargs,
+            progress=progress,
+        )
         target = first
     else:
         target = ad.AnnData(var=pd.DataFrame(index=list(genes)))
         logger.info("Embedding the %d panel genes only (the table has %d genes).", len(genes), first.n_vars)
-        dkan.tl.embed_genes(target, descriptions=descriptions, text_encoder=text_encoder)
+        dkan.tl.embed_genes(
+            target,
+            descriptions=descriptions,
+            text_encoder=text_encoder,
+            describe_kwargs=describe_kwargs,
+            progress=progress,
+        )
     emb = np.asarray(target[:, genes].varm[K.GENE_EMBEDDING], dtype=np.float32)
     return emb, dict(uns_get(target, K.UNS_GENE_EMBEDDING))
 
@@ -188,6 +206,7 @@ def prepare_training(
     descriptions: Any,
     device: Any,
     progress: bool = True,
+    describe_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[list[str], np.ndarray, dict[str, Any], dict[str, Any]]:
     """Run every missing input step on the training data.
 
@@ -211,5 +230,12 @@ def prepare_training(
             f"The training SpatialData objects hold features of different encoders {sorted(map(str, ids))}; "
             "re-run `dkan.tl.extract_features(..., overwrite=True)` with one encoder on all of them."
         )
-    emb, emb_rec = gene_embeddings(tables, genes, text_encoder=cfg.text_encoder, descriptions=descriptions)
+    emb, emb_rec = gene_embeddings(
+        tables,
+        genes,
+        text_encoder=cfg.text_encoder,
+        descriptions=descriptions,
+        describe_kwargs=describe_kwargs,
+        progress=progress,
+    )
     return genes, emb, feats[0], emb_rec

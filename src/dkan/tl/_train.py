@@ -31,6 +31,8 @@ def train(
     table_key: str | None = None,
     image_key: str | Mapping[str, str] | None = None,
     descriptions: Any = None,
+    gene_info: str | os.PathLike | None = None,
+    gene_symbols: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -57,6 +59,13 @@ def train(
         Image to crop from (see :func:`dkan.tl.tile`); inferred per sample by default.
     descriptions
         Gene descriptions for :func:`dkan.tl.embed_genes` (``None``: the gene symbols, with a warning).
+    gene_info
+        NCBI ``gene_info`` file (e.g. ``Homo_sapiens.gene_info.gz``): genes without a description get their full
+        name, and symbols missing from ``descriptions`` are looked up under their official symbol (see
+        :func:`dkan.tl.describe_genes`).
+    gene_symbols
+        ``var`` column holding gene symbols, when ``var_names`` are other ids (e.g. Ensembl ids); the panel,
+        the model's genes and the gene texts then use the symbols.
     checkpoint
         File for a resumable checkpoint written after every epoch.
     resume
@@ -84,10 +93,32 @@ def train(
     from dkan.train.config import DKANConfig
     from dkan.train.model import DKANModel
 
+    if gene_symbols is not None:
+        from contextlib import ExitStack
+
+        from dkan._genes import use_symbols
+
+        with ExitStack() as stack:
+            for sd in prep.as_list(sdata):
+                stack.enter_context(use_symbols(get_table(sd, table_key)[1], gene_symbols))
+            return train(
+                sdata,
+                config=config,
+                device=device,
+                table_key=table_key,
+                image_key=image_key,
+                descriptions=descriptions,
+                gene_info=gene_info,
+                checkpoint=checkpoint,
+                resume=resume,
+                progress=progress,
+                **overrides,
+            )
     cfg = DKANConfig.resolve(config, **overrides)
     dev = resolve_device(device if device is not None else init_distributed())
     sdatas = prep.as_list(sdata)
     tables = [get_table(sd, table_key)[1] for sd in sdatas]
+    _warn_ensembl(tables[0])
     genes, emb, feats, emb_rec = prep.prepare_training(
         sdatas,
         tables,
@@ -97,6 +128,7 @@ def train(
         descriptions=descriptions,
         device=dev,
         progress=progress,
+        describe_kwargs={"gene_info": gene_info} if gene_info is not None else None,
     )
     samples, reader = build_inputs(sdatas, tables, genes, cfg, table_key=table_key, with_target=True)
     module, result = fit_inputs(
@@ -113,6 +145,18 @@ def train(
         "device": str(dev),
     }
     return DKANModel(module.cpu(), cfg, genes, emb, meta, result.history)
+
+
+def _warn_ensembl(adata: Any) -> None:
+    """Warn when the genes are named by Ensembl ids: their texts (the ids) carry no meaning for the text encoder."""
+    from dkan._genes import looks_like_ensembl
+
+    if looks_like_ensembl(list(adata.var_names[:1000])):
+        logger.warning(
+            "The table's genes are named by Ensembl ids (e.g. %s): the model's genes and their texts will be ids, "
+            "which carry no meaning for the text encoder. Pass `gene_symbols=` naming a `var` column of symbols.",
+            list(map(str, adata.var_names[:2])),
+        )
 
 
 def fit_inputs(
