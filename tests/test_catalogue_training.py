@@ -391,3 +391,19 @@ def test_resume_from_a_foreign_torch_file_is_refused(tmp_path):
     torch.save({"module": {}, "epoch": 3}, path)
     with pytest.raises(ValueError, match="not a training checkpoint"):
         _fit(checkpoint=path, resume=True)
+
+
+def test_history_plot_marks_the_selected_epoch():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dkan.pl._history import training_history
+
+    hist = [{"epoch": e, "total": 1.0, "val_pcc": [0.1, 0.9, 0.2, 0.3][e]} for e in range(4)]
+    hist[3]["selected"] = True  # chosen on a smoothed score or another metric, not the raw best PCC (epoch 1)
+    fig = training_history(hist, return_fig=True)
+    marks = [ln.get_xdata()[0] for ax in fig.axes for ln in ax.get_lines() if ln.get_label() == "best epoch"]
+    plt.close(fig)
+    assert marks and set(marks) == {3}

@@ -34,7 +34,8 @@ def training_history(
     """Plot a training run per epoch: losses, adaptive loss weights and validation PCC.
 
     Panels without any recorded value are left out (e.g. the weights when the run used fixed weights), so
-    the figure has up to three panels. The best validation epoch is marked on every panel.
+    the figure has up to three panels. The epoch training selected (``"selected"`` in its record; else the best
+    validation PCC) is marked on every panel.
 
     Parameters
     ----------
@@ -63,7 +64,8 @@ def training_history(
             f"`model_or_history` records none of {[k for p in _PANELS for k, _ in p[2]]} per epoch; nothing to plot."
         )
     axes = _axes(ax, len(panels), figsize=figsize, dpi=dpi)
-    best = _best_epoch(epochs, series["val_pcc"])
+    chosen = [e for e, r in zip(epochs, records, strict=True) if r.get("selected")]  # the epoch training kept
+    best = float(chosen[0]) if chosen else _best_epoch(epochs, series["val_pcc"])
     for a, (title, ylabel, keys) in zip(axes, panels, strict=True):
         for key, label in keys:
             y = series[key]
