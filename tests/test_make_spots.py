@@ -134,7 +134,13 @@ def test_make_spots_on_tissue_then_tile_and_crop(multiscale):
 
 
 def test_make_spots_options_and_errors():
+    from spatialdata.transformations import Identity, set_transformation
+
     sd, _disc = he_like_sdata()
+    _, t0 = dkan.tl.make_spots(sd, key_added="from_um")  # the image's "um" coordinate system records 2 µm/px
+    assert sd[t0].uns["dkan"]["reader"]["he"]["um_per_px"] == 2.0
+    del sd["from_um"], sd[t0]
+    set_transformation(sd.images["he_image"], {"slide": Identity()}, set_all=True)  # no pixel size recorded
     with pytest.raises(ValueError, match="um_per_px"):
         dkan.tl.make_spots(sd)
     k, t = dkan.tl.make_spots(sd, um_per_px=1.0, spacing_um=40.0, grid="square", tissue_only=False, key_added="all")

@@ -140,3 +140,47 @@ def test_predict_slides_writes_each_slide_and_skips_finished(slide, model_dir, t
         dkan.tl.predict_slides([junk], model_dir, out_dir=out_dir, progress=False)
     with pytest.raises(ValueError, match="same output"):
         dkan.tl.predict_slides([slide, slide], model_dir, out_dir=out_dir, progress=False)
+
+
+# --- read_st images: lazy per level -----------------------------------------------------------------------------
+
+
+def _st_section(tmp_path, ext):
+    from _stfiles import write_section
+
+    return write_section(tmp_path, "S1", size=(1000, 800), image_ext=ext)
+
+
+def test_read_st_jpeg_lower_levels_never_decode_full_resolution(tmp_path, monkeypatch):
+    from dkan.io import _st
+
+    files = _st_section(tmp_path, ".jpg")
+    sdata = dkan.io.read_st(files["counts"], files["spots"], files["image"], sample_id="S1", scale_factors=(2, 2))
+    levels = image_levels(sdata.images["S1_image"])
+    assert [lv.shape for lv in levels] == [(3, 800, 1000), (3, 400, 500), (3, 200, 250)]
+
+    def refuse(self):
+        raise AssertionError("the full-resolution image was decoded")
+
+    monkeypatch.setattr(_st._LazyImage, "_load", refuse)
+    low = np.asarray(levels[2].data).astype(float)  # decoded at 1/4 size, full resolution untouched
+    monkeypatch.undo()
+    full = np.asarray(levels[0].data).astype(float)
+    box = full.reshape(3, 200, 4, 250, 4).mean(axis=(2, 4))
+    assert np.abs(low - box).mean() < 3.0  # same picture (JPEG DCT scaling vs box mean of decoded pixels)
+
+
+def test_read_st_tiled_tiff_is_read_a_tile_at_a_time(tmp_path, monkeypatch):
+    from dkan.io import _st
+
+    files = _st_section(tmp_path, ".png")
+    tif = tmp_path / "S1.tif"
+    with tifffile.TiffWriter(tif) as tw:  # the same picture as a pyramidal tiled TIFF
+        tw.write(files["img"], tile=(128, 128), photometric="rgb", subifds=1)
+        tw.write(files["img"][::2, ::2], tile=(128, 128), photometric="rgb", subfiletype=1)
+    sdata = dkan.io.read_st(files["counts"], files["spots"], tif, sample_id="S1")
+    levels = image_levels(sdata.images["S1_image"])
+    assert [lv.shape for lv in levels] == [(3, 800, 1000), (3, 400, 500)]  # the file's own pyramid
+    monkeypatch.setattr(_st._LazyImage, "_load", lambda self: pytest.fail("the whole image was decoded"))
+    crop = np.asarray(levels[0].data[:, 100:300, 50:400])
+    np.testing.assert_array_equal(crop, files["img"][100:300, 50:400].transpose(2, 0, 1))

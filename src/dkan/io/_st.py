@@ -50,10 +50,11 @@ def read_st(
     (or ``new_x``, ``new_y``), ``pixel_x``, ``pixel_y`` and optionally ``selected``; and the H&E image.
     Count rows are joined to spot rows on ``f"{round(x)}x{round(y)}"`` and sorted by ``(y, x)``.
 
-    The image is decoded on first use (not while reading), with PIL's decompression-bomb limit lifted for
-    this file only, and exposed as a lazy dask array; large slides therefore load, but once touched the
-    decoded image stays in memory. Write the result to zarr (``sdata.write``) and read it back to work from
-    disk instead.
+    The image is lazy: a tiled TIFF is read a tile at a time (through tiffslide, as :func:`dkan.io.read_wsi`);
+    a JPEG or PNG is decoded on first use, not while reading, with PIL's decompression-bomb limit lifted for
+    this file only, each pyramid level on its own (lower levels of a JPEG directly at reduced size), so work
+    at a coarser resolution never decodes the full-resolution pixels. Once touched, a decoded JPEG level stays
+    in memory; write the result to zarr (``sdata.write``) and read it back to work from disk instead.
 
     The image resolution is inferred from the spot grid: the median pixel distance between neighbouring
     spots is one ``spot_pitch_um``; the spot circles get a radius of ``spot_diameter_um / 2`` in pixels.
@@ -94,8 +95,10 @@ def read_st(
     the coordinate system ``sample_id``.
     """
     from spatialdata import SpatialData
-    from spatialdata.models import Image2DModel, ShapesModel
+    from spatialdata.models import ShapesModel
     from spatialdata.transformations import Identity
+
+    from dkan.io._pyramid import image_pyramid
 
     sample_id = str(sample_id)
     cnt = read_counts(counts)
@@ -118,14 +121,12 @@ def read_st(
     radius_px = spot_diameter_um / 2 / um_per_px
 
     tf = {sample_id: Identity()}
-    arr = lazy.to_dask(chunks)
-    img = Image2DModel.parse(
-        arr,
-        dims=("c", "y", "x"),
-        c_coords=["r", "g", "b"],
+    img = image_pyramid(
+        image,
+        lazy.to_dask(chunks),
         scale_factors=list(scale_factors) if scale_factors else None,
-        transformations=tf,
         chunks=chunks,
+        transformations=tf,
     )
     ids = np.arange(len(spt))
     shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), radius_px), index=ids, transformations=tf)

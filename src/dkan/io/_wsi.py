@@ -201,29 +201,43 @@ class _SlideLevel:
 
 def _image_element(levels: list[Any], sample_id: str, mpp: float) -> Any:
     """A spatialdata multiscale image (DataTree) from the levels, with pixel and micrometre systems."""
-    import xarray as xr
     from spatialdata.models import Image2DModel
-    from spatialdata.transformations import set_transformation
 
     if len(levels) == 1:  # no pyramid in the file: add lazily downsampled levels for overviews
-        factors = []
-        side = max(levels[0].shape[1:])
-        while side // 2 ** (len(factors) + 1) >= _MIN_LEVEL_SIDE:
-            factors.append(2)
         return Image2DModel.parse(
             levels[0],
             dims=("c", "y", "x"),
             c_coords=["r", "g", "b"],
-            scale_factors=factors or None,
+            scale_factors=overview_factors(levels[0].shape[1:]),
             transformations=transformations_for(sample_id, mpp),
         )
+    return pyramid_tree(levels, transformations_for(sample_id, mpp))
+
+
+def overview_factors(shape: tuple[int, ...]) -> list[int] | None:
+    """Factors 2, 2, ... that halve an image until its longer side is about ``_MIN_LEVEL_SIDE`` px."""
+    factors: list[int] = []
+    while max(shape) // 2 ** (len(factors) + 1) >= _MIN_LEVEL_SIDE:
+        factors.append(2)
+    return factors or None
+
+
+def pyramid_tree(levels: list[Any], transformations: dict[str, Any]) -> Any:
+    """A validated spatialdata multiscale image from ``(3, y, x)`` dask levels (largest first).
+
+    ``transformations`` apply to scale 0; spatialdata derives each level's scale from the shape ratios.
+    """
+    import xarray as xr
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import set_transformation
+
     tree = xr.DataTree.from_dict(
         {
             f"scale{k}": xr.Dataset({"image": xr.DataArray(lv, dims=("c", "y", "x"), coords={"c": ["r", "g", "b"]})})
             for k, lv in enumerate(levels)
         }
     )
-    set_transformation(tree, transformations_for(sample_id, mpp), set_all=True)
+    set_transformation(tree, transformations, set_all=True)
     Image2DModel().validate(tree)
     return tree
 
