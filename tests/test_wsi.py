@@ -90,6 +90,15 @@ def test_bad_slides_give_clear_errors(tmp_path):
         dkan.io.read_wsi(bare, um_per_px=300)
 
 
+def test_ome_tiff_pixel_size_comes_from_the_ome_xml(tmp_path):
+    img = np.full((600, 800, 3), 200, np.uint8)
+    meta = {"axes": "YXS", "PhysicalSizeX": 250, "PhysicalSizeY": 250, "PhysicalSizeXUnit": "nm"}
+    path = tmp_path / "ome.ome.tif"
+    tifffile.imwrite(path, img, tile=(128, 128), photometric="rgb", metadata=meta)  # no resolution tags
+    sdata = dkan.io.read_wsi(path)
+    assert dkan.io.image_um_per_px(sdata.images["ome_image"]) == pytest.approx(0.25)
+
+
 def test_blank_slide_has_no_tissue(tmp_path):
     blank = _plain_tiff(tmp_path / "blank.tif", resolution=(2e4, 2e4), unit="CENTIMETER")
     sdata = dkan.io.read_wsi(blank)

@@ -134,6 +134,8 @@ def slide_um_per_px(properties: Any, *, path: Path | str, um_per_px: float | Non
             raise ValueError(f"`um_per_px={um_per_px}` is outside the plausible range [{lo}, {hi}] µm/px. {how}")
         return float(um_per_px)
     mx, my = properties.get("tiffslide.mpp-x"), properties.get("tiffslide.mpp-y")
+    if mx is None and my is None:
+        mx = my = ome_um_per_px(path)
     values = [float(v) for v in (mx, my) if v is not None]
     if not values:
         raise ValueError(f"Slide `{path}` records no pixel size (µm/px) in its metadata. {how}")
@@ -144,6 +146,26 @@ def slide_um_per_px(properties: Any, *, path: Path | str, um_per_px: float | Non
             f"in [{lo}, {hi}]), probably a default resolution tag rather than the scanner's. {how}"
         )
     return mpp
+
+
+_OME_UNITS = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def ome_um_per_px(path: Path | str) -> float | None:
+    """``PhysicalSizeX`` of an OME-TIFF's first image in µm (OME-XML; tiffslide reads only resolution tags)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            xml = tf.ome_metadata if tf.is_ome else None
+        if not xml:
+            return None
+        image = tifffile.xml2dict(xml)["OME"]["Image"]
+        pixels = (image[0] if isinstance(image, list) else image)["Pixels"]
+        size, unit = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeXUnit", "µm")
+        return None if size is None or unit not in _OME_UNITS else float(size) * _OME_UNITS[unit]
+    except (tifffile.TiffFileError, OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _tile_shape(properties: Any, level: int) -> tuple[int, int]:
