@@ -174,3 +174,20 @@ def test_squidpy_spatial_scatter_on_legacy_anndata(pred_toy, tmp_path):
     assert np.sort(expected) == pytest.approx(np.sort(_values(pred_toy, K.PRED, "s0")), rel=1e-6)
     fig.savefig(tmp_path / "sq.png")
     assert (tmp_path / "sq.png").stat().st_size > 0
+
+
+def test_colour_scale_per_panel(pred_toy):
+    """Issue 16: ``scale="panel"`` gives each panel the range of its own values and its own colour bar."""
+    adata = pred_toy.tables[K.TABLE]
+    adata.layers[K.PRED] = (0.1 * adata.layers[K.PRED]).astype(np.float32)  # a weak prediction: narrow range
+    fig = spatial_pred(pred_toy, GENE, scale="panel", return_fig=True)
+    observed, predicted = (_spots(a) for a in _panels(fig))
+    for coll, layer in ((observed, K.TARGET), (predicted, K.PRED)):
+        vals = _values(pred_toy, layer, "s0")
+        assert (coll.norm.vmin, coll.norm.vmax) == (pytest.approx(vals.min()), pytest.approx(vals.max()))
+    assert observed.norm is not predicted.norm
+    assert len(fig.axes) == 4  # two panels, two colour bars
+    shared = spatial_pred(pred_toy, GENE, return_fig=True)  # the default stays one shared scale
+    assert len(shared.axes) == 3
+    with pytest.raises(ValueError, match="`scale='row'`"):
+        spatial_pred(pred_toy, GENE, scale="row")

@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -47,6 +47,7 @@ def spatial_pred(
     table_key: str | None = None,
     image_key: str | Mapping[str, str] | None = None,
     cmap: str = "viridis",
+    scale: Literal["shared", "panel"] = "shared",
     ax: Axes | Sequence[Axes] | None = None,
     figsize: tuple[float, float] | None = None,
     dpi: float | None = None,
@@ -58,9 +59,9 @@ def spatial_pred(
 
     Each sample is one row: the H&E with its spots coloured by the observed values (``layers[target_layer]``)
     on the left and by the predictions (``layers[pred_layer]``) on the right, with the Pearson correlation
-    across the sample's spots in the predicted panel's title. All panels share one colour scale and one
-    colour bar. A sample without observed values (an H&E-only slide, or no ``target_layer``) shows the
-    predictions only.
+    across the sample's spots in the predicted panel's title. By default all panels share one colour scale and
+    one colour bar; ``scale="panel"`` gives each panel its own. A sample without observed values (an H&E-only
+    slide, or no ``target_layer``) shows the predictions only.
 
     Parameters
     ----------
@@ -82,6 +83,10 @@ def spatial_pred(
         Image to draw under the spots (one name, or ``{spots_key: image_key}``); inferred per sample.
     cmap
         Colour map of the expression values.
+    scale
+        ``"shared"``: one colour scale over all panels (observed and predicted values compare directly);
+        ``"panel"``: each panel spans its own values and has its own colour bar, so a prediction whose range is
+        narrower than the observed one still shows its spatial pattern.
     ax
         Axes to draw on, one per panel in row-major order (2 per sample, or 1 per sample when no sample has
         observed values); a new figure when None.
@@ -93,13 +98,15 @@ def spatial_pred(
         Path to save the figure to.
     **kwargs
         Passed to :class:`matplotlib.collections.EllipseCollection` drawing the spots (e.g. ``alpha``,
-        ``edgecolors``, ``linewidths``). ``vmin``, ``vmax`` or ``norm`` replace the shared colour scale, which
-        by default spans the values of all panels.
+        ``edgecolors``, ``linewidths``). ``vmin``, ``vmax`` or ``norm`` replace the computed colour scale
+        (of every panel with ``scale="panel"``).
 
     Returns
     -------
     The figure when ``return_fig`` is True, else None.
     """
+    if scale not in ("shared", "panel"):
+        raise ValueError(f"`scale={scale!r}` must be 'shared' (one colour scale) or 'panel' (one per panel).")
     tkey = _pred_table(sdata, pred_layer, table_key)
     adata = sdata.tables[tkey]
     col = _gene_index(adata, gene, tkey)
@@ -117,17 +124,20 @@ def spatial_pred(
     windows = [_window(xy, r) for xy, r in geometry]
     aspect = float(np.median([(w[3] - w[1]) / max(w[2] - w[0], 1e-9) for w in windows]))
     axes = _panel_axes(ax, len(rows), ncols, figsize=figsize, dpi=dpi, aspect=aspect)
-    norm = _shared_norm(rows, kwargs)
+    given = _pop_scale(kwargs)
+    norm = _norm([v for r in rows for v in (r.pred, r.observed) if v is not None], *given)
     for row, row_axes, (xy, r), window in zip(rows, axes, geometry, windows, strict=True):
-        _draw_row(sdata, row, row_axes, xy, r, window, gene=gene, cmap=cmap, norm=norm, **kwargs)
+        panel_norm = None if scale == "panel" else norm
+        _draw_row(sdata, row, row_axes, xy, r, window, gene=gene, cmap=cmap, norm=panel_norm, given=given, **kwargs)
     fig = axes[0][0].figure
-    _colorbar(
-        fig,
-        [a for r in axes for a in r],
-        norm,
-        cmap,
-        label=f"{gene} ({'predicted' if ncols == 1 else 'observed and predicted'})",
-    )
+    if scale == "shared":
+        _colorbar(
+            fig,
+            [a for r in axes for a in r],
+            norm,
+            cmap,
+            label=f"{gene} ({'predicted' if ncols == 1 else 'observed and predicted'})",
+        )
     return finish_figure(fig, return_fig=return_fig, save=save)
 
 
@@ -207,16 +217,21 @@ def _make_row(sample: Sample, pred: np.ndarray, observed: np.ndarray | None) -> 
     return _Row(sample, p, o, float(r[0]))
 
 
-def _shared_norm(rows: list[_Row], kwargs: dict[str, Any]) -> Normalize:
-    """One colour scale over every panel (``norm``/``vmin``/``vmax`` in ``kwargs`` take precedence)."""
+def _pop_scale(kwargs: dict[str, Any]) -> tuple[Normalize | None, float | None, float | None]:
+    """The user's ``norm``, ``vmin`` and ``vmax`` (removed from ``kwargs``)."""
+    return kwargs.pop("norm", None), kwargs.pop("vmin", None), kwargs.pop("vmax", None)
+
+
+def _norm(values: list[np.ndarray], norm: Normalize | None, vmin: float | None, vmax: float | None) -> Normalize:
+    """A colour scale spanning the finite ``values`` (the user's ``norm``/``vmin``/``vmax`` take precedence)."""
     from matplotlib.colors import Normalize
 
-    norm = kwargs.pop("norm", None)
-    vmin, vmax = kwargs.pop("vmin", None), kwargs.pop("vmax", None)
     if norm is not None:
         return norm
-    vals = np.concatenate([v for r in rows for v in (r.pred, r.observed) if v is not None])
+    vals = np.concatenate(values) if values else np.zeros(0)
     vals = vals[np.isfinite(vals)]
+    if not len(vals):
+        vals = np.zeros(1)
     lo = float(vals.min()) if vmin is None else float(vmin)
     hi = float(vals.max()) if vmax is None else float(vmax)
     if hi <= lo:
@@ -256,9 +271,14 @@ def _draw_row(
     gene: str,
     cmap: str,
     norm: Any,
+    given: tuple[Any, Any, Any] = (None, None, None),
     **kwargs: Any,
 ) -> None:
-    """One sample's panels: the image, the spots coloured by value, titles and limits."""
+    """One sample's panels: the image, the spots coloured by value, titles and limits.
+
+    With ``norm=None`` each panel gets a colour scale of its own values (``given``: the user's norm, vmin, vmax)
+    and its own colour bar.
+    """
     name = row.sample.name
     panels: list[tuple[np.ndarray | None, str]] = [(row.pred, f"{name}: {gene} predicted")]
     if len(axes) == 2:
@@ -272,7 +292,10 @@ def _draw_row(
         if values is None:
             a.text(0.5, 0.5, "not measured", ha="center", va="center", transform=a.transAxes)
         else:
-            _draw_spots(a, xy, r, values, cmap=cmap, norm=norm, **kwargs)
+            own = norm if norm is not None else _norm([values], *given)
+            _draw_spots(a, xy, r, values, cmap=cmap, norm=own, **kwargs)
+            if norm is None:
+                _colorbar(a.figure, [a], own, cmap, label=gene)
         a.set_title(title)
         a.set_xlim(window[0], window[2])
         a.set_ylim(window[3], window[1])
