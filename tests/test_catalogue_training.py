@@ -217,7 +217,24 @@ def test_train_with_val_fraction_zero_records_the_choice(toy):
     assert [r.get("selected", False) for r in model.history] == [False, True]
 
 
+def test_train_refuses_a_split_with_too_few_validation_spots(toy):
+    import dkan
+
+    with pytest.raises(ValueError, match="Too few validation spots") as info:
+        dkan.tl.train(toy, progress=False, max_epochs=1, feature_encoder="dummy", val_fraction=0.01, val_split="blocks")
+    assert "val_fraction=0" in str(info.value)  # the fix is named
+
+
 # ---------------------------------------------------------------------- issue 14 item 2: model selection
+def test_reference_presets_keep_the_reference_selection_rule():
+    from dkan.train.config import PRESETS
+
+    for name in ("her2st", "stnet", "cscc"):
+        cfg = PRESETS[name]
+        assert (cfg.val_window, cfg.min_epochs, cfg.select_metric) == (1, 0, "pcc"), name
+    assert (PRESETS["small"].val_window, PRESETS["small"].min_epochs) == (3, 20)
+
+
 def test_sections_split_holds_out_whole_training_sections():
     grids = [np.argwhere(np.ones((SIDE, SIDE)))] * 4
     split = make_validation_split(["a", "b", "c", "d"], grids, 0.25, strategy="auto", seed=0)
