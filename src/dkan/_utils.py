@@ -12,6 +12,7 @@ import numpy as np
 from dkan import _keys as K
 
 if TYPE_CHECKING:
+    import torch
     from anndata import AnnData
     from spatialdata import SpatialData
 
@@ -202,3 +203,63 @@ def uns_get(adata: AnnData, step: str) -> dict | None:
 def uns_set(adata: AnnData, step: str, params: dict) -> None:
     """Record run parameters of ``step`` in ``adata.uns["dkan"]``."""
     adata.uns.setdefault(K.UNS, {})[step] = params
+
+
+def check_int(value: Any, name: str, *, minimum: int = 1) -> int:
+    """Return ``value`` as an int; a non-integer is a TypeError, one below ``minimum`` a ValueError."""
+    import numbers
+
+    what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be {what}; found {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"`{name}={value}` must be {what}.")
+    return int(value)
+
+
+def check_unique_genes(adata: AnnData, *, table_key: str = K.TABLE) -> None:
+    """Refuse a table whose ``var_names`` repeat a gene (genes are matched by name)."""
+    names = adata.var_names
+    if names.has_duplicates:
+        dup = [str(g) for g in names[names.duplicated()].unique()]
+        raise ValueError(
+            f"Table `{table_key}` has {len(dup)} duplicated gene name(s) in `var_names`, e.g. {dup[:5]}; dkan matches "
+            "genes by name. Make them unique with `table.var_names_make_unique()` (or sum the duplicated columns)."
+        )
+
+
+def resolve_device(device: str | int | torch.device | None, *, param: str = "device") -> torch.device:
+    """The torch device to run on: ``device`` checked, or CUDA when available, else CPU.
+
+    Parameters
+    ----------
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, a CUDA index, a :class:`torch.device`, or ``None``.
+    param
+        Parameter name used in error messages.
+
+    Returns
+    -------
+    The device; a name torch does not know, or an accelerator this machine lacks, is a ValueError.
+    """
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, bool) or not isinstance(device, str | int | torch.device):
+        raise TypeError(f"`{param}` must be a device name such as 'cpu' or 'cuda'; found {type(device).__name__}.")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"`{param}={device!r}` is not a torch device; use 'cpu', 'cuda', 'cuda:N' (N = GPU index) or 'mps'."
+        ) from err
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"`{param}={device!r}` but CUDA is not available here; use `{param}='cpu'`.")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"`{param}={device!r}` but this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1}).")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`{param}={device!r}` but MPS is not available here; use `{param}='cpu'`.")
+    return dev

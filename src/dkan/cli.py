@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("dkan")
 
-#: Exceptions that are user errors: reported as one line (``--debug`` shows the traceback).
-_USER_ERRORS = (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsError)
+#: Exceptions that are user errors: reported as one line ``dkan: error: ...`` (``--debug`` shows the traceback).
+#: OSError covers files and folders that cannot be read or written (missing, no permission, not decodable).
+_USER_ERRORS = (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsError, OSError)
 
 
 # ----------------------------------------------------------------------------------------- parser
@@ -220,7 +221,13 @@ def _read(store: Path) -> SpatialData:
     if not store.exists():
         raise FileNotFoundError(f"Store `{store}` does not exist.")
     logger.info("Reading %s", store)
-    return sd.read_zarr(store)
+    try:
+        return sd.read_zarr(store)
+    except Exception as err:  # zarr, anndata and spatialdata raise many types for a folder that is no store
+        raise ValueError(
+            f"Store `{store}` cannot be read as a SpatialData zarr store ({type(err).__name__}: {error_line(err)}). "
+            "Pass a store written by `SpatialData.write`."
+        ) from err
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -272,7 +279,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.in_place and args.store.exists() and not is_store(args.store):
         raise ValueError(f"`--in-place` needs a zarr store; `{args.store}` is a slide file. Use `--out OUT.zarr`.")
-    model = dkan.DKANModel.load(args.model)
+    model = _load_model(args.model)
     sdata = read_slide(args.store, um_per_px=args.um_per_px)
     before = {name: id(el) for _, name, el in sdata.gen_elements()}
     tkey = dkan.tl.predict(
@@ -393,6 +400,29 @@ def update_in_place(sdata: SpatialData, table_key: str, *, added: Sequence[str] 
     shutil.rmtree(backup, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------------------- errors
+def _load_model(path: Path) -> Any:
+    """``DKANModel.load(path)``; a folder that cannot be read as a model is one user error naming it."""
+    import dkan
+
+    try:
+        return dkan.DKANModel.load(path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # json, safetensors and torch each raise their own type for a bad folder
+        raise ValueError(
+            f"`--model {path}` could not be loaded ({type(err).__name__}: {error_line(err)}). Point --model at a "
+            "folder written by `dkan train` (DKANModel.save), or save the model again."
+        ) from err
+
+
+def error_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (a KeyError's message without the quotes ``str`` adds)."""
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    text = " ".join(str(msg).split())
+    return text or type(err).__name__
+
+
 # ----------------------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dkan`` command line; returns the exit status.
@@ -404,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns
     -------
-    0 on success, 1 on a user error (reported on stderr).
+    0 on success; 1 on an expected error (bad input, unreadable or corrupt files, a bad device), reported on
+    stderr as one line ``dkan: error: ...`` (``--debug`` re-raises it with its traceback); argparse exits
+    with 2 on bad arguments.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -414,8 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as err:
         if args.debug:
             raise
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"dkan {args.command}: error: {msg}", file=sys.stderr)
+        print(f"dkan: error: {error_line(err)}", file=sys.stderr)
         return 1
 
 

@@ -172,13 +172,18 @@ def _spot_keys(xy: np.ndarray) -> np.ndarray:
 
 def read_counts(path: str | PathLike[str]) -> pd.DataFrame:
     """Read a legacy ST counts table as spots x genes, indexed by ``"{x}x{y}"`` keys of rounded coordinates."""
-    df = pd.read_csv(path, sep="\t", index_col=0)
+    df = _read_text_table(path, "counts", sep="\t", index_col=0)
     header = pd.read_csv(path, sep="\t", header=None, nrows=1, dtype=str).iloc[0, 1:]
     if len(header) == df.shape[1]:  # pandas renames duplicated columns ("G.1"): keep the names as written
         df.columns = header.to_numpy()
     if _parse_ids(df.index) is None and len(df.columns) and _parse_ids(df.columns) is not None:
         logger.info("read_st: counts file %s is genes x spots; transposing", path)
         df = df.T
+    if df.shape[0] == 0 or df.shape[1] == 0:
+        raise ValueError(
+            f"`counts` file {path} holds {df.shape[0]} spot row(s) and {df.shape[1]} gene column(s); it needs both "
+            "(spot names in the first column, one column per gene). Check that it is the section's counts table."
+        )
     coords = _parse_ids(df.index)
     if coords is None:
         bad = [str(v) for v in df.index if _SPOT_ID.match(str(v)) is None][:5]
@@ -208,9 +213,26 @@ def read_counts(path: str | PathLike[str]) -> pd.DataFrame:
     return df
 
 
+def _read_text_table(path: str | PathLike[str], param: str, **kwargs: Any) -> pd.DataFrame:
+    """``pandas.read_csv`` with an empty file reported as a ValueError naming the parameter and the file."""
+    import csv
+
+    try:
+        return pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError as err:
+        raise ValueError(
+            f"`{param}` file {path} is empty (no header, no rows); pass the section's {param} table."
+        ) from err
+    except csv.Error as err:  # delimiter sniffing (``sep=None``) fails on an empty or one-column file
+        raise ValueError(
+            f"`{param}` file {path} cannot be read as a tab- or comma-separated table ({err}); it is empty or not "
+            f"the section's {param} table."
+        ) from err
+
+
 def read_spot_file(path: str | PathLike[str], *, selected_only: bool = True) -> pd.DataFrame:
     """Read a legacy ST spot file into columns ``x``, ``y`` (array), ``pixel_x``, ``pixel_y``, indexed by spot key."""
-    df = pd.read_csv(path, sep=None, engine="python")
+    df = _read_text_table(path, "spots", sep=None, engine="python")
     df.columns = [str(c).strip().lower() for c in df.columns]
     if not {"x", "y"} <= set(df.columns) and {"new_x", "new_y"} <= set(df.columns):
         df = df.rename(columns={"new_x": "x", "new_y": "y"})
@@ -316,6 +338,20 @@ def _no_pixel_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = old
 
 
+@contextlib.contextmanager
+def _decoding(path: Path) -> Iterator[None]:
+    """Report an image file PIL cannot identify or decode (corrupt, truncated, not an image) as a ValueError."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError (OSError), SyntaxError
+        raise ValueError(
+            f"`image` file {path} cannot be decoded as an image ({type(err).__name__}: {err}). Pass the section's "
+            "H&E image as a readable JPEG, PNG or TIFF file (re-export or re-download a corrupt or truncated one)."
+        ) from err
+
+
 class _LazyImage:
     """An RGB image file that is decoded once, on first access, and sliced as a (c, y, x) uint8 array."""
 
@@ -328,7 +364,7 @@ class _LazyImage:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"`image` file {self.path} does not exist.")
-        with _no_pixel_limit(), Image.open(self.path) as im:
+        with _decoding(self.path), _no_pixel_limit(), Image.open(self.path) as im:
             w, h = im.size
         self.shape = (3, h, w)
         self._data: np.ndarray | None = None
@@ -339,7 +375,7 @@ class _LazyImage:
 
         with self._lock:
             if self._data is None:
-                with _no_pixel_limit(), Image.open(self.path) as im:
+                with _decoding(self.path), _no_pixel_limit(), Image.open(self.path) as im:
                     rgb = im if im.mode == "RGB" else im.convert("RGB")
                     arr = np.asarray(rgb)
                 self._data = np.ascontiguousarray(np.moveaxis(arr, -1, 0))

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dkan._utils import resolve_device
+
 logger = logging.getLogger("dkan")
 
 POOLINGS = ("sep", "cls", "mean")
@@ -67,7 +69,7 @@ class TextEncoder:
     ) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"`pooling={pooling!r}` is not supported; choose one of {list(POOLINGS)}.")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"

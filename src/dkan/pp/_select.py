@@ -10,7 +10,7 @@ import pandas as pd
 from scipy import sparse
 
 from dkan import _keys as K
-from dkan._utils import get_table, uns_set
+from dkan._utils import check_int, get_table, uns_set
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -141,13 +141,16 @@ def select_genes(
             )
     if genes is not None:
         return _fixed_panel(adata, list(genes), key_added=key_added, inplace=inplace)
+    n_genes = check_int(n_genes, "n_genes")
+    if isinstance(min_fraction, bool) or not isinstance(min_fraction, int | float | np.integer | np.floating):
+        raise TypeError(f"`min_fraction` must be a number in [0, 1]; found {type(min_fraction).__name__}.")
     if not 0 <= min_fraction <= 1:
         raise ValueError(f"`min_fraction={min_fraction}` must lie in [0, 1].")
     x = _counts(adata, layer)
     detected = np.asarray((x > 0).mean(axis=0)).ravel() if adata.n_obs else np.zeros(adata.n_vars)
     candidate = _valid_genes(adata) & (detected >= min_fraction)
     n_cand = int(candidate.sum())
-    if n_genes < 1 or n_genes > n_cand:
+    if n_genes > n_cand:
         raise ValueError(
             f"`n_genes={n_genes}` but only {n_cand} of {adata.n_vars} genes are uniquely named and detected in "
             f">= {min_fraction:.0%} of spots; lower `n_genes` or `min_fraction`."

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from dkan import _keys as K
-from dkan._utils import get_table, uns_get, uns_set
+from dkan._utils import check_int, get_table, uns_get, uns_set
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -80,6 +80,7 @@ def embed_genes(
     ``source_counts`` and, per embedded gene (``var_names`` order, or ``genes`` recorded as ``genes``), ``text_sha1``
     and ``source``.
     """
+    batch_size = check_int(batch_size, "batch_size")
     adata = _as_table(sdata, table_key)
     all_genes = [str(g) for g in adata.var_names]
     if genes is None:

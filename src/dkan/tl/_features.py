@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dkan import _keys as K
-from dkan._utils import get_table, uns_get, uns_set
+from dkan._utils import get_table, resolve_device, uns_get, uns_set
 
 if TYPE_CHECKING:
     import torch
@@ -179,7 +179,7 @@ def _encode_all(
     import torch
     from tqdm.auto import tqdm
 
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     cuda = dev.type == "cuda"
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
     was_training = enc.training

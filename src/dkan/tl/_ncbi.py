@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -64,6 +65,9 @@ class HttpJson:
     def __init__(self, *, rate: float, timeout: float, max_retries: int, backoff: float, service: str) -> None:
         if rate <= 0:
             raise ValueError(f"`rate` must be positive (requests per second), found {rate}.")
+        _check_timeout(timeout)
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"`max_retries` must be an int >= 0, found {max_retries!r}.")
         self.min_interval = 1.0 / rate
         self.timeout = timeout
         self.max_retries = max_retries
@@ -85,6 +89,7 @@ class HttpJson:
         if body is not None:
             hdrs["Content-Type"] = "application/json"
         last_error, retry_after = "", None
+        secrets = _secrets(url, hdrs)
         for attempt in range(self.max_retries + 1):
             if attempt:
                 delay = self.backoff * 2 ** (attempt - 1)
@@ -97,12 +102,12 @@ class HttpJson:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     return json.loads(resp.read().decode("utf-8"))
             except urllib.error.HTTPError as err:
-                detail = err.read().decode("utf-8", "replace")[:200]
+                detail = redact(err.read().decode("utf-8", "replace"), secrets)[:200]
                 if err.code not in _RETRY_CODES:
                     raise ServiceError(f"{self.service} answered HTTP {err.code} for {_redact(url)}: {detail}") from err
                 last_error, retry_after = f"HTTP {err.code}", _retry_after(err)
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                last_error = f"{type(err).__name__}: {err}"
+                last_error = redact(f"{type(err).__name__}: {err}", secrets)
             except ValueError as err:  # the answer is not JSON
                 last_error = f"invalid JSON ({err})"
             logger.debug(
@@ -120,6 +125,54 @@ def _retry_after(err: urllib.error.HTTPError) -> float | None:
         return float(err.headers.get("Retry-After"))
     except (TypeError, ValueError, AttributeError):
         return None
+
+
+def _check_timeout(timeout: Any) -> None:
+    """Refuse a timeout that is not a finite number of seconds > 0 (``None`` would wait forever)."""
+    ok = isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 < timeout < float("inf")
+    if not ok:
+        raise ValueError(
+            f"`timeout` must be a finite number of seconds > 0 (per request), found {timeout!r}; e.g. `timeout=30`. "
+            "`None` (wait forever) is not allowed: a stalled server would hang the run."
+        )
+
+
+#: Credentials as they may appear in text: ``api_key=...`` / ``"api_key": "..."`` and ``Bearer <token>``
+_SECRET_PATTERNS = (
+    re.compile(r"""(api[_-]?key["']?\s*[=:]\s*["']?)[^\s&"',;}]+""", re.IGNORECASE),
+    re.compile(r"(Bearer\s+)[^\s\"',;}]+", re.IGNORECASE),
+)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """Replace the given ``secrets`` and anything that looks like an API key or bearer token by ``***``.
+
+    Parameters
+    ----------
+    text
+        Text that may quote credentials, e.g. a server's error body.
+    secrets
+        Exact strings to hide wherever they appear (the keys the client sent).
+
+    Returns
+    -------
+    The text with every credential replaced.
+    """
+    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(r"\1***", text)
+    return text
+
+
+def _secrets(url: str, headers: dict[str, str]) -> list[str]:
+    """Credentials sent with a request: ``api_key`` of the query and the token of an ``Authorization`` header."""
+    query = urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)
+    found = [v for k, v in query if k.lower() in {"api_key", "apikey", "key", "token"}]
+    for name, value in headers.items():
+        if name.lower() in {"authorization", "x-api-key", "api-key"}:
+            found += [value, value.split(None, 1)[-1]]
+    return found
 
 
 def _redact(url: str) -> str:
@@ -195,7 +248,8 @@ class NCBIClient:
         answer = self.http.request(self._url("esearch", term=term, retmax=str(retmax)))
         result = answer.get("esearchresult") if isinstance(answer, dict) else None
         if not isinstance(result, dict) or "ERROR" in result:
-            raise ServiceError(f"NCBI esearch gave an unexpected answer for {symbol!r}: {str(answer)[:200]}")
+            shown = redact(str(answer), [self.api_key or ""])[:200]
+            raise ServiceError(f"NCBI esearch gave an unexpected answer for {symbol!r}: {shown}")
         return [str(i) for i in result.get("idlist", [])]
 
     def summaries(self, ids: Sequence[str]) -> dict[str, dict]:
@@ -206,7 +260,8 @@ class NCBIClient:
             answer = self.http.request(self._url("esummary", id=",".join(batch)))
             result = answer.get("result") if isinstance(answer, dict) else None
             if not isinstance(result, dict):
-                raise ServiceError(f"NCBI esummary gave an unexpected answer: {str(answer)[:200]}")
+                shown = redact(str(answer), [self.api_key or ""])[:200]
+                raise ServiceError(f"NCBI esummary gave an unexpected answer: {shown}")
             out.update({uid: result[uid] for uid in result.get("uids", []) if isinstance(result.get(uid), dict)})
         return out
 

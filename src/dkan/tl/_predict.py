@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dkan import _keys as K
-from dkan._utils import uns_get, uns_set
+from dkan._utils import check_int, check_unique_genes, resolve_device, uns_get, uns_set
 from dkan.tl import _prepare as prep
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ logger = logging.getLogger("dkan")
 
 def predict(
     sdata: SpatialData,
-    model: DKANModel,
+    model: DKANModel | str | os.PathLike,
     *,
     key_added: str = K.PRED,
     device: str | torch.device | None = None,
@@ -53,7 +54,7 @@ def predict(
     sdata
         The SpatialData to predict on.
     model
-        A trained :class:`dkan.DKANModel`.
+        A trained :class:`dkan.DKANModel`, or the folder it was saved to (loaded with :meth:`dkan.DKANModel.load`).
     key_added
         ``layers`` key of the predictions.
     device
@@ -81,6 +82,9 @@ def predict(
     """
     from dkan._genes import use_symbols
 
+    model = _as_model(model)
+    batch_size = check_int(batch_size, "batch_size")
+    device = resolve_device(device)  # a bad name fails here, before any work
     tkey = _table_for(sdata, model, table_key=table_key, image_key=image_key, um_per_px=um_per_px)
     with use_symbols(sdata.tables[tkey], gene_symbols):
         return _predict_table(
@@ -120,6 +124,7 @@ def _predict_table(
         raise ValueError(
             f"`layers[{key_added!r}]` exists in table `{tkey}`; pass `overwrite=True` or another `key_added`."
         )
+    check_unique_genes(adata, table_key=tkey)
     gidx = adata.var_names.get_indexer(model.genes)
     if (gidx < 0).all():
         raise ValueError(
@@ -180,6 +185,21 @@ def _predict_table(
     )
     logger.info("Wrote predictions of %d genes to `%s.layers[%r]`.", int(keep.sum()), tkey, key_added)
     return tkey
+
+
+def _as_model(model: Any) -> DKANModel:
+    """``model`` itself, or the model saved in the folder ``model`` names (:meth:`DKANModel.load`)."""
+    from dkan.train.model import DKANModel
+
+    if isinstance(model, DKANModel):
+        return model
+    if isinstance(model, str | os.PathLike):
+        logger.info("Loading the model saved in %s.", model)
+        return DKANModel.load(model)
+    raise TypeError(
+        f"`model` must be a `dkan.DKANModel` or the folder of a saved model; found {type(model).__name__}. "
+        "Train one with `dkan.tl.train` or load one with `dkan.DKANModel.load(path)`."
+    )
 
 
 def check_features(model: DKANModel, feats: dict[str, Any]) -> None:

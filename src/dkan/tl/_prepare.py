@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dkan import _keys as K
-from dkan._utils import get_table, uns_get
+from dkan._utils import check_unique_genes, get_table, uns_get
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -214,6 +214,8 @@ def prepare_training(
     -------
     The gene panel, its embeddings, the feature provenance and the gene-embedding provenance.
     """
+    for sd, adata in zip(sdatas, tables, strict=True):
+        check_unique_genes(adata, table_key=get_table(sd, table_key)[0])
     genes = ensure_panel(tables, cfg.n_genes)
     feats = []
     for sd, adata in zip(sdatas, tables, strict=True):

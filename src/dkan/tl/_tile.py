@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dkan import _keys as K
-from dkan._utils import Sample, get_table, iter_samples, spot_pixels, uns_get, uns_set
+from dkan._utils import Sample, check_int, get_table, iter_samples, spot_pixels, uns_get, uns_set
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -260,7 +260,7 @@ def tile(
     patch_size
         Side of the spot patch in output pixels (224 as in the reference).
     region_grid
-        The region is ``region_grid x region_grid`` patch-sized tiles centred on the spot.
+        The region is ``region_grid x region_grid`` patch-sized tiles centred on the spot (an odd int >= 1).
     target_mpp
         ``None`` keeps native pixels of the full-resolution level (reference parity). A number (µm/px) picks the
         pyramid level whose resolution is closest at or below it and records the resample factor.
@@ -277,8 +277,12 @@ def tile(
     None when ``inplace``; else a dict with ``spot_px`` (n, 2) float (x, y), ``region_mask`` (n, G*G) bool,
     ``grid`` (n, 2) int64 (row, col; -1 for rows outside any tiled sample) and ``uns`` (the geometry record).
     """
-    if int(patch_size) < 1 or int(region_grid) < 1:
-        raise ValueError(f"`patch_size` and `region_grid` must be positive; got {patch_size}, {region_grid}.")
+    patch_size, region_grid = check_int(patch_size, "patch_size"), check_int(region_grid, "region_grid")
+    if region_grid % 2 == 0:
+        raise ValueError(
+            f"`region_grid={region_grid}` must be odd (the region is centred on the spot's own tile, as "
+            f"`DKANConfig.region_grid` requires); use {region_grid - 1} or {region_grid + 1}."
+        )
     if target_mpp is not None and not target_mpp > 0:
         raise ValueError(f"`target_mpp` must be positive or None; got {target_mpp}.")
     from dkan.tl._image_checks import check_image

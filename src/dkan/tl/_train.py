@@ -239,15 +239,10 @@ def init_distributed() -> str | None:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device to run on: the given one, else CUDA when available, else CPU."""
-    import torch
+    """The device to run on: the given one (checked by :func:`dkan._utils.resolve_device`), else CUDA or CPU."""
+    from dkan._utils import resolve_device as _resolve
 
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`device={device!r}` but CUDA is not available here; use `device='cpu'`.")
-    return dev
+    return _resolve(device)
 
 
 def model_meta(adata: Any, features: dict[str, Any], gene_rec: dict[str, Any], cfg: DKANConfig) -> dict[str, Any]:
