@@ -152,7 +152,7 @@ def test_non_finite_target_stops_training_at_epoch_0():
     samples[0].target[3, 2] = float("inf")
     with pytest.raises(NonFiniteLossError, match="epoch 0") as info:
         _fit(samples=samples)
-    assert "`sup`" in str(info.value) and "No checkpoint" in str(info.value)
+    assert "`sup`" in str(info.value) and "No checkpoint was requested" in str(info.value)
     assert isinstance(info.value, ValueError)  # catchable with the other input errors
 
 

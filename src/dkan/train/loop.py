@@ -225,18 +225,19 @@ def _check_rows(train_rows: list[np.ndarray], val_rows: list[np.ndarray], config
     return True
 
 
-def _check_finite(module: nn.Module, record: dict[str, Any], epoch: int, ckpt: Path | None, config) -> None:
+def _check_finite(module: nn.Module, record: dict[str, Any], epoch: int, ckpt: Path | None, config: DKANConfig) -> None:
     """Stop with :class:`NonFiniteLossError` when an epoch's loss or the weights are not finite."""
     bad = {k: v for k, v in record.items() if not np.isfinite(v)}
     weights_ok = bool(torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all())
     if not bad and weights_ok:
         return
     what = ", ".join(f"`{k}`={v}" for k, v in bad.items()) if bad else "the weights"
-    kept = (
-        f" The checkpoint of the last good epoch is kept at {str(ckpt)!r}."
-        if ckpt is not None and ckpt.is_file() and epoch > 0
-        else " No checkpoint of an earlier epoch exists."
-    )
+    if ckpt is None:
+        kept = " No checkpoint was requested (`checkpoint=` keeps one per good epoch)."
+    elif ckpt.is_file() and epoch > 0:
+        kept = f" The checkpoint of the last good epoch is kept at {str(ckpt)!r}."
+    else:
+        kept = " No checkpoint of an earlier epoch exists."
     raise NonFiniteLossError(
         f"Training stopped at epoch {epoch}: {what} became non-finite (losses are means over the epoch's steps)."
         f"{kept} Lower `lr` (now {config.lr}), set `grad_clip` (now {config.grad_clip}) or check the inputs for "
