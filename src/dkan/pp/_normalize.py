@@ -226,14 +226,23 @@ def _require_finite_counts(
 
 
 def _scale_log(x: sparse.csr_matrix, target_sum: float | None, log: str | None) -> tuple[np.ndarray, int]:
-    """Library-size scaling and log of one sample; returns the dense result and the number of empty spots."""
-    y = np.asarray(x.todense(), dtype=np.float64)
-    lib = y.sum(axis=1, keepdims=True)
-    zero = int((lib == 0).sum())
+    """Library-size scaling and log of one sample; returns the dense result and the number of empty spots.
+
+    Scaling is :func:`scanpy.pp.normalize_total` (empty spots stay zero), the log :func:`scanpy.pp.log1p` with
+    ``base=10`` for ``"log10"`` (the reference's ``log10(1 + x)``); in float64, so the float32 result is the same
+    as the former hand-written division and log.
+    """
+    import warnings
+
+    import anndata as ad
+    import scanpy as sc
+
+    adata = ad.AnnData(np.asarray(x.todense(), dtype=np.float64))
+    zero = int((adata.X.sum(axis=1) == 0).sum())
     if target_sum is not None:
-        y = np.divide(y * target_sum, lib, out=np.zeros_like(y), where=lib > 0)
-    if log == "log10":
-        y = np.log10(1.0 + y)
-    elif log == "log1p":
-        y = np.log1p(y)
-    return y, zero
+        with warnings.catch_warnings():  # normalize() reports empty spots itself, with the gene panel
+            warnings.filterwarnings("ignore", message="Some cells have zero counts", category=UserWarning)
+            sc.pp.normalize_total(adata, target_sum=target_sum)
+    if log is not None:
+        sc.pp.log1p(adata, base=10 if log == "log10" else None)
+    return np.asarray(adata.X), zero
