@@ -29,3 +29,49 @@ def test_normalize_through_scanpy_gives_the_former_numbers(target_sum, log):
         y = np.log10(1.0 + y) if log == "log10" else np.log1p(y) if log == "log1p" else y
         expected[labels == lab] = y
     np.testing.assert_array_equal(got, expected)
+
+
+def _split_toy(drop_genes: int = 5) -> list:
+    sdata = dkan.datasets.toy(n_samples=3, grid_size=5, n_genes=12, seed=0)
+    parts = [sdata.subset([f"s{i}_image", f"s{i}_spots"], filter_tables=True) for i in range(3)]
+    parts[2].tables[K.TABLE] = parts[2].tables[K.TABLE][:, drop_genes:].copy()  # fewer genes: inner != outer
+    return parts
+
+
+@pytest.mark.parametrize("join", ["inner", "outer"])
+def test_concat_through_spatialdata_concatenate_keeps_the_former_table(join):
+    """Same elements, counts, obs, var and dkan metadata as the former anndata.concat-based merge."""
+    import anndata as ad
+
+    from dkan.io._concat import _concat_samples
+
+    parts = _split_toy()
+    out = _concat_samples(parts, join=join)
+    table = out.tables[K.TABLE]
+    expected = ad.concat([p.tables[K.TABLE] for p in parts], join=join, fill_value=0, merge="same")
+    assert sorted(out.images) == [f"s{i}_image" for i in range(3)]
+    assert sorted(out.shapes) == [f"s{i}_spots" for i in range(3)]
+    assert list(table.obs_names) == list(expected.obs_names)
+    assert list(table.var_names) == list(expected.var_names)
+    assert (table.X != expected.X).nnz == 0
+    assert list(table.obs[K.REGION].cat.categories) == [f"s{i}_spots" for i in range(3)]
+    assert table.obs[K.SAMPLE].dtype == "category"
+    assert table.uns["spatialdata_attrs"]["region"] == [f"s{i}_spots" for i in range(3)]
+    assert set(table.uns[K.UNS][K.UNS_READER]) == {"s0", "s1", "s2"}
+    assert table.n_vars == (7 if join == "inner" else 12)
+
+
+def test_concat_renamed_region_columns_and_clashing_names():
+    from spatialdata.models import TableModel
+
+    from dkan.io._concat import _concat_samples
+
+    parts = _split_toy(drop_genes=0)
+    t = parts[1].tables[K.TABLE].copy()
+    t.obs = t.obs.rename(columns={K.REGION: "library", K.INSTANCE: "cell"})
+    t.uns.pop("spatialdata_attrs")
+    parts[1].tables[K.TABLE] = TableModel.parse(t, region="s1_spots", region_key="library", instance_key="cell")
+    table = _concat_samples(parts).tables[K.TABLE]
+    assert (table.obs[K.REGION] == "s1_spots").sum() == t.n_obs
+    with pytest.raises(ValueError, match="s0_image"):
+        _concat_samples([parts[0], parts[0]])
