@@ -223,11 +223,12 @@ def test_slide_encoder_is_permutation_equivariant():
     assert len(SlideEncoder(16, 1, 2, 2.0).rest) == 0
 
 
-def test_dropout_cpu_mask_statistics_gradient_and_seed():
+@pytest.mark.parametrize("numpy_mask", [False, True])
+def test_dropout_cpu_mask_statistics_gradient_and_seed(numpy_mask):
     from dkan.nn.layers import Dropout
 
     x = torch.randn(64, 50, 40, requires_grad=True)
-    drop = Dropout(0.25)
+    drop = Dropout(0.25, numpy_mask=numpy_mask)
     assert isinstance(drop, torch.nn.Dropout) and drop.state_dict() == {}
     torch.manual_seed(1)
     y = drop(x)
@@ -242,3 +243,25 @@ def test_dropout_cpu_mask_statistics_gradient_and_seed():
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(Dropout(0.0).train()(x), x)
     assert (Dropout(1.0).train()(x) == 0).all()
+
+
+def test_dropout_is_torchs_own_unless_the_config_opts_in():
+    from dkan.nn import DKAN
+    from dkan.nn.layers import Dropout
+    from dkan.train import DKANConfig
+
+    x = torch.randn(8, 16, 32)
+    drop = Dropout(0.3).train()
+    torch.manual_seed(5)
+    y = drop(x)
+    torch.manual_seed(5)
+    assert torch.equal(y, torch.nn.functional.dropout(x, 0.3, training=True))  # same draw as torch.nn.Dropout
+
+    cfg = DKANConfig(d=16, use_region=False, use_slide=False, patch_trainable=False)
+
+    def masks(config):
+        model = DKAN(config, 6, 8, 8, torch.nn.Conv2d(3, 4, 3), patch_channels=4)
+        return [m.numpy_mask for m in model.modules() if isinstance(m, Dropout)]
+
+    assert masks(cfg) and not any(masks(cfg))
+    assert all(masks(cfg.replace(numpy_dropout=True)))

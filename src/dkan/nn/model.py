@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from dkan.nn.layers import CrossEncoder, ExpressionEncoder, SlideEncoder, TransformerEncoder
+from dkan.nn.layers.dropout import use_numpy_dropout
 from dkan.train.config import DKANConfig
 
 __all__ = ["DKAN"]
@@ -130,6 +131,7 @@ class DKAN(nn.Module):
         self.img_cross = CrossEncoder(**_spec(cfg, "img_cross"))
         self.exp_cross = CrossEncoder(**_spec(cfg, "exp_cross"))
         self.head_gene = nn.Linear(d, 1)
+        use_numpy_dropout(self, cfg.numpy_dropout)  # torch's dropout unless the config opts in
 
     # ------------------------------------------------------------------ helpers
     def _float(self, x: Tensor) -> Tensor:

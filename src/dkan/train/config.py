@@ -138,6 +138,9 @@ class DKANConfig:
         Output of the gene-query path: ``"shared"`` (the reference: one linear layer shared by all genes),
         ``"bias"`` (plus a per-gene bias initialised to the training mean) or ``"affine"`` (plus a per-gene gain
         and bias).
+    numpy_dropout
+        ``True``: dropout masks on the CPU are drawn with numpy (faster there, see
+        :class:`dkan.nn.layers.Dropout`); ``False`` (default): torch's own dropout on every device.
     """
 
     d: int = 64
@@ -207,6 +210,7 @@ class DKANConfig:
     separate_exp_text: bool = False
     standardize_genes: bool = True
     gene_output: str = "affine"
+    numpy_dropout: bool = False
 
     DEFAULT_PRESET: ClassVar[str] = "small"
 
