@@ -7,5 +7,6 @@ __getattr__, __dir__, __all__ = lazy_module(
     {
         "select_genes": "_select",
         "normalize": "_normalize",
+        "aggregate_bins": "_bins",
     },
 )
