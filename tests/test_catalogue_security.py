@@ -295,6 +295,12 @@ def test_cli_reports_a_corrupt_model_in_one_line(tmp_path, model, capsys):
     assert code != 0 and "checksum" in err and "Traceback" not in err
 
 
+def test_load_names_a_bad_device(tmp_path, model):
+    path = model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match="is not a torch device"):
+        DKANModel.load(path, device="foo")
+
+
 def test_round_trip_is_exact(tmp_path, model):
     loaded = DKANModel.load(model.save(tmp_path / "m"))
     assert loaded.genes == model.genes

@@ -179,8 +179,10 @@ class DKANModel:
         """
         from safetensors.torch import load_model
 
+        from dkan._utils import resolve_device
         from dkan.train import _store
 
+        target = resolve_device("cpu" if device is None else device)
         path = Path(path)
         if not (path / _store.MANIFEST).is_file():
             raise FileNotFoundError(f"`path={str(path)!r}` holds no saved dkan model (no {_store.MANIFEST}).")
@@ -202,7 +204,7 @@ class DKANModel:
         )
         _check_tensors(path / files["weights"], module)
         load_model(module, str(path / files["weights"]), strict=True)
-        module.to(device or "cpu").eval()
+        module.to(target).eval()
         return cls(module, config, genes, emb, meta["meta"], meta.get("history", []))
 
 
