@@ -117,7 +117,14 @@ def test_cli_predict_from_slide_file_to_store(slide, model_dir, tmp_path, capsys
     model = dkan.DKANModel.load(model_dir)
     assert list(table.var_names) == list(model.genes)
     assert table.n_obs > 10 and np.isfinite(table.layers[K.PRED]).all()
-    assert "slide_a" + K.IMAGE_SUFFIX in back.images
+    assert not back.images  # a decoded whole slide is not copied into the store; its path is recorded
+    assert table.uns[K.UNS][K.UNS_SOURCE]["slide"] == str(slide.resolve())
+    assert dkan.io.add_slide_image(back) == ["slide_a" + K.IMAGE_SUFFIX]
+    assert dkan.io.image_um_per_px(back.images["slide_a" + K.IMAGE_SUFFIX]) == pytest.approx(MPP)
+    with_image = tmp_path / "pred_image.zarr"
+    args = ["predict", str(slide), "--model", str(model_dir), "--out", str(with_image), "--with-image", *FAST]
+    assert main(args) == 0
+    assert "slide_a" + K.IMAGE_SUFFIX in sd.read_zarr(with_image).images
     # an existing output is refused and left as it is
     assert main(["predict", str(slide), "--model", str(model_dir), "--out", str(out), *FAST]) == 1
     assert "exists" in capsys.readouterr().err

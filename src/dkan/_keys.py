@@ -33,6 +33,7 @@ UNS_FEATURES = "features"
 UNS_GENE_EMBEDDING = "gene_embedding"
 UNS_PREDICT = "predict"
 UNS_READER = "reader"  #: per-sample reader metadata (um per pixel, spot pitch)
+UNS_SOURCE = "source"  #: the slide file a prediction store was made from (``dkan predict SLIDE``)
 
 # --- element names that dkan creates ---------------------------------------------------------------
 PSEUDO_SPOTS_SUFFIX = "_dkan_spots"  #: shapes element of pseudo-spots: ``f"{image_key}{suffix}"``

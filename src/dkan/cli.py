@@ -153,6 +153,12 @@ def _add_predict(sub: Any) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, default=None, help="Write the store with predictions to this new path.")
     where.add_argument("--in-place", action="store_true", help="Update STORE itself (see below; not for a slide file).")
+    p.add_argument(
+        "--with-image",
+        action="store_true",
+        help="Copy the slide's image into the --out store (default for a slide file: left out, its path recorded; "
+        "dkan.io.add_slide_image adds it back). Stores keep their images.",
+    )
     p.add_argument("--key-added", default=K.PRED, help=f"layers key of the predictions (default {K.PRED!r}).")
     p.add_argument("--batch-size", type=int, default=256, help="Spots per forward pass (default 256).")
     p.add_argument(
@@ -275,7 +281,7 @@ def _predict(args: argparse.Namespace) -> int:
     store = args.store.resolve()
     if args.out is not None:
         _check_out(store, args.out.resolve(), overwrite=args.overwrite)
-    from dkan.tl._slides import is_store, read_slide
+    from dkan.tl._slides import is_store, read_slide, record_source
 
     if args.in_place and args.store.exists() and not is_store(args.store):
         raise ValueError(f"`--in-place` needs a zarr store; `{args.store}` is a slide file. Use `--out OUT.zarr`.")
@@ -296,6 +302,7 @@ def _predict(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if args.out is not None:
+        record_source(sdata, args.store, tkey, with_image=args.with_image or None)
         write_new_store(sdata, args.out, overwrite=args.overwrite)
         logger.info("Wrote predictions (table `%s`, layer %r) to %s", tkey, args.key_added, args.out)
     else:

@@ -8,5 +8,6 @@ __getattr__, __dir__, __all__ = lazy_module(
         "read_st": "_st",
         "read_wsi": "_wsi",
         "image_um_per_px": "_wsi",
+        "add_slide_image": "_wsi",
     },
 )

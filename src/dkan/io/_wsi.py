@@ -298,3 +298,31 @@ def image_um_per_px(image: Any) -> float | None:
             return value
         logger.warning("Image pixel size %.4g µm/px (coordinate system `%s`) is implausible; ignored.", value, cs)
     return None
+
+
+def add_slide_image(sdata: SpatialData, *, um_per_px: float | None = None) -> list[str]:
+    """Add back the image of the slide a prediction store was made from (the store records the slide's path).
+
+    Parameters
+    ----------
+    sdata
+        A store written by :func:`dkan.tl.predict_slides` / ``dkan predict SLIDE`` from a slide file.
+    um_per_px
+        Pixel size, when the slide needed one at prediction time.
+
+    Returns
+    -------
+    The names of the images added (lazy, as read by :func:`read_wsi`), e.g. for ``dkan.pl.spatial_pred``.
+    """
+    from dkan._utils import uns_get
+
+    sources = [src for t in sdata.tables.values() if (src := uns_get(t, K.UNS_SOURCE))]
+    if not sources:
+        raise ValueError(
+            "No table records a source slide (`uns['dkan']['source']`); it was not made from a slide file."
+        )
+    slide = sources[0]["slide"]
+    images = read_wsi(slide, um_per_px=um_per_px).images
+    for key, image in images.items():
+        sdata.images[key] = image
+    return list(images)

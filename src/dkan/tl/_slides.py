@@ -16,6 +16,8 @@ from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dkan import _keys as K
+
 if TYPE_CHECKING:
     import pandas as pd
     import torch
@@ -72,6 +74,31 @@ def output_path(slide: str | PathLike[str], out_dir: str | PathLike[str]) -> Pat
     return Path(out_dir) / f"{name}.zarr"
 
 
+def record_source(sdata: SpatialData, slide: Path, table_key: str, *, with_image: bool | None = None) -> None:
+    """Before writing a prediction store: record a slide file as its source and, by default, leave its image out.
+
+    Parameters
+    ----------
+    sdata
+        The predicted SpatialData.
+    slide
+        Its input: a slide file or a zarr store.
+    table_key
+        The table holding the predictions (gets ``uns["dkan"]["source"]`` for a slide file).
+    with_image
+        Keep the image elements; default: only when the input is a zarr store.
+    """
+    from dkan._utils import uns_set
+
+    if not is_store(slide):
+        uns_set(
+            sdata.tables[table_key], K.UNS_SOURCE, {"slide": str(Path(slide).resolve()), "images": list(sdata.images)}
+        )
+    if not (with_image if with_image is not None else is_store(slide)):
+        for key in list(sdata.images):
+            del sdata[key]
+
+
 def predict_slide(
     slide: str | PathLike[str],
     model: DKANModel,
@@ -81,6 +108,7 @@ def predict_slide(
     overwrite: bool = False,
     device: str | torch.device | None = None,
     batch_size: int = 256,
+    with_image: bool | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Predict the model's panel on one slide and write a new store; ``out`` is complete or absent.
@@ -101,6 +129,9 @@ def predict_slide(
         Torch device (default CUDA when available).
     batch_size
         Spots per forward pass.
+    with_image
+        Copy the image into the new store. Default: yes for a zarr store, no for a slide file (a decoded
+        whole slide is tens of GB; the store records the slide's path, see :func:`dkan.io.add_slide_image`).
     progress
         Show progress bars for features and prediction.
 
@@ -127,6 +158,7 @@ def predict_slide(
     tkey = dkan.tl.predict(sdata, model, device=device, batch_size=batch_size, um_per_px=um_per_px, progress=progress)
     row["n_spots"] = int(sdata.tables[tkey].n_obs)
     row["predict_s"], t = time.perf_counter() - t, time.perf_counter()
+    record_source(sdata, slide, tkey, with_image=with_image)
     write_new_store(sdata, out, overwrite=overwrite)
     row["write_s"] = time.perf_counter() - t
     logger.info("%s: %d spots predicted, written to %s", slide.name, row["n_spots"], out)
@@ -143,6 +175,7 @@ def predict_slides(
     errors: str = "raise",
     device: str | torch.device | None = None,
     batch_size: int = 256,
+    with_image: bool | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Predict a cohort of slides, writing each slide's store as soon as it is finished.
@@ -168,6 +201,8 @@ def predict_slides(
         Torch device (default CUDA when available).
     batch_size
         Spots per forward pass.
+    with_image
+        Copy each slide's image into its store (default: only for zarr store inputs; see :func:`predict_slide`).
     progress
         Show progress bars (slides, features, prediction).
 
@@ -213,6 +248,7 @@ def predict_slides(
                     overwrite=overwrite,
                     device=device,
                     batch_size=batch_size,
+                    with_image=with_image,
                     progress=progress,
                 )
             )
