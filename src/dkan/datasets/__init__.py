@@ -9,5 +9,6 @@ __getattr__, __dir__, __all__ = lazy_module(
         "copy_sdata": "_toy",
         "her2st": "_her2st",
         "synthetic_wsi": "_wsi",
+        "synthetic_visium": "_visium",
     },
 )
