@@ -75,3 +75,58 @@ def test_concat_renamed_region_columns_and_clashing_names():
     assert (table.obs[K.REGION] == "s1_spots").sum() == t.n_obs
     with pytest.raises(ValueError, match="s0_image"):
         _concat_samples([parts[0], parts[0]])
+
+
+def test_buffer_pool_reuses_a_buffer_only_when_nothing_holds_it():
+    import gc
+
+    import torch
+
+    from dkan.tl._windows import _BufferPool
+
+    pool = _BufferPool(size=3)
+    a = pool.get((4, 3), np.float32)
+    address = a.ctypes.data
+    tensor = torch.from_numpy(a)[1:]  # a torch view keeps the buffer in use
+    del a
+    gc.collect()
+    b = pool.get((4, 3), np.float32)
+    assert b.ctypes.data != address
+    view = b[::2]  # so does a numpy view
+    del b
+    c = pool.get((4, 3), np.float32)
+    assert c.ctypes.data not in (address, view.ctypes.data)
+    del tensor, view, c
+    reused = {pool.get((4, 3), np.float32).ctypes.data for _ in range(3)}
+    assert address in reused  # every holder gone: the buffers come back
+    assert pool.get((4, 3), np.uint8).dtype == np.uint8 and pool.get((2, 3), np.float32).shape == (2, 3)
+    assert len(pool._free) <= 3
+    import pickle
+
+    assert pickle.loads(pickle.dumps(pool)).size == 3  # a copy for a worker process starts empty
+
+
+def test_buffer_pool_does_not_depend_on_reference_counts(monkeypatch):
+    """Reference-count values change between CPython versions; the pool must reuse buffers whatever they are."""
+    import sys
+
+    from dkan.tl._windows import _BufferPool
+
+    monkeypatch.setattr(sys, "getrefcount", lambda obj: 2)  # e.g. an interpreter that counts one fewer reference
+    pool = _BufferPool()
+    address = pool.get((8, 8), np.uint8).ctypes.data  # handed out and dropped at once
+    assert pool.get((8, 8), np.uint8).ctypes.data == address
+
+
+def test_spot_crops_batches_stay_valid_while_held():
+    """A held batch is never overwritten by the next one (its buffers are still owned)."""
+    import torch
+
+    sdata = dkan.datasets.toy(n_samples=1, grid_size=4, n_genes=6, seed=0)
+    dkan.tl.tile(sdata)
+    crops = dkan.tl.SpotCrops(sdata, with_region=True)
+    first = crops.read_batch([0, 1, 2])
+    kept = {k: v.clone() for k, v in first.items() if torch.is_tensor(v)}
+    crops.read_batch([5, 6, 7])
+    for key, value in kept.items():
+        assert torch.equal(first[key], value), key

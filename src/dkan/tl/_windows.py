@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -186,25 +186,59 @@ class ChunkReader:
         return res
 
 
-class _BufferPool:
-    """Output arrays reused once nothing else references them (fresh large arrays cost page faults).
+class _Lease:
+    """Owns one pooled buffer while the array handed out for it, or anything made from that array, is alive.
 
-    A tensor made by ``torch.from_numpy`` keeps its array referenced, so an array whose only reference is the
-    pool's is free: every tensor (and view) handed out from it is gone.
+    The array is built from this object's ``__array_interface__``, so numpy views and ``torch.from_numpy``
+    tensors of it all keep the lease referenced; its garbage collection hands the buffer back to the pool.
+    """
+
+    __slots__ = ("__weakref__", "buffer")
+
+    def __init__(self, buffer: np.ndarray) -> None:
+        self.buffer = buffer
+
+    @property
+    def __array_interface__(self) -> dict[str, Any]:
+        return self.buffer.__array_interface__
+
+
+class _BufferPool:
+    """Output arrays reused once nothing derived from them is left (fresh large arrays cost page faults).
+
+    Ownership is explicit: :meth:`get` hands out an array owned by a :class:`_Lease`; when the lease is collected
+    (every array, view and tensor made from it is gone), a finaliser puts the buffer back on the free list, which
+    keeps at most ``size`` buffers. Nothing depends on reference-count values.
     """
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
-        self._arrays: list[np.ndarray] = []
+        self._free: list[np.ndarray] = []
+        self._lock = threading.RLock()  # re-entrant: a collection inside `get` may run `_release`
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"size": self.size}  # a copy (another process) starts with an empty pool
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["size"])
 
     def get(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        for i in range(len(self._arrays)):
-            a = self._arrays[i]
-            if a.shape == tuple(shape) and a.dtype == dtype and sys.getrefcount(self._arrays[i]) == 3:
-                return a  # references: the list, `a` and getrefcount's argument
-            del a
-        arr = np.empty(shape, dtype)
-        self._arrays.append(arr)
-        if len(self._arrays) > self.size:
-            self._arrays.pop(0)
-        return arr
+        """Return a writable array of ``shape`` and ``dtype`` (uninitialised), reusing a free buffer if one fits."""
+        shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        buffer = None
+        with self._lock:
+            for i, free in enumerate(self._free):
+                if free.shape == shape and free.dtype == dtype:
+                    buffer = self._free.pop(i)
+                    break
+        if buffer is None:
+            buffer = np.empty(shape, dtype)
+        lease = _Lease(buffer)
+        weakref.finalize(lease, self._release, buffer)
+        return np.asarray(lease)
+
+    def _release(self, buffer: np.ndarray) -> None:
+        with self._lock:
+            self._free.append(buffer)
+            if len(self._free) > self.size:
+                self._free.pop(0)
