@@ -130,3 +130,68 @@ def test_spot_crops_batches_stay_valid_while_held():
     crops.read_batch([5, 6, 7])
     for key, value in kept.items():
         assert torch.equal(first[key], value), key
+
+
+class _FakeEutils:
+    """In-memory E-utilities (no network): esearch on symbols and aliases (OR queries too), esummary by id."""
+
+    def __init__(self, records: dict[str, dict]) -> None:
+        self.records = records
+        self.n_requests = 0
+        self.calls: list[str] = []
+
+    def request(self, url: str, **_: object) -> dict:
+        import re
+        import urllib.parse
+
+        self.n_requests += 1
+        parts = urllib.parse.urlsplit(url)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        tool = parts.path.rsplit("/", 1)[-1].split(".")[0]
+        self.calls.append(tool)
+        if tool == "esearch":
+            wanted = {s.upper() for s in re.findall(r"([^()]+?)\[sym\]", query["term"].replace(" OR ", ""))}
+            ids = [
+                uid
+                for uid, r in self.records.items()
+                if {r["name"].upper(), *(a.strip().upper() for a in r.get("otheraliases", "").split(","))} & wanted
+            ]
+            ids = ids[: int(query["retmax"])]
+            return {"esearchresult": {"count": str(len(ids)), "idlist": ids}}
+        uids = [u for u in query["id"].split(",") if u in self.records]
+        return {"result": {"uids": uids} | {u: self.records[u] for u in uids}}
+
+
+def _fake_records() -> dict[str, dict]:
+    records = {}
+    for k in range(100):
+        uid = str(1000 + k)
+        records[uid] = {"uid": uid, "name": f"GENE{k}", "description": f"gene {k}", "status": "", "summary": f"s{k}"}
+    records["1005"]["otheraliases"] = "SHARED, OLD5"
+    records["1006"]["otheraliases"] = "SHARED"
+    records["999"] = {"uid": "999", "name": "GENE7", "description": "withdrawn", "status": "discontinued"}
+    records["998"] = {"uid": "998", "name": "WEIRD NAME", "description": "odd symbol", "status": ""}
+    return records
+
+
+def test_ncbi_descriptions_are_fetched_in_batches(tmp_path):
+    """Many symbols per esearch call and same records as the former one-request-per-symbol lookup."""
+    from dkan.tl._ncbi import NCBIClient, _pick
+
+    symbols = [f"GENE{k}" for k in range(100)] + ["OLD5", "SHARED", "WEIRD NAME"] + [f"NONE{k}" for k in range(17)]
+    client = NCBIClient(cache_dir=tmp_path / "batched", rate=1e6)
+    client.http = fake = _FakeEutils(_fake_records())
+    got = client.gene_records(symbols, progress=False)
+    assert fake.calls.count("esearch") == 3 + 1  # 119 plain symbols in batches of 50, the odd one alone
+    assert fake.n_requests <= 4 + 5
+
+    former = NCBIClient(cache_dir=tmp_path / "former", rate=1e6)
+    former.http = old = _FakeEutils(_fake_records())
+    hits = {s: former.search(s) for s in symbols}
+    recs = former.summaries(sorted({i for ids in hits.values() for i in ids}))
+    expected = {s: _pick(s, [recs[i] for i in hits[s] if i in recs]) for s in symbols}
+    assert got == expected
+    assert old.n_requests > len(symbols) > 10 * fake.n_requests  # one esearch per symbol before
+    assert got["GENE7"]["full_name"] == "gene 7"  # the live record, not the withdrawn one
+    assert got["OLD5"]["symbol"] == "GENE5" and got["SHARED"]["symbol"] == "GENE5"
+    assert got["WEIRD NAME"]["full_name"] == "odd symbol" and got["NONE3"] is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import urllib.parse
@@ -114,8 +115,8 @@ def _handler(service: FakeService) -> type[BaseHTTPRequestHandler]:
             if self._fail_first():
                 return
             if parts.path.endswith("esearch.fcgi"):
-                symbol = query["term"].split("[sym]")[0]
-                ids = [GENES[symbol]["uid"]] if symbol in GENES else []
+                symbols = re.findall(r"([^\s()]+)\[sym\]", query["term"])  # one symbol, or a batch OR-ed together
+                ids = [GENES[s]["uid"] for s in symbols if s in GENES]
                 result = {"count": str(len(ids)), "retmax": str(len(ids)), "retstart": "0", "idlist": ids}
                 self._send(200, {"header": {"type": "esearch", "version": "0.3"}, "esearchresult": result})
             elif parts.path.endswith("esummary.fcgi"):
@@ -180,10 +181,11 @@ def test_ncbi_records_and_query(server, tmp_path, monkeypatch):
     assert rec["ERBB2"]["gene_id"] == "2064"
     assert rec["LINC00115"]["summary"] == "" and rec["LINC00115"]["full_name"].startswith("long intergenic")
     assert rec["NOPE"] is None
-    # 3 esearch + 1 batched esummary
-    assert server.count("esearch") == 3 and server.count("esummary") == 1
+    # 1 batched esearch + 1 batched esummary
+    assert server.count("esearch") == 1 and server.count("esummary") == 1
     _, q = server.requests[0]
-    assert q["term"] == "ERBB2[sym] AND human[orgn]" and q["db"] == "gene" and q["retmode"] == "json"
+    assert q["term"] == "(ERBB2[sym] OR LINC00115[sym] OR NOPE[sym]) AND human[orgn]"
+    assert q["db"] == "gene" and q["retmode"] == "json"
     assert q["email"] == "me@example.org" and "api_key" not in q
     assert client.http.min_interval == pytest.approx(1 / 100)
 
@@ -217,14 +219,14 @@ def test_ncbi_cache_second_run_makes_no_request(server, tmp_path):
 
 
 def test_ncbi_interrupted_run_resumes_from_cache(server, tmp_path):
-    symbols = [f"UNKNOWN{i}" for i in range(25)] + ["ERBB2"]
-    server.fail_after = 21  # 20 esearch + 1 esummary: the first chunk of 20 symbols completes
+    symbols = [f"UNKNOWN{i}" for i in range(55)] + ["ERBB2"]
+    server.fail_after = 1  # one esearch (no hits, so no esummary): the first chunk of 50 symbols completes
     with pytest.raises(ServiceError):
         _ncbi(server, tmp_path, max_retries=0).gene_records(symbols)
     server.fail_after = None
     client = _ncbi(server, tmp_path)
     rec = client.gene_records(symbols)
-    assert client.n_requests == 6 + 1  # only the 6 symbols of the unfinished chunk, then one esummary
+    assert client.n_requests == 1 + 1  # one esearch for the 6 symbols of the unfinished chunk, one esummary
     assert rec["ERBB2"]["symbol"] == "ERBB2" and rec["UNKNOWN0"] is None
 
 

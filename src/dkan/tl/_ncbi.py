@@ -25,6 +25,9 @@ logger = logging.getLogger("dkan")
 DEFAULT_NCBI_URL = "https://eutils.ncbi.nlm.nih.gov/entrez/eutils/"
 _RETRY_CODES = {429, 500, 502, 503, 504}
 _ESUMMARY_BATCH = 100
+_SEARCH_BATCH = 50  #: symbols per esearch call (one OR query; about 1 kB of URL)
+_HITS_PER_SYMBOL = 20  #: esearch retmax per symbol of a batch (aliases can match several genes)
+_PLAIN_SYMBOL = re.compile(r"[\w.\-@/:]+")  #: symbols safe inside an OR query; others are searched alone
 
 
 class ServiceError(RuntimeError):
@@ -252,6 +255,26 @@ class NCBIClient:
             raise ServiceError(f"NCBI esearch gave an unexpected answer for {symbol!r}: {shown}")
         return [str(i) for i in result.get("idlist", [])]
 
+    def search_many(self, symbols: Sequence[str]) -> list[str]:
+        """Gene ids whose symbol or alias is any of ``symbols`` (one esearch with an OR query), best first.
+
+        Which symbol an id belongs to is read from its record (:func:`_candidates`); :meth:`gene_records` uses this
+        to look up ``_SEARCH_BATCH`` symbols per request instead of one request per symbol.
+        """
+        terms = " OR ".join(f"{s}[sym]" for s in symbols)
+        term = f"({terms}) AND {self.organism}[orgn]"
+        retmax = min(10_000, _HITS_PER_SYMBOL * len(symbols))
+        answer = self.http.request(self._url("esearch", term=term, retmax=str(retmax)))
+        result = answer.get("esearchresult") if isinstance(answer, dict) else None
+        if not isinstance(result, dict) or "ERROR" in result:
+            shown = redact(str(answer), [self.api_key or ""])[:200]
+            raise ServiceError(f"NCBI esearch gave an unexpected answer for {len(symbols)} symbols: {shown}")
+        ids = [str(i) for i in result.get("idlist", [])]
+        if int(result.get("count", len(ids))) > len(ids):
+            logger.warning("NCBI esearch matched %s genes for %d symbols; kept the first %d.", result.get("count"),
+                           len(symbols), len(ids))  # fmt: skip
+        return ids
+
     def summaries(self, ids: Sequence[str]) -> dict[str, dict]:
         """Gene records by id (esummary), in batches."""
         out: dict[str, dict] = {}
@@ -283,18 +306,38 @@ class NCBIClient:
             return out
         logger.info("Querying NCBI Gene for %d symbols (%d cached).", len(todo), len(symbols) - len(todo))
         bar = _progress(len(todo), progress)
-        for start in range(0, len(todo), _ESUMMARY_BATCH // 5):  # cache as we go: an interrupted run resumes
-            chunk = todo[start : start + _ESUMMARY_BATCH // 5]
-            hits = {s: self.search(s) for s in chunk}
-            records = self.summaries(sorted({i for ids in hits.values() for i in ids}))
+        for start in range(0, len(todo), _SEARCH_BATCH):  # cache as we go: an interrupted run resumes
+            chunk = todo[start : start + _SEARCH_BATCH]
+            plain = [s for s in chunk if _PLAIN_SYMBOL.fullmatch(s)]
+            ids = self.search_many(plain) if plain else []
+            alone = {s: self.search(s) for s in chunk if s not in plain}  # odd characters: one query each
+            records = self.summaries(list(dict.fromkeys([*ids, *(i for hit in alone.values() for i in hit)])))
             for s in chunk:
-                out[s] = _pick(s, [records[i] for i in hits[s] if i in records])
+                candidates = (
+                    [records[i] for i in alone[s] if i in records] if s in alone else _candidates(s, ids, records)
+                )
+                out[s] = _pick(s, candidates)
                 write_cache(cache_file(self.cache, s), {"symbol": s, "record": out[s]})
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
         return out
+
+
+def _candidates(symbol: str, ids: Sequence[str], records: dict[str, dict]) -> list[dict]:
+    """Records among ``ids`` (in that order) whose symbol, nomenclature symbol or an alias is ``symbol``."""
+    key = symbol.upper()
+    out = []
+    for i in ids:
+        rec = records.get(i)
+        if rec is None:
+            continue
+        names = {str(rec.get("name", "")).upper(), str(rec.get("nomenclaturesymbol", "")).upper()}
+        aliases = {a.strip().upper() for a in str(rec.get("otheraliases") or "").split(",")}
+        if key in names or key in aliases:
+            out.append(rec)
+    return out
 
 
 def _pick(symbol: str, candidates: list[dict]) -> dict | None:
