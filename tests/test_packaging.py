@@ -90,3 +90,27 @@ def test_svg_flavour_without_squidpy_names_the_extra(monkeypatch):
     sdata = dkan.datasets.toy(n_samples=1, grid_size=6, n_genes=12, seed=0)
     with pytest.raises(ImportError, match=r"dkan\[svg\]"):
         dkan.pp.select_genes(sdata, n_genes=5, flavor="svg")
+
+
+def test_update_in_place_needs_no_private_spatialdata_api(tmp_path, monkeypatch):
+    """The CLI's in-place update reads element names through `elements_paths_on_disk` only (public API)."""
+    import numpy as np
+    from spatialdata import SpatialData, read_zarr
+
+    from dkan import _keys as K
+    from dkan.cli import update_in_place
+
+    toy = dkan.datasets.toy(n_samples=1, grid_size=4, n_genes=6, seed=0)
+    toy.write(tmp_path / "toy.zarr")
+    private = SpatialData._element_type_and_name_from_element_path  # spatialdata itself still calls it
+
+    def guarded(self, path):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        assert not caller.startswith("dkan"), f"{caller} calls a private SpatialData method"
+        return private(self, path)
+
+    monkeypatch.setattr(SpatialData, "_element_type_and_name_from_element_path", guarded)
+    sdata = read_zarr(tmp_path / "toy.zarr")
+    sdata.tables[K.TABLE].layers["extra"] = np.ones(sdata.tables[K.TABLE].shape, np.float32)
+    update_in_place(sdata, K.TABLE)
+    assert "extra" in read_zarr(tmp_path / "toy.zarr").tables[K.TABLE].layers

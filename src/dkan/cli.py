@@ -384,7 +384,8 @@ def update_in_place(sdata: SpatialData, table_key: str, *, added: Sequence[str] 
     if sdata.path is None:
         raise ValueError("The SpatialData is not backed by a zarr store; write it with `sdata.write(path)` instead.")
     store = Path(sdata.path)
-    on_disk = {sdata._element_type_and_name_from_element_path(p)[1] for p in sdata.elements_paths_on_disk()}
+    # public API: paths are "<element type>/<element name>"
+    on_disk = {p.rsplit("/", 1)[-1] for p in sdata.elements_paths_on_disk()}
     for name in added:
         if name not in on_disk:
             sdata.write_element(name)
