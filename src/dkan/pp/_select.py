@@ -250,7 +250,13 @@ def _rank_hvg(adata: AnnData, x: sparse.csr_matrix, idx: np.ndarray, n_genes: in
 
 
 def _rank_svg(adata: AnnData, x: sparse.csr_matrix, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    import squidpy as sq
+    try:
+        import squidpy as sq
+    except ImportError as err:  # an optional dependency: only this flavour needs it
+        raise ImportError(
+            "`flavor='svg'` needs squidpy (Moran's I); install it with `pip install 'dkan[svg]'` or pick "
+            "`flavor='hvg'`."
+        ) from err
 
     from dkan.pp._normalize import detect_grid
 
