@@ -42,6 +42,7 @@ def extract_features(
     overwrite: bool = False,
     force: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
+    shared_tiles: bool | None = None,
     progress: bool = True,
 ) -> None:
     """Encode every spot's patch (and its region tiles) with a frozen image encoder.
@@ -82,6 +83,12 @@ def extract_features(
         Recompute even when features with the same settings exist.
     checkpoint_path
         Weight file of the encoder (see :func:`dkan.nn.create_image_encoder`).
+    shared_tiles
+        Compute region features once per tile of a slide-aligned grid and share them between spots (each region
+        tile is replaced by the nearest grid tile; the spot patch stays exact): encoder passes grow with the
+        tissue, not with 26 x spots. A departure from the reference whose effect on accuracy is not measured
+        yet, so off by default (see ``dkan.tl._shared_tiles``). ``None`` (default) keeps stored features of either
+        kind and computes new ones spot by spot.
     progress
         Show a progress bar.
 
@@ -100,7 +107,8 @@ def extract_features(
     keys = feature_keys(key_added)
     enc = create_image_encoder(encoder, checkpoint_path=checkpoint_path)
     old = uns_get(adata, keys["uns"])
-    crops = SpotCrops(sdata, table_key=tkey, tile_key=tile_key, with_region=region, normalize=False)
+    shared = bool(shared_tiles) and region
+    crops = SpotCrops(sdata, table_key=tkey, tile_key=tile_key, with_region=region and not shared, normalize=False)
     geometry = uns_get(adata, tile_keys(tile_key)["uns"] if tile_key is not None else K.UNS_TILE)
     settings = {
         "encoder": enc.name,
@@ -108,7 +116,8 @@ def extract_features(
         "tile_key": tile_key or K.UNS_TILE,
         "tile": _plain(geometry),
     }
-    if old is not None and not force and _up_to_date(adata, old, settings, keys, region):
+    same_kind = shared_tiles is None or bool(old and old.get("shared_tiles")) == shared
+    if old is not None and not force and same_kind and _up_to_date(adata, old, settings, keys, region):
         logger.info("Features `%s` are up to date (%s); pass `force=True` to recompute.", keys["spot"], enc.name)
         return
     if old is not None and not overwrite and _identity(old) != _identity(settings):
@@ -117,7 +126,17 @@ def extract_features(
             f"(weights {str(old.get('weights_hash'))[:12]}), not {enc.name!r} (weights {enc.weights_hash[:12]}). "
             "Pass `overwrite=True` to replace them, or another `key_added=` to keep both."
         )
-    spot, reg, mask, info = _encode_all(enc, crops, adata.n_obs, batch_size, device, num_workers, region, progress)
+    spot, reg, mask, info = _encode_all(
+        enc, crops, adata.n_obs, batch_size, device, num_workers, region and not shared, progress
+    )
+    if shared:
+        from dkan.tl._shared_tiles import shared_region_features
+
+        reg, mask, tiles = shared_region_features(
+            sdata, adata, enc, table_key=tkey, tile_key=tile_key, patch_size=crops.patch_size, device=device,
+            batch_size=batch_size, progress=progress,
+        )  # fmt: skip
+        info = {**info, **tiles}
     adata.obsm[keys["spot"]] = spot
     if region:
         adata.obsm[keys["region"]] = reg
@@ -135,6 +154,7 @@ def extract_features(
         "patch_size": int(crops.patch_size),
         "resized": bool(enc.fixed_size) and int(crops.patch_size) != int(enc.input_size),
         "region": bool(region),
+        "shared_tiles": shared,
         "dtype": "float32",
         "keys": {k: v for k, v in keys.items() if k != "uns" and (region or k == "spot")},
         **info,
