@@ -9,6 +9,7 @@ from __future__ import annotations
 PANEL = "dkan_panel"  #: ``var`` flag of the genes in the model panel
 TARGET = "dkan_target"  #: ``layers`` key of the normalised training target
 PRED = "dkan_pred"  #: ``layers`` key of predictions
+STD_SUFFIX = "_std"  #: ``layers`` key ``f"{pred_key}{suffix}"`` of the per-spot standard deviation of a prediction
 GENE_EMBEDDING = "dkan_gene_embedding"  #: ``varm`` key of gene-semantic embeddings
 SPOT_FEATURES = "dkan_spot_features"  #: ``obsm`` key of frozen spot (patch) features, (n, d)
 REGION_FEATURES = "dkan_region_features"  #: ``obsm`` key of frozen region features, (n, 25, d)

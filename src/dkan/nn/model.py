@@ -14,6 +14,11 @@ these documented departures:
 * Masked keys are filled with ``torch.finfo(dtype).min`` of the score dtype.
 * ``gene_attend_tokens=True`` (not in the reference) lets gene queries attend over the fused token and the patch and
   region tokens; the default keeps the reference's single fused key, where the attention weight is identically one.
+* Gene embeddings are centred and scaled per dimension over the training panel before the text projection
+  (``standardize_genes``; the statistics are buffers, so prediction and genes queried later use the training panel's).
+* The gene-query output has a per-gene gain and bias (``gene_output="affine"``), the bias and the intermediate heads'
+  biases initialised to the training mean and the shared output layer to zero (:meth:`DKAN.init_from_data`); the
+  reference has one output layer and bias shared by all genes.
 * ``use_text=False`` replaces the text embeddings with a learned gene embedding table (the "w/o text" ablation);
   ``use_region=use_slide=False`` keeps the patch branch only ("w/o multi-scale"), the fusion query then being the
   mean patch token.
@@ -124,6 +129,9 @@ class DKAN(nn.Module):
 
         if cfg.use_text:
             self.text_proj = _proj(self.gene_dim, d)
+            # per-dimension centre and scale of the panel's embeddings (identity until set_gene_statistics)
+            self.register_buffer("gene_center", torch.zeros(self.gene_dim))
+            self.register_buffer("gene_scale", torch.ones(self.gene_dim))
         else:
             self.gene_table = nn.Parameter(torch.randn(self.n_genes, d) * 0.02)
         self.text_encoder = TransformerEncoder(**_spec(cfg, "text"))
@@ -131,12 +139,65 @@ class DKAN(nn.Module):
         self.img_cross = CrossEncoder(**_spec(cfg, "img_cross"))
         self.exp_cross = CrossEncoder(**_spec(cfg, "exp_cross"))
         self.head_gene = nn.Linear(d, 1)
+        if cfg.gene_output in ("bias", "affine"):  # per-gene output bias (set to the training mean by init_from_data)
+            self.gene_bias = nn.Parameter(torch.zeros(self.n_genes))
+        if cfg.gene_output == "affine":
+            self.gene_gain = nn.Parameter(torch.ones(self.n_genes))
         use_numpy_dropout(self, cfg.numpy_dropout)  # torch's dropout unless the config opts in
 
     # ------------------------------------------------------------------ helpers
     def _float(self, x: Tensor) -> Tensor:
         dtype = self.head_gene.weight.dtype
         return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+
+    # ------------------------------------------------------------------ data-dependent initialisation
+    @torch.no_grad()
+    def set_gene_statistics(self, genes: Tensor) -> None:
+        """Store the per-dimension mean and standard deviation of the panel's gene embeddings ``(G, Dt)``.
+
+        With ``config.standardize_genes`` the embeddings are centred and scaled with these statistics before the
+        text projection, here and for any gene queried later (:meth:`query_genes`), so the component shared by all
+        genes no longer dominates the gene-specific one. A standard deviation below 1 % of the mean one (a
+        dimension nearly constant over the panel) is raised to that floor so that new genes stay bounded.
+        """
+        if not self.config.use_text:
+            raise ValueError("This model was built with `use_text=False`; it has no gene embeddings to standardise.")
+        genes = self._check_genes(genes).float()
+        std = genes.std(dim=0, unbiased=False) if len(genes) > 1 else torch.ones_like(genes[0])
+        floor = 0.01 * float(std.mean()) + 1e-8
+        self.gene_center.copy_(genes.mean(dim=0))
+        self.gene_scale.copy_(std.clamp_min(floor))
+
+    @torch.no_grad()
+    def init_from_data(self, *, genes: Tensor | None = None, target_mean: Tensor | None = None) -> None:
+        """Data-dependent initialisation before training.
+
+        Parameters
+        ----------
+        genes
+            The panel's gene embeddings ``(G, Dt)``: stored by :meth:`set_gene_statistics`.
+        target_mean
+            Mean training target per gene ``(G,)``: the initial per-gene output bias (``gene_output`` ``"bias"``
+            or ``"affine"``, whose shared output layer then starts at zero) and the initial bias of the
+            intermediate heads, so that every output starts at the training mean instead of near zero.
+        """
+        if genes is not None and self.config.use_text:
+            self.set_gene_statistics(genes)
+        if target_mean is None:
+            return
+        mean = torch.as_tensor(target_mean, dtype=torch.float32).reshape(-1)
+        if mean.shape != (self.n_genes,):
+            raise ValueError(f"Expected `target_mean` of shape ({self.n_genes},), found {tuple(mean.shape)}.")
+        if not torch.isfinite(mean).all():
+            raise ValueError("`target_mean` holds NaN or infinite values; check the training targets.")
+        if hasattr(self, "gene_bias"):
+            self.gene_bias.copy_(mean.to(self.gene_bias))
+            self.head_gene.bias.zero_()
+            self.head_gene.weight.zero_()  # the output starts at the training mean; the image part grows from zero
+        for name in ("head_fusion", "head_patch", "head_region", "head_slide"):
+            head = getattr(self, name, None)
+            if head is not None:
+                head.bias.copy_(mean.to(head.bias))
 
     # ------------------------------------------------------------------ encoders
     def encode_patch(self, x: Tensor) -> Tensor:
@@ -169,21 +230,56 @@ class DKAN(nn.Module):
             raise ValueError(f"Expected `slide` of shape (n_p, {self.feature_dim}), found {tuple(slide.shape)}.")
         return self.slide_encoder(self.slide_proj(self._float(slide)), grid)
 
+    def _check_genes(self, genes: Tensor | None, n: int | None = None) -> Tensor:
+        if genes is None:
+            raise KeyError("Batch key 'genes' (G, Dt) is required when `use_text=True`.")
+        if genes.ndim == 3 and genes.shape[0] == 1:
+            genes = genes[0]
+        n = self.n_genes if n is None else n
+        if genes.ndim != 2 or genes.shape[1] != self.gene_dim or (n >= 0 and genes.shape[0] != n):
+            want = f"({n if n >= 0 else 'k'}, {self.gene_dim})"
+            raise ValueError(f"Expected `genes` of shape {want}, found {tuple(genes.shape)}.")
+        return genes
+
+    def _gene_inputs(self, genes: Tensor) -> Tensor:
+        """Standardise (``config.standardize_genes``) and project gene embeddings (..., Dt) to (..., d)."""
+        genes = self._float(genes)
+        if self.config.standardize_genes:
+            genes = (genes - self._float(self.gene_center)) / self._float(self.gene_scale)
+        return self.text_proj(genes)
+
     def encode_genes(self, genes: Tensor | None = None) -> Tensor:
         """Gene embeddings (G, Dt) to gene query tokens (1, G, d), computed once and broadcast by the caller."""
         if self.config.use_text:
-            if genes is None:
-                raise KeyError("Batch key 'genes' (G, Dt) is required when `use_text=True`.")
-            if genes.ndim == 3 and genes.shape[0] == 1:
-                genes = genes[0]
-            if genes.shape != (self.n_genes, self.gene_dim):
-                raise ValueError(
-                    f"Expected `genes` of shape ({self.n_genes}, {self.gene_dim}), found {tuple(genes.shape)}."
-                )
-            tokens = self.text_proj(self._float(genes))
+            tokens = self._gene_inputs(self._check_genes(genes))
         else:
             tokens = self.gene_table
         return self.text_encoder(tokens[None])
+
+    def encode_new_genes(self, genes: Tensor, extra: Tensor) -> Tensor:
+        """Gene query tokens (k, d) of ``extra`` embeddings (k, Dt) of genes outside the panel ``genes`` (G, Dt).
+
+        Each new gene goes through the text transformer together with the panel, on its own (one sequence of
+        ``G + 1`` tokens per new gene), so its token does not depend on which other new genes are queried.
+        """
+        if not self.config.use_text:
+            raise ValueError("This model was built with `use_text=False` (a gene table); it cannot query new genes.")
+        panel = self._gene_inputs(self._check_genes(genes))
+        new = self._gene_inputs(self._check_genes(extra, n=-1))
+        seqs = torch.cat([panel[None].expand(len(new), -1, -1), new[:, None]], dim=1)
+        return self.text_encoder(seqs)[:, -1]
+
+    def _gene_output(self, z: Tensor, *, new: bool = False) -> Tensor:
+        """Per-gene output of gene tokens ``z`` (B, G, d); ``new``: tokens of genes outside the panel (averages)."""
+        pred = self.head_gene(z)[..., 0]
+        cfg = self.config
+        if cfg.gene_output == "affine":
+            gain = self.gene_gain if not new else self.gene_gain.mean().expand(z.shape[1])
+            pred = pred * gain
+        if cfg.gene_output in ("bias", "affine"):
+            bias = self.gene_bias if not new else self.gene_bias.mean().expand(z.shape[1])
+            pred = pred + bias
+        return pred
 
     def encode_expression(self, target: Tensor) -> Tensor:
         """Expression (B, G) to one token per spot (B, d)."""
@@ -214,7 +310,12 @@ class DKAN(nn.Module):
         return torch.cat(parts, dim=1), torch.cat([lead, mask.bool()], dim=1)
 
     def forward(
-        self, batch: Mapping[str, Tensor], *, with_expression: bool | None = None, genes_subset: Tensor | None = None
+        self,
+        batch: Mapping[str, Tensor],
+        *,
+        with_expression: bool | None = None,
+        genes_subset: Tensor | None = None,
+        new_genes: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Predict expression for a batch of spots of one sample.
 
@@ -233,12 +334,15 @@ class DKAN(nn.Module):
             Gene indices (k,) the expression path runs for. Default: all genes, or in training mode with
             ``config.contrastive_genes = k < G`` a fresh random draw of ``k`` genes (the only ones the NT-Xent
             term uses; the gene queries do not interact in the cross encoder, so their outputs are the same).
+        new_genes
+            Embeddings (k, Dt) of genes outside the panel to query as well (see :meth:`encode_new_genes`); their
+            output uses the panel's average per-gene gain and bias.
 
         Returns
         -------
         ``"pred"`` (B, G), ``"pred_fusion"``, ``"pred_patch"`` and, when enabled, ``"pred_region"``,
         ``"pred_slide"`` (B, G); ``"z_img"`` (B, G, d); ``"z_exp"`` (B, G, d) when the expression path ran, or
-        (B, k, d) with ``"genes_subset"`` (k,) when it ran for a subset.
+        (B, k, d) with ``"genes_subset"`` (k,) when it ran for a subset; ``"pred_new"`` (B, k) with ``new_genes``.
         """
         cfg = self.config
         if "patch_tokens" in batch:  # frozen patch branch: precomputed tokens (B, T, C)
@@ -267,7 +371,11 @@ class DKAN(nn.Module):
         context, context_mask = self._gene_context(fused, patch, region, mask)
         z_img = self.img_cross(genes.expand(n, -1, -1), context, context_mask)
         out["z_img"] = z_img
-        out["pred"] = self.head_gene(z_img)[..., 0]
+        out["pred"] = self._gene_output(z_img)
+        if new_genes is not None:
+            tokens = self.encode_new_genes(_require(batch, "genes", "to query new genes"), new_genes)
+            z_new = self.img_cross(tokens[None].expand(n, -1, -1), context, context_mask)
+            out["pred_new"] = self._gene_output(z_new, new=True)
 
         if with_expression is None:
             with_expression = self.training and cfg.use_contrastive and "target" in batch

@@ -48,6 +48,7 @@ def spatial_pred(
     image_key: str | Mapping[str, str] | None = None,
     cmap: str = "viridis",
     scale: Literal["shared", "panel"] = "shared",
+    show_std: bool = False,
     ax: Axes | Sequence[Axes] | None = None,
     figsize: tuple[float, float] | None = None,
     dpi: float | None = None,
@@ -87,6 +88,9 @@ def spatial_pred(
         ``"shared"``: one colour scale over all panels (observed and predicted values compare directly);
         ``"panel"``: each panel spans its own values and has its own colour bar, so a prediction whose range is
         narrower than the observed one still shows its spatial pattern.
+    show_std
+        Add a panel per sample with the predicted standard deviation (``layers[pred_layer + "_std"]``, written by
+        :func:`dkan.tl.predict` with ``n_samples > 1`` or an ensemble), on its own colour scale.
     ax
         Axes to draw on, one per panel in row-major order (2 per sample, or 1 per sample when no sample has
         observed values); a new figure when None.
@@ -114,6 +118,9 @@ def spatial_pred(
     pred = _column(adata, pred_layer, col)
     observed = _column(adata, target_layer, col) if target_layer in adata.layers else None
     rows = [_make_row(s, pred, observed) for s in samples]
+    from dkan.pl._std import std_column
+
+    std = std_column(adata, pred_layer, col, tkey) if show_std else None
     if all(np.isnan(r.pred).all() for r in rows):
         raise ValueError(
             f"`layers[{pred_layer!r}]` of table `{tkey}` holds no prediction for `gene={gene!r}` in the chosen "
@@ -123,7 +130,12 @@ def spatial_pred(
     geometry = [spot_pixels(sdata, s) for s in samples]
     windows = [_window(xy, r) for xy, r in geometry]
     aspect = float(np.median([(w[3] - w[1]) / max(w[2] - w[0], 1e-9) for w in windows]))
-    axes = _panel_axes(ax, len(rows), ncols, figsize=figsize, dpi=dpi, aspect=aspect)
+    axes = _panel_axes(ax, len(rows), ncols + (std is not None), figsize=figsize, dpi=dpi, aspect=aspect)
+    if std is not None:
+        from dkan.pl._std import draw_std
+
+        for row, row_axes, (xy, r), window in zip(rows, axes, geometry, windows, strict=True):
+            draw_std(sdata, row.sample, row_axes.pop(), xy, r, window, std[row.sample.obs_idx], gene=gene, **kwargs)
     given = _pop_scale(kwargs)
     norm = _norm([v for r in rows for v in (r.pred, r.observed) if v is not None], *given)
     for row, row_axes, (xy, r), window in zip(rows, axes, geometry, windows, strict=True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +25,7 @@ logger = logging.getLogger("dkan")
 
 def predict(
     sdata: SpatialData,
-    model: DKANModel | str | os.PathLike,
+    model: DKANModel | str | os.PathLike | Sequence[DKANModel],
     *,
     key_added: str = K.PRED,
     device: str | torch.device | None = None,
@@ -35,9 +35,12 @@ def predict(
     overwrite: bool = False,
     um_per_px: float | None = None,
     gene_symbols: str | None = None,
+    genes: Sequence[str] | None = None,
+    descriptions: Any = None,
+    n_samples: int = 1,
     progress: bool = True,
 ) -> str:
-    """Predict the expression of the model's gene panel at every spot.
+    """Predict the expression of the model's gene panel (and of other genes, from their text) at every spot.
 
     Missing input steps (tiling, frozen features) run with the model's settings. When the slide has a table
     of spots, predictions go to ``table.layers[key_added]`` (float32, ``NaN`` for genes outside the model's
@@ -54,7 +57,9 @@ def predict(
     sdata
         The SpatialData to predict on.
     model
-        A trained :class:`dkan.DKANModel`, or the folder it was saved to (loaded with :meth:`dkan.DKANModel.load`).
+        A trained :class:`dkan.DKANModel`, or the folder it was saved to (loaded with :meth:`dkan.DKANModel.load`),
+        or a list of models with the same panel and inputs (an ensemble, e.g. trained with different seeds): the
+        prediction is their mean and ``layers[key_added + "_std"]`` their standard deviation.
     key_added
         ``layers`` key of the predictions.
     device
@@ -73,6 +78,20 @@ def predict(
     gene_symbols
         ``var`` column holding the gene symbols the model uses, when ``var_names`` are other ids (e.g. Ensembl
         ids of a Visium table); scanpy's name for the same option.
+    genes
+        Genes outside the model's panel to predict as well. DKAN queries a gene by the embedding of its text, so
+        a gene it never saw gets the panel's average per-gene output gain and bias and a prediction from its
+        text alone (see the method page for how well that works). Each must be a ``var_name`` of the table (a
+        table that ``predict`` creates on an H&E-only slide includes them).
+    descriptions
+        Texts of the genes in ``genes`` (a ``{symbol: text}`` mapping, a TSV path or a
+        :func:`dkan.tl.describe_genes` frame), embedded with the model's text encoder. Default: their
+        embeddings in ``varm["dkan_gene_embedding"]`` when made by that encoder. A gene with neither is an error.
+    n_samples
+        Test-time dropout draws per model (``> 1``: Monte Carlo dropout). With several draws (or an ensemble),
+        the per-spot standard deviation across draws goes to ``layers[key_added + "_std"]`` (``NaN`` where the
+        prediction is ``NaN``); the prediction itself stays the deterministic (eval-mode) one, averaged over
+        the models.
     progress
         Show a progress bar.
 
@@ -81,16 +100,23 @@ def predict(
     The name of the table holding the predictions.
     """
     from dkan._genes import use_symbols
+    from dkan.tl._query import as_models, new_genes
 
-    model = _as_model(model)
+    models = as_models([_as_model(m) for m in model] if isinstance(model, list | tuple) else [_as_model(model)])
+    model = models[0]
+    extra = new_genes(model, genes)
     batch_size = check_int(batch_size, "batch_size")
+    n_samples = check_int(n_samples, "n_samples")
     device = resolve_device(device)  # a bad name fails here, before any work
-    tkey = _table_for(sdata, model, table_key=table_key, image_key=image_key, um_per_px=um_per_px)
+    tkey = _table_for(sdata, model, table_key=table_key, image_key=image_key, um_per_px=um_per_px, extra=extra)
     with use_symbols(sdata.tables[tkey], gene_symbols):
         return _predict_table(
             sdata,
             tkey,
-            model,
+            models,
+            extra=extra,
+            descriptions=descriptions,
+            n_samples=n_samples,
             key_added=key_added,
             device=device,
             image_key=image_key,
@@ -103,8 +129,11 @@ def predict(
 def _predict_table(
     sdata: SpatialData,
     tkey: str,
-    model: DKANModel,
+    models: list[DKANModel],
     *,
+    extra: list[str],
+    descriptions: Any,
+    n_samples: int,
     key_added: str,
     device: str | torch.device | None,
     image_key: str | Mapping[str, str] | None,
@@ -116,14 +145,18 @@ def _predict_table(
     from tqdm.auto import tqdm
 
     from dkan._genes import missing_genes_hint
+    from dkan.tl._query import draws, new_gene_embeddings
     from dkan.tl._train import build_inputs, resolve_device
     from dkan.train.loop import predict_rows
 
+    model = models[0]
     adata = sdata.tables[tkey]
-    if key_added in adata.layers and not overwrite:
-        raise ValueError(
-            f"`layers[{key_added!r}]` exists in table `{tkey}`; pass `overwrite=True` or another `key_added`."
-        )
+    std_key = f"{key_added}{K.STD_SUFFIX}"
+    for key in (key_added, std_key) if len(models) > 1 or n_samples > 1 else (key_added,):
+        if key in adata.layers and not overwrite:
+            raise ValueError(
+                f"`layers[{key!r}]` exists in table `{tkey}`; pass `overwrite=True` or another `key_added`."
+            )
     check_unique_genes(adata, table_key=tkey)
     gidx = adata.var_names.get_indexer(model.genes)
     if (gidx < 0).all():
@@ -135,6 +168,14 @@ def _predict_table(
     if (gidx < 0).any():
         lost = [g for g, i in zip(model.genes, gidx, strict=True) if i < 0]
         logger.warning("%d model genes are not in table `%s` and are not written: %s", len(lost), tkey, lost[:10])
+    absent = [g for g in extra if g not in adata.var_names]
+    if absent:
+        raise ValueError(
+            f"`genes` names {len(absent)} gene(s) that are not `var_names` of table `{tkey}`: {absent[:10]}; "
+            "predictions are written per table gene. Predict on a table that has them, or on a slide without a table."
+        )
+    new_emb = new_gene_embeddings(adata, model, extra, descriptions) if extra else None
+    gidx = adata.var_names.get_indexer(list(model.genes) + extra)
     dev = resolve_device(device)
     cfg = model.config
     prep.ensure_tiles(sdata, cfg, table_key=tkey, image_key=image_key)
@@ -149,13 +190,17 @@ def _predict_table(
     )
 
     samples, reader = build_inputs([sdata], [adata], model.genes, cfg, table_key=tkey, with_target=False)
-    module = model.module.to(dev).eval()
     import torch
 
+    from dkan.nn.inference import Predictor
+
+    modules = [m.module.to(dev).eval() for m in models]
     genes = torch.as_tensor(model.gene_embeddings, device=dev) if cfg.use_text else None
+    extra_t = torch.as_tensor(new_emb, device=dev) if new_emb is not None else None
     from dkan._utils import iter_samples
 
     out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+    out_std = out.copy() if len(models) > 1 or n_samples > 1 else None
     keep = gidx >= 0
     for s, (inp, smp) in enumerate(
         tqdm(
@@ -165,23 +210,37 @@ def _predict_table(
         )
     ):
         rd = (lambda r, s=s: reader(s, r, False)) if reader else None
-        pred = predict_rows(
-            module,
-            inp.to(dev),
-            np.arange(len(inp)),
-            genes,
-            batch_size=batch_size,
-            device=dev,
-            amp=cfg.amp,
-            read_patches=rd,
-        )
+        inp = inp.to(dev)
+
+        def run(module: Any, mc: bool, inp: Any = inp, rd: Any = rd) -> np.ndarray:
+            wrapped = Predictor(module, new_genes=extra_t, mc_dropout=mc)
+            rows = np.arange(len(inp))
+            return predict_rows(
+                wrapped, inp, rows, genes, batch_size=batch_size, device=dev, amp=cfg.amp, read_patches=rd
+            )
+
+        pred, std = draws(run, modules, n_samples, cfg.seed)
         out[np.ix_(smp.obs_idx, gidx[keep])] = pred[:, keep]
-    model.module.cpu()
+        if out_std is not None:
+            out_std[np.ix_(smp.obs_idx, gidx[keep])] = std[:, keep]
+    for m in models:
+        m.module.cpu()
     adata.layers[key_added] = out
+    if out_std is not None:
+        adata.layers[std_key] = out_std
     uns_set(
         adata,
         K.UNS_PREDICT,
-        {"layer": key_added, "genes": list(model.genes), "target_written": with_target, **_identity(model)},
+        {
+            "layer": key_added,
+            "genes": list(model.genes),
+            "target_written": with_target,
+            "new_genes": extra,
+            "std_layer": std_key if out_std is not None else None,
+            "n_models": len(models),
+            "n_samples": n_samples,
+            **_identity(model),
+        },
     )
     logger.info("Wrote predictions of %d genes to `%s.layers[%r]`.", int(keep.sum()), tkey, key_added)
     return tkey
@@ -224,15 +283,21 @@ def _has_counts(adata: AnnData) -> bool:
 
 
 def _table_for(
-    sdata: SpatialData, model: DKANModel, *, table_key: str | None, image_key: Any, um_per_px: float | None
+    sdata: SpatialData,
+    model: DKANModel,
+    *,
+    table_key: str | None,
+    image_key: Any,
+    um_per_px: float | None,
+    extra: Sequence[str] = (),
 ) -> str:
-    """The table to predict into; on an H&E-only slide, pseudo-spots and a new table over the panel."""
+    """The table to predict into; on an H&E-only slide, pseudo-spots and a new table over the panel (+ ``extra``)."""
     if table_key is not None or len(sdata.tables):
         from dkan._utils import get_table
 
         tkey, adata = get_table(sdata, table_key)
         if adata.n_vars == 0:
-            sdata.tables[tkey] = _panel_table(adata, model.genes)
+            sdata.tables[tkey] = _panel_table(adata, [*model.genes, *extra])
         return tkey
     import dkan
 
@@ -241,7 +306,7 @@ def _table_for(
         sdata, image_key=image_key if isinstance(image_key, str) else None, um_per_px=um_per_px
     )
     adata = sdata.tables[tkey]
-    sdata.tables[tkey] = _panel_table(adata, model.genes)
+    sdata.tables[tkey] = _panel_table(adata, [*model.genes, *extra])
     return tkey
 
 

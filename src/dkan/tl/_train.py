@@ -196,6 +196,8 @@ def fit_inputs(
     )  # fmt: skip
     torch.manual_seed(cfg.seed)
     module = build_module(cfg, n_genes=emb.shape[0], gene_dim=emb.shape[1], feature_dim=samples[0].spot.shape[1])
+    seen = [s.target[torch.as_tensor(r, dtype=torch.long)] for s, r in zip(samples, train_rows, strict=True)]
+    module.init_from_data(genes=torch.as_tensor(emb), target_mean=torch.cat(seen).float().mean(0))  # training mean
     module.to(dev)
     result = fit(
         module,
