@@ -156,6 +156,10 @@ def test_predict_slides_writes_each_slide_and_skips_finished(slide, model_dir, t
         dkan.tl.predict_slides([junk], model_dir, out_dir=out_dir, progress=False)
     with pytest.raises(ValueError, match="same output"):
         dkan.tl.predict_slides([slide, slide], model_dir, out_dir=out_dir, progress=False)
+    # shared grid tiles: the same slide with fewer encoder passes, predictions of every spot
+    shared = dkan.tl.predict_slides([slide], model_dir, out_dir=tmp_path / "shared", shared_tiles=True, progress=False)
+    assert shared["status"].iloc[0] == "written" and shared["n_spots"].iloc[0] == report["n_spots"].iloc[0]
+    assert shared["encoder_passes"].iloc[0] < report["encoder_passes"].iloc[0]
 
 
 # --- read_st images: lazy per level -----------------------------------------------------------------------------
