@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache", type=Path, default=None, help="h5ad of the prepared table: reused if present, else written"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--shared-tiles", action="store_true", help="region features from shared grid tiles (extract_features option)"
+    )
     return p.parse_args(argv)
 
 
@@ -187,8 +190,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     desc = gene_descriptions(sdata, args.data, cfg.n_genes)
     log.info("Gene texts: %s", desc["source"].value_counts().to_dict())
     t_read = time.perf_counter()
-    if args.jobs > 1 or args.cache is not None:
-        prepare_inputs(sdata, cfg, desc, device, args.cache, progress=not args.no_progress)
+    if args.jobs > 1 or args.cache is not None or args.shared_tiles:
+        prepare_inputs(
+            sdata, cfg, desc, device, args.cache, progress=not args.no_progress, shared_tiles=args.shared_tiles
+        )
     t_inputs = time.perf_counter()
     if args.jobs > 1:
         res, train_times = run_parallel(args, cfg, sdata, desc, device, ablations, baselines)
@@ -229,7 +234,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- inputs once, methods in parallel
-def prepare_inputs(sdata: Any, cfg: Any, desc: pd.DataFrame, device: str, cache: Path | None, progress: bool) -> None:
+def prepare_inputs(
+    sdata: Any, cfg: Any, desc: pd.DataFrame, device: str, cache: Path | None, progress: bool, shared_tiles: bool
+) -> None:
     """Run the input steps of ``cross_validate`` once (or load them from ``cache``), so later calls skip them."""
     import anndata as ad
     import torch
@@ -241,7 +248,18 @@ def prepare_inputs(sdata: Any, cfg: Any, desc: pd.DataFrame, device: str, cache:
     if cache is not None and cache.is_file():
         log.info("Loading the prepared table (features, targets, tiles) from %s.", cache)
         inject(table, ad.read_h5ad(cache), source=f"--cache {cache}")
+        from dkan import _keys as K
+
+        if bool(table.uns[K.UNS][K.UNS_FEATURES].get("shared_tiles")) != shared_tiles:
+            raise ValueError(f"--cache {cache} holds features of the other kind than --shared-tiles asks; use another.")
         return
+    if shared_tiles:  # computed first, so that the preparation keeps them (dkan.tl._shared_tiles)
+        import dkan
+
+        prep.ensure_tiles(sdata, cfg, table_key=key, image_key=None)
+        dkan.tl.extract_features(
+            sdata, cfg.feature_encoder, table_key=key, device=torch.device(device), shared_tiles=True, progress=progress
+        )
     prep.prepare_training(
         [sdata], [table], cfg, table_key=key, image_key=None, descriptions=desc, device=torch.device(device),
         progress=progress,
