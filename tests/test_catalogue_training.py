@@ -253,7 +253,7 @@ def test_sections_split_needs_two_samples():
 @pytest.mark.parametrize("kind", ["square", "hex"])
 def test_block_split_shares_no_counts_through_the_smoothing(kind):
     """No training target mixes a spot that a validation target mixes (3x3 / hex neighbour smoothing)."""
-    from dkan.pp._normalize import neighbour_average
+    from dkan.pp._grid import neighbour_average
 
     rc = np.argwhere(np.ones((30, 30)))
     if kind == "hex":  # Visium: doubled columns, one parity per row; the slide grid halves the column

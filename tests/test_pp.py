@@ -11,7 +11,7 @@ from scipy import sparse
 
 import dkan
 from dkan import _keys as K
-from dkan.pp._normalize import detect_grid, neighbour_average
+from dkan.pp._grid import detect_grid, neighbour_average
 
 
 def _adata(counts, genes=None, rows=None, cols=None, samples=None):

@@ -258,7 +258,7 @@ def _rank_svg(adata: AnnData, x: sparse.csr_matrix, idx: np.ndarray) -> tuple[np
             "`flavor='hvg'`."
         ) from err
 
-    from dkan.pp._normalize import detect_grid
+    from dkan.pp._grid import detect_grid
 
     if "spatial" not in adata.obsm:
         raise KeyError("`flavor='svg'` needs spot coordinates in `obsm['spatial']`; the table has none.")
