@@ -59,7 +59,7 @@ def test_upsampling_beyond_the_limit_names_the_fix(caplog):
     assert "upsampled" not in caplog.text
 
 
-def test_visium_hires_rgba_image_that_is_blank_is_reported(caplog):
+def test_visium_blank_hires_and_upsampled_lowres_images_are_reported(caplog):
     import spatialdata_io
 
     path = data_path("visium_tiny")  # skips when the shared data is absent
@@ -69,3 +69,7 @@ def test_visium_hires_rgba_image_that_is_blank_is_reported(caplog):
         dkan.tl.tile(sd, patch_size=32)
     assert "cropping spots from image `tiny_hires_image`" in caplog.text
     assert "blank around the spots" in caplog.text and "tiny_lowres_image" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dkan"):  # issue 13: only a downscaled image, a 2 µm/px model
+        dkan.tl.tile(sd, image_key="tiny_lowres_image", patch_size=32, target_mpp=2.0)
+    assert "upsampled" in caplog.text and "fullres_image_file" in caplog.text

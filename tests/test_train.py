@@ -33,6 +33,30 @@ def learned(split):
     return train_sd, model
 
 
+@pytest.fixture(scope="module")
+def learned_cheaply(split):
+    """The small preset's full training (80 epochs) on seeded random image features: the fast set's learning check.
+
+    EfficientNet-Lite0 feature extraction made up most of the real pipeline's cost; the random conv features still
+    carry the toy's colour and texture, so a working model learns from them (held-out PCC 0.53 when measured; a
+    model that does not learn stays near 0: 0.10 after 40 epochs, -0.07 after 10).
+    """
+    train_sd = copy_sdata(split[0])
+    model = dkan.tl.train(train_sd, config="small", progress=False, feature_encoder="dummy")
+    return train_sd, model
+
+
+def _assert_beats_the_training_mean(train_sd, model, held, *, min_pcc, max_mse_ratio):
+    dkan.tl.predict(held, model, progress=False)
+    res = dkan.tl.evaluate(held)
+    y_train = train_sd.tables[K.TABLE][:, model.genes].layers[K.TARGET]
+    y = held.tables[K.TABLE][:, model.genes].layers[K.TARGET]
+    mse_mean = float(np.mean((y - y_train.mean(0)) ** 2))
+    # the training mean is constant per gene (PCC undefined): DKAN must correlate clearly and have lower error
+    assert res.summary["pcc_all"] > min_pcc, res.summary
+    assert res.summary["mse"] < max_mse_ratio * mse_mean, (res.summary["mse"], mse_mean)
+
+
 def test_train_runs_missing_steps_and_keeps_history(toy_master):
     sdata = copy_sdata(toy_master)
     model = dkan.tl.train(sdata, config="small", progress=False, **{**FAST, "max_epochs": 2})
@@ -54,17 +78,16 @@ def test_training_is_bit_identical_on_cpu(toy_master):
         assert np.array_equal(va.numpy(), vb.numpy()), ka
 
 
+@pytest.mark.slow
 def test_trained_model_beats_the_training_mean_on_a_held_out_slide(learned, split):
+    """The real pipeline (about 500 s of a fresh suite run): slow; the fast set checks learning cheaply below."""
     train_sd, model = learned
-    held = copy_sdata(split[1])
-    dkan.tl.predict(held, model, progress=False)
-    res = dkan.tl.evaluate(held)
-    y_train = train_sd.tables[K.TABLE][:, model.genes].layers[K.TARGET]
-    y = held.tables[K.TABLE][:, model.genes].layers[K.TARGET]
-    mse_mean = float(np.mean((y - y_train.mean(0)) ** 2))
-    # the training mean is constant per gene (PCC undefined): DKAN must correlate clearly and have lower error
-    assert res.summary["pcc_all"] > 0.3, res.summary
-    assert res.summary["mse"] < 0.8 * mse_mean, (res.summary["mse"], mse_mean)
+    _assert_beats_the_training_mean(train_sd, model, copy_sdata(split[1]), min_pcc=0.3, max_mse_ratio=0.8)
+
+
+def test_model_learns_from_cheap_features_on_a_held_out_slide(learned_cheaply, split):
+    train_sd, model = learned_cheaply
+    _assert_beats_the_training_mean(train_sd, model, copy_sdata(split[1]), min_pcc=0.3, max_mse_ratio=0.85)
 
 
 def test_predict_writes_layer_and_save_load_roundtrip(trained, split, tmp_path):
