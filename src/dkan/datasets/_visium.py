@@ -44,7 +44,7 @@ def synthetic_visium(
     path: str | PathLike[str],
     *,
     n_samples: int = 1,
-    grid_size: int = 16,
+    grid_size: int = 12,
     n_genes: int = 40,
     um_per_px: float = 2.0,
     hires_scalef: float = 0.5,
