@@ -67,7 +67,7 @@ def synthetic_visium(
       of every feature; ``scanpy.read_10x_h5`` names genes by symbol and keeps ids in ``var["gene_ids"]``),
     - ``spatial/tissue_positions.csv`` (Space Ranger 2 layout, every spot under tissue),
       ``spatial/scalefactors_json.json``, ``spatial/tissue_hires_image.png``, ``spatial/tissue_lowres_image.png``,
-    - ``fullres_image.tif`` (:data:`FULLRES_IMAGE`): the full-resolution RGB image Space Ranger was run on
+    - ``fullres_image.tif``: the full-resolution RGB image Space Ranger was run on
       (in a real run, the file given to ``spaceranger count --image``; it is not part of the outputs).
 
     Read one with ``spatialdata_io.visium(folder, dataset_id=folder.name, fullres_image_file="fullres_image.tif")``.
