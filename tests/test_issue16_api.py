@@ -105,3 +105,18 @@ def test_train_warns_on_ensembl_names(caplog):
 def test_gene_symbols_must_name_a_column(toy, bad):
     with pytest.raises((TypeError, KeyError), match="gene_symbols"):
         dkan.pp.select_genes(toy, n_genes=4, gene_symbols=bad)
+
+
+def test_description_warning_names_options_that_exist(caplog):
+    import inspect
+
+    from dkan.cli import build_parser
+
+    with caplog.at_level("WARNING", logger="dkan"):
+        dkan.tl.describe_genes(["NOTAGENE1"])
+    text = caplog.text
+    assert "`gene_info=` of `train`" in text and "`--gene-info` of `dkan train`" in text
+    assert "gene_info" in inspect.signature(dkan.tl.train).parameters
+    assert "gene_info" in inspect.signature(dkan.tl.describe_genes).parameters
+    args = build_parser().parse_args(["train", "s.zarr", "--out", "m", "--descriptions", "d.tsv", "--gene-info", "g"])
+    assert args.descriptions == "d.tsv" and str(args.gene_info) == "g"

@@ -307,8 +307,10 @@ def _log_counts(out: pd.DataFrame) -> None:
     only = out.index[out["source"] == "symbol"].tolist()
     if only:
         logger.warning(
-            "%d of %d genes have no description and use their symbol as text: %s. Pass a richer `source` "
-            "(a RefSeq summary table, or 'ncbi') and/or `gene_info=` to resolve synonyms and full names.",
+            "%d of %d genes have no description and use their symbol as text: %s. Pass richer descriptions (a "
+            "RefSeq summary table, or 'ncbi': `descriptions=` of `train`/`embed_genes`, `source=` here, "
+            "`--descriptions` of `dkan train`) and/or an NCBI gene_info file to resolve synonyms and full names "
+            "(`gene_info=` of `train` and here, `--gene-info` of `dkan train`).",
             len(only),
             len(out),
             _preview(only),
