@@ -424,3 +424,9 @@ def test_history_plot_marks_the_selected_epoch():
     marks = [ln.get_xdata()[0] for ax in fig.axes for ln in ax.get_lines() if ln.get_label() == "best epoch"]
     plt.close(fig)
     assert marks and set(marks) == {3}
+
+
+def test_block_split_that_leaves_no_training_spots_is_refused():
+    grid = np.stack(np.meshgrid(np.arange(4), np.arange(4), indexing="ij"), -1).reshape(-1, 2)
+    with pytest.raises(ValueError, match="leaves no training spots"):
+        make_validation_split(["a", "b"], [grid, grid], 0.25, strategy="blocks", seed=1)

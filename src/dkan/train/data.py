@@ -162,7 +162,14 @@ def make_validation_split(
     if strategy == "sections":
         return _section_split(names, sizes, fraction, seed=seed)
     if strategy == "blocks":
-        return _block_split(grids, fraction, seed=seed)
+        split = _block_split(grids, fraction, seed=seed)
+        if not sum(len(t) for t in split.train):
+            raise ValueError(
+                f"`val_split='blocks'` leaves no training spots: the samples ({sizes} spots) are too small for "
+                f"validation blocks with a {BUFFER_STEPS}-step buffer around them. Use `val_split='random'`, "
+                "`val_split='sections'` (with 2 or more samples), a smaller `val_fraction`, or `val_fraction=0`."
+            )
+        return split
     if strategy == "random":
         train, val = split_validation(sizes, fraction, seed=seed)
         return ValidationSplit(train, val, "random", f"a random {fraction:.0%} of the spots of every training sample")
