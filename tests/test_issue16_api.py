@@ -120,3 +120,13 @@ def test_description_warning_names_options_that_exist(caplog):
     assert "gene_info" in inspect.signature(dkan.tl.describe_genes).parameters
     args = build_parser().parse_args(["train", "s.zarr", "--out", "m", "--descriptions", "d.tsv", "--gene-info", "g"])
     assert args.descriptions == "d.tsv" and str(args.gene_info) == "g"
+
+
+def test_missing_description_warning_says_gene_info_full_names_are_used(tmp_path, caplog):
+    from dkan.tl._embed_genes import gene_texts
+
+    info = _gene_info(tmp_path / "gene_info.gz", ["KRT5"])
+    with caplog.at_level("WARNING", logger="dkan"):
+        texts = gene_texts(["KRT5"], None, describe_kwargs={"gene_info": info})
+    assert texts.loc["KRT5", "source"] == "full_name"
+    assert "each gene's text is its full name from `gene_info`" in caplog.text

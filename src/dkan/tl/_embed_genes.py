@@ -136,10 +136,12 @@ def gene_texts(genes: Sequence[str], descriptions: Descriptions, *, describe_kwa
     from dkan.tl._describe import describe_genes
 
     if descriptions is None:
+        text = "its full name from `gene_info`" if describe_kwargs.get("gene_info") else "its symbol"
         logger.warning(
-            "No gene descriptions given: each gene's symbol is its text, which carries little meaning. Pass "
+            "No gene descriptions given: each gene's text is %s, which carries little meaning. Pass "
             "`descriptions=` a {symbol: text} mapping, a TSV of summaries (e.g. NCBI RefSeq summaries), 'ncbi' "
-            "(online, cached) or the output of `dkan.tl.describe_genes(...)`."
+            "(online, cached) or the output of `dkan.tl.describe_genes(...)`.",
+            text,
         )
         return describe_genes(genes, source="symbol", **describe_kwargs)
     if isinstance(descriptions, pd.DataFrame):
