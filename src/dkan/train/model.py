@@ -17,6 +17,8 @@ from dkan.train.config import DKANConfig
 _WEIGHTS = "model.safetensors"
 _GENES = "genes.safetensors"
 _FORMAT = 2
+#: Settings of models saved before these config fields existed: raw gene embeddings, one shared output layer.
+_BEFORE_CALIBRATION = {"standardize_genes": False, "gene_output": "shared"}
 
 logger = logging.getLogger("dkan")
 
@@ -257,7 +259,7 @@ def _parse_content(path: Path, meta: dict[str, Any]) -> tuple[DKANConfig, list[s
     if len(set(genes)) != len(genes):
         raise ValueError(f"{where}: field `genes` holds duplicated names.")
     try:
-        config = DKANConfig.from_dict(meta["config"])
+        config = DKANConfig.from_dict({**_BEFORE_CALIBRATION, **meta["config"]})
         feature_dim = int(meta["meta"]["features"]["dim"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{where}: field `config` or `meta.features.dim` is missing or invalid ({err}).") from None
