@@ -89,14 +89,22 @@ def epochs_table(res: Any) -> pd.DataFrame:
     rows = {}
     for method, folds in res.histories.items():
         ran = [len(h) for h in folds]
-        best = [int(np.nanargmax([r["val_pcc"] for r in h])) if h else -1 for h in folds]
-        val = [float(np.nanmax([r["val_pcc"] for r in h])) if h else float("nan") for h in folds]
+        chosen = [_selected(h) for h in folds]
+        val = [float(h[i]["val_pcc"]) if i >= 0 else float("nan") for h, i in zip(folds, chosen, strict=True)]
         rows[method] = {
             "epochs run": " ".join(map(str, ran)),
-            "best epoch": " ".join(map(str, best)),
-            "best val PCC": " ".join(f"{v:.3f}" for v in val),
+            "selected epoch": " ".join(map(str, chosen)),
+            "val PCC there": " ".join(f"{v:.3f}" for v in val),
         }
     return pd.DataFrame(rows).T
+
+
+def _selected(history: list[dict]) -> int:
+    """Index of the epoch training kept (its ``selected`` flag; older histories: the best validation PCC)."""
+    if not history:
+        return -1
+    flagged = [i for i, r in enumerate(history) if r.get("selected")]
+    return flagged[0] if flagged else int(np.nanargmax([r["val_pcc"] for r in history]))
 
 
 def md_table(df: pd.DataFrame, index_name: str = "method") -> str:
