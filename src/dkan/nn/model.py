@@ -157,7 +157,7 @@ class DKAN(nn.Module):
         """Store the per-dimension mean and standard deviation of the panel's gene embeddings ``(G, Dt)``.
 
         With ``config.standardize_genes`` the embeddings are centred and scaled with these statistics before the
-        text projection, here and for any gene queried later (:meth:`query_genes`), so the component shared by all
+        text projection, here and for any gene queried later (:meth:`encode_new_genes`), so the component shared by all
         genes no longer dominates the gene-specific one. A standard deviation below 1 % of the mean one (a
         dimension nearly constant over the panel) is raised to that floor so that new genes stay bounded.
         """
