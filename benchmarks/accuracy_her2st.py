@@ -253,7 +253,7 @@ def prepare_inputs(
         if bool(table.uns[K.UNS][K.UNS_FEATURES].get("shared_tiles")) != shared_tiles:
             raise ValueError(f"--cache {cache} holds features of the other kind than --shared-tiles asks; use another.")
         return
-    if shared_tiles:  # computed first, so that the preparation keeps them (dkan.tl._shared_tiles)
+    if shared_tiles:  # computed first, so that the preparation keeps them (dkan.tl._tiling.shared_tiles)
         import dkan
 
         prep.ensure_tiles(sdata, cfg, table_key=key, image_key=None)
@@ -346,7 +346,7 @@ def run_parallel(args, cfg, sdata, desc, device, ablations, baselines) -> tuple[
 
     from dkan import _keys as K
     from dkan._utils import get_table, iter_samples
-    from dkan.tl._cv import ABLATIONS, CVResult, _summarise
+    from dkan.tl._evaluation.cv import ABLATIONS, CVResult, _summarise
 
     key, table = get_table(sdata, None)
     threads = max(1, usable_cores() // args.jobs)

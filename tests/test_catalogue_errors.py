@@ -244,13 +244,13 @@ def test_read_st_truncated_image_fails_when_decoded(section, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ online sources
 def _ncbi(**kw):
-    from dkan.tl._ncbi import NCBIClient
+    from dkan.tl._genes.ncbi import NCBIClient
 
     return NCBIClient(cache_dir="/nonexistent-dkan-cache", **kw)
 
 
 def _llm(**kw):
-    from dkan.tl._llm import LLMClient
+    from dkan.tl._genes.llm import LLMClient
 
     return LLMClient(base_url="http://127.0.0.1:9/v1", cache_dir="/nonexistent-dkan-cache", **kw)
 
@@ -281,7 +281,7 @@ ECHO = f'{{"error": "invalid key {KEY}", "api_key={KEY}", "Authorization: Bearer
     ids=["ncbi", "llm"],
 )
 def test_server_error_body_is_redacted(call, monkeypatch):
-    from dkan.tl._ncbi import ServiceError
+    from dkan.tl._genes.ncbi import ServiceError
 
     monkeypatch.setattr(urllib.request, "urlopen", _http_error(ECHO))
     with pytest.raises(ServiceError, match="HTTP 401") as info:
@@ -301,7 +301,7 @@ def test_server_error_body_is_redacted(call, monkeypatch):
     ],
 )
 def test_redact_patterns(text, kept):
-    from dkan.tl._ncbi import redact
+    from dkan.tl._genes.ncbi import redact
 
     out = redact(text)
     assert "abcdef123456" not in out

@@ -5,7 +5,7 @@ import pytest
 
 import dkan
 from dkan.datasets import copy_sdata
-from dkan.tl._cv import make_folds
+from dkan.tl._evaluation.cv import make_folds
 
 
 def test_make_folds():

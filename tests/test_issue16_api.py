@@ -123,7 +123,7 @@ def test_description_warning_names_options_that_exist(caplog):
 
 
 def test_missing_description_warning_says_gene_info_full_names_are_used(tmp_path, caplog):
-    from dkan.tl._embed_genes import gene_texts
+    from dkan.tl._genes.embed import gene_texts
 
     info = _gene_info(tmp_path / "gene_info.gz", ["KRT5"])
     with caplog.at_level("WARNING", logger="dkan"):

@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from dkan.tl._describe import describe_genes
-from dkan.tl._llm import LLMClient, parse_reply
-from dkan.tl._ncbi import NCBIClient, ServiceError
+from dkan.tl._genes.describe import describe_genes
+from dkan.tl._genes.llm import LLMClient, parse_reply
+from dkan.tl._genes.ncbi import NCBIClient, ServiceError
 
 # esummary records in NCBI's JSON layout (fields trimmed to those a client reads, plus a few others)
 GENES = {

@@ -74,7 +74,8 @@ def test_new_genes_are_queried_independently_of_each_other(models):
         one = Predictor(module, new_genes=extra[1:2])(batch)["pred"]
         plain = module(batch)["pred"]
     assert both.shape == (n, len(model.genes) + 3)
-    torch.testing.assert_close(both[:, len(model.genes) + 1], one[:, -1])
+    # same gene alone or among others; float32 sums differ in the last bits with the thread count
+    torch.testing.assert_close(both[:, len(model.genes) + 1], one[:, -1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(both[:, : len(model.genes)], plain)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import dkan
 from dkan import _keys as K
-from dkan.tl._shared_tiles import snapped_tiles
+from dkan.tl._tiling.shared_tiles import snapped_tiles
 
 P, G = 16, 5  # patch side and region grid: region windows of 80 px, origin = floor(centre) - 40
 

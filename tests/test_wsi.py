@@ -11,7 +11,7 @@ import tifffile
 import dkan
 from dkan import _keys as K
 from dkan.cli import main
-from dkan.tl._tile import image_levels
+from dkan.tl._tiling.tile import image_levels
 
 MPP = 0.5
 FAST = ["--device", "cpu", "--no-progress", "-q"]

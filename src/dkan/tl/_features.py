@@ -87,8 +87,8 @@ def extract_features(
         Compute region features once per tile of a slide-aligned grid and share them between spots (each region
         tile is replaced by the nearest grid tile; the spot patch stays exact): encoder passes grow with the
         tissue, not with 26 x spots. A departure from the reference whose effect on accuracy is not measured
-        yet, so off by default (see ``dkan.tl._shared_tiles``). ``None`` (default) keeps stored features of either
-        kind and computes new ones spot by spot.
+        yet, so off by default (see ``dkan.tl._tiling.shared_tiles``). ``None`` (default) keeps stored features
+        of either kind and computes new ones spot by spot.
     progress
         Show a progress bar.
 
@@ -98,8 +98,8 @@ def extract_features(
     (encoder name, weights hash, dimension, geometry, dtype) to the table.
     """
     from dkan.nn.image_encoders import create_image_encoder
-    from dkan.tl._crops import SpotCrops
-    from dkan.tl._tile import tile_keys
+    from dkan.tl._tiling.crops import SpotCrops
+    from dkan.tl._tiling.tile import tile_keys
 
     if int(batch_size) < 1:
         raise ValueError(f"`batch_size` must be positive; got {batch_size}.")
@@ -130,7 +130,7 @@ def extract_features(
         enc, crops, adata.n_obs, batch_size, device, num_workers, region and not shared, progress
     )
     if shared:
-        from dkan.tl._shared_tiles import shared_region_features
+        from dkan.tl._tiling.shared_tiles import shared_region_features
 
         reg, mask, tiles = shared_region_features(
             sdata, adata, enc, table_key=tkey, tile_key=tile_key, patch_size=crops.patch_size, device=device,
@@ -287,7 +287,7 @@ def crop_loader(crops: Any, *, batch_size: int, num_workers: int = 0, pin_memory
     """DataLoader over ``crops`` yielding per-sample batches (each read in one call), in dataset order."""
     from torch.utils.data import DataLoader
 
-    from dkan.tl._crops import BatchBySample
+    from dkan.tl._tiling.crops import BatchBySample
 
     sampler = BatchBySample(crops, batch_size, shuffle=False)
     return DataLoader(

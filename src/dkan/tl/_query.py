@@ -83,7 +83,7 @@ def new_gene_embeddings(adata: AnnData, model: DKANModel, genes: list[str], desc
 
 def _embed(genes: list[str], descriptions: Any, rec: dict[str, Any]) -> np.ndarray:
     from dkan.nn.text_encoders import create_text_encoder
-    from dkan.tl._embed_genes import gene_texts
+    from dkan.tl._genes.embed import gene_texts
 
     texts = gene_texts(genes, descriptions, describe_kwargs={})
     missing = [g for g, s in zip(genes, texts["source"], strict=True) if s == "symbol"]

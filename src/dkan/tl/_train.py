@@ -325,13 +325,13 @@ def _patch_reader(crop_sets: list[tuple[Any, Any]], cfg: DKANConfig, *, table_ke
     """``read(sample, rows, augment) -> (B, 3, P, P)`` patch crops normalised for the patch encoder.
 
     ``rows`` index the spots of sample ``sample`` (in the order of :class:`SampleInputs`); crops come lazily from
-    the image through :class:`~dkan.tl._crops.SpotCrops`, augmented (flips, 90 degree rotations) with a generator
+    the image through :class:`~dkan.tl._tiling.crops.SpotCrops`, augmented (flips, 90 degree rotations) with a generator
     seeded from ``cfg.seed`` when ``augment``.
     """
     import torch
 
     from dkan.nn.image_encoders import create_image_encoder
-    from dkan.tl._crops import SpotCrops
+    from dkan.tl._tiling.crops import SpotCrops
 
     enc = create_image_encoder(cfg.patch_encoder, pretrained=False)  # only its normalisation is needed here
     datasets: dict[int, tuple[SpotCrops, np.ndarray]] = {}

@@ -301,7 +301,7 @@ def validation_metrics(
     ``1 - MSE / variance`` of the target. Samples with fewer than :data:`MIN_VAL_SPOTS` validation rows are skipped;
     NaN when no value is defined.
     """
-    from dkan.tl._metrics import pearson_per_gene
+    from dkan.tl._evaluation.metrics import pearson_per_gene
 
     rs, r2s, sq, n = [], [], 0.0, 0
     for s, rows in enumerate(val_rows):

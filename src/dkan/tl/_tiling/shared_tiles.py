@@ -48,7 +48,7 @@ def snapped_tiles(spot_px: np.ndarray, *, tile_side: int, region_side: int, grid
     -------
     Integer grid indices; grid tile ``(gy, gx)`` covers pixels ``[gy * s, (gy + 1) * s) x [gx * s, (gx + 1) * s)``.
     """
-    from dkan.tl._tile import window_origins
+    from dkan.tl._tiling.tile import window_origins
 
     origin = window_origins(spot_px, region_side)  # (n, 2) x0, y0 of the exact region window
     steps = np.arange(grid) * tile_side
@@ -79,7 +79,7 @@ def shared_region_features(
     from tqdm.auto import tqdm
 
     from dkan.tl._features import Preprocess
-    from dkan.tl._tile import image_levels, rgb, tile_keys
+    from dkan.tl._tiling.tile import image_levels, rgb, tile_keys
 
     keys = tile_keys(tile_key)
     geometry = uns_get(adata, keys["uns"])
@@ -130,9 +130,9 @@ def _encode_tiles(
     """Encode grid tiles ``(gy, gx)`` of one level in chunks; crops are read through the chunk cache."""
     import torch
 
-    from dkan.tl._crops import _resize
     from dkan.tl._features import encode
-    from dkan.tl._windows import ChunkReader, strip_cache_bytes
+    from dkan.tl._tiling.crops import _resize
+    from dkan.tl._tiling.windows import ChunkReader, strip_cache_bytes
 
     reader = ChunkReader(level, cache_bytes=strip_cache_bytes(level, side))
     out = np.zeros((len(tiles), enc.num_features), dtype=np.float32)

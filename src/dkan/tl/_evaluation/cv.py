@@ -17,7 +17,7 @@ from dkan.tl import _prepare as prep
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-    from dkan.tl._combine import CVSummary
+    from dkan.tl._evaluation.combine import CVSummary
     from dkan.train.config import DKANConfig
 
 logger = logging.getLogger("dkan")
@@ -221,7 +221,7 @@ def _dkan_fold(samples, train, test, emb, cfg, dev, reader, progress) -> tuple[l
 
 
 def _baseline_fold(name: str, samples, train, test, seed: int) -> list[np.ndarray]:
-    from dkan.tl._baselines import fit_mean, fit_ridge
+    from dkan.tl._evaluation.baselines import fit_mean, fit_ridge
 
     y = np.concatenate([samples[i].target.numpy() for i in train])
     if name == "mean":
@@ -234,8 +234,8 @@ def _baseline_fold(name: str, samples, train, test, seed: int) -> list[np.ndarra
 def _summarise(preds: dict[str, np.ndarray], target: np.ndarray, obs: pd.DataFrame, genes: list[str]) -> CVSummary:
     import anndata as ad
 
-    from dkan.tl._combine import combine_folds
-    from dkan.tl._evaluate import evaluate
+    from dkan.tl._evaluation.combine import combine_folds
+    from dkan.tl._evaluation.evaluate import evaluate
 
     results = {}
     for name, p in preds.items():

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dkan.tl._ncbi import HttpJson, cache_file, default_cache_dir, read_cache, write_cache
+from dkan.tl._genes.ncbi import HttpJson, cache_file, default_cache_dir, read_cache, write_cache
 
 logger = logging.getLogger("dkan")
 
@@ -65,7 +65,7 @@ class LLMClient:
     temperature, max_tokens
         Sampling settings sent with each request (temperature 0 for reproducible answers).
     cache_dir
-        Cache folder; default :func:`~dkan.tl._ncbi.default_cache_dir`. Answers go to ``{cache_dir}/llm/``.
+        Cache folder; default :func:`~dkan.tl._genes.ncbi.default_cache_dir`. Answers go to ``{cache_dir}/llm/``.
     timeout, max_retries, backoff, rate
         HTTP behaviour: seconds per answer, retries on 429/5xx/timeouts, first retry delay, requests per second.
     """

@@ -1,0 +1,1 @@
+"""Gene text: descriptions (tables, NCBI, LLM) and their embeddings."""

@@ -1,0 +1,1 @@
+"""Tiling: spot geometry, crop reading, pseudo-spots, image checks, shared tiles."""
