@@ -43,7 +43,15 @@ from _her2st_report import dump_json, fmt_time, load, machine, report, target_ch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("DKAN_DATA_DIR", ROOT.parent / "shared" / "data"))
-ALL_ABLATIONS = ("no_text", "no_contrastive", "no_multiscale", "fixed_weights", "no_distill", "gene_tokens")
+ALL_ABLATIONS = (
+    "no_text",
+    "shuffled_text",
+    "no_contrastive",
+    "no_multiscale",
+    "fixed_weights",
+    "no_distill",
+    "gene_tokens",
+)
 OFFLINE = {"feature_encoder": "efficientnet_lite0", "patch_encoder": "efficientnet_lite0", "text_encoder": "minilm"}
 log = logging.getLogger("dkan.bench")
 
@@ -315,6 +323,15 @@ def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
     sdata = dkan.datasets.her2st(task["her2st"])
     inject(get_table(sdata, None)[1], ad.read_h5ad(task["table"]), source=str(task["table"]))
     t0 = time.perf_counter()
+    if task["name"] == "shuffled_text":  # same model, embeddings permuted across the panel's genes
+        from dkan import _keys as K
+        from dkan.tl._evaluation.cv import shuffle_gene_text
+
+        table = get_table(sdata, None)[1]
+        panel = np.flatnonzero(table.var[K.PANEL].to_numpy(bool))
+        emb = np.asarray(table.varm[K.GENE_EMBEDDING])
+        emb[panel] = shuffle_gene_text(emb[panel])
+        table.varm[K.GENE_EMBEDDING] = emb
     res = dkan.tl.cross_validate(
         sdata,
         groupby="sample",

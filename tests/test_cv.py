@@ -46,3 +46,28 @@ def test_cross_validate_toy(toy_master):
 def test_cross_validate_rejects_unknown_ablation(toy):
     with pytest.raises(ValueError, match="Unknown ablations"):
         dkan.tl.cross_validate(toy, ablations=("nope",))
+
+
+def test_shuffled_text_control_gives_every_gene_another_genes_text():
+    from dkan.tl._evaluation.cv import shuffle_gene_text
+
+    emb = np.arange(20, dtype=np.float32).reshape(10, 2)
+    for seed in range(20):
+        out = shuffle_gene_text(emb, seed=seed)
+        assert sorted(map(tuple, out.tolist())) == sorted(map(tuple, emb.tolist()))  # same rows
+        assert not (out == emb).all(axis=1).any()  # none in its own place
+
+
+def test_cross_validate_runs_the_shuffled_text_control(toy_master):
+    res = dkan.tl.cross_validate(
+        copy_sdata(toy_master),
+        groupby="sample",
+        config="small",
+        ablations=("shuffled_text",),
+        baselines=(),
+        progress=False,
+        max_epochs=1,
+        feature_encoder="dummy",
+    )
+    assert set(res.predictions) == {"DKAN", "shuffled_text"}
+    assert not np.allclose(res.predictions["DKAN"], res.predictions["shuffled_text"])

@@ -30,7 +30,25 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "fixed_weights": {"adaptive_weights": False},
     "no_distill": {"use_distill": False},
     "gene_tokens": {"gene_attend_tokens": True},
+    "shuffled_text": {},  # same model, gene embeddings permuted across genes (see shuffle_gene_text)
 }
+
+
+def shuffle_gene_text(emb: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Gene embeddings with rows permuted across genes (a derangement): text of the wrong genes, same statistics.
+
+    The control that isolates what the text *content* is worth, as opposed to ``no_text`` (a learned per-gene
+    table, i.e. per-gene capacity without text).
+    """
+    n = len(emb)
+    if n < 2:
+        return emb.copy()
+    order = np.random.default_rng(seed).permutation(n)
+    source = np.empty(n, dtype=np.int64)
+    source[order] = np.roll(order, -1)  # one random n-cycle: no gene keeps its own text
+    return emb[source]
+
+
 BASELINES = ("mean", "ridge")
 
 
@@ -104,7 +122,8 @@ def cross_validate(
         features).
     ablations
         Any of ``"no_text"``, ``"no_contrastive"``, ``"no_multiscale"``, ``"fixed_weights"``, ``"no_distill"``,
-        ``"gene_tokens"`` (gene queries attend over patch and region tokens).
+        ``"gene_tokens"`` (gene queries attend over patch and region tokens), ``"shuffled_text"`` (gene
+        embeddings permuted across genes: the text-content control).
     seed
         Seed of the fold assignment (``n_folds``) and of the ridge PCA.
     table_key, image_key, descriptions, device, progress
@@ -150,7 +169,8 @@ def cross_validate(
             "Fold %d/%d: test %s (%d samples), train %d samples.", f + 1, len(folds), test_groups, len(test), len(train)
         )
         for name, mcfg in methods.items():
-            out, hist = _dkan_fold(samples, train, test, emb, mcfg, dev, reader, progress)
+            memb = shuffle_gene_text(emb, seed) if name == "shuffled_text" else emb
+            out, hist = _dkan_fold(samples, train, test, memb, mcfg, dev, reader, progress)
             histories[name].append(hist)
             for i, p in zip(test, out, strict=True):
                 preds[name][offsets[i] : offsets[i + 1]] = p
