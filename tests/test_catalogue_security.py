@@ -362,3 +362,47 @@ def test_killed_first_save_leaves_nothing_and_is_cleaned_up(tmp_path, model):
     model.save(path)
     assert not stale.exists()
     assert DKANModel.load(path).genes == GENES
+
+
+_CHECKPOINTER = textwrap.dedent(
+    """
+    from pathlib import Path
+    from types import SimpleNamespace
+    import torch
+    from dkan.train._checkpoint import save_checkpoint
+    module = torch.nn.Linear(256, 256)
+    opt = torch.optim.Adam(module.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, 10)
+    result = SimpleNamespace(history=[], best_state=None, best_epoch=-1, best_score=float("nan"))
+    path = Path({path!r})
+    save_checkpoint(path, module, opt, sched, result, 0, 0, {{"run": 1}})
+    print("ready", flush=True)
+    epoch = 1
+    while True:
+        save_checkpoint(path, module, opt, sched, result, epoch, 0, {{"run": 1}})
+        epoch += 1
+    """
+)
+
+
+def test_checkpoint_write_killed_at_random_points_leaves_a_readable_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHECKPOINTER.format(path=str(path))], stdout=subprocess.PIPE, env=env
+    )
+    epochs = []
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        rng = np.random.default_rng(1)
+        for _ in range(12):
+            time.sleep(float(rng.uniform(0.0, 0.05)))
+            proc.send_signal(signal.SIGSTOP)  # what a resume would read if the writer died right now
+            epochs.append(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+            proc.send_signal(signal.SIGCONT)
+    finally:
+        proc.kill()
+        proc.wait()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["epoch"] >= max(epochs) and epochs == sorted(epochs)
+    assert state["module"]["weight"].shape == (256, 256)
