@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import matplotlib
 
@@ -142,7 +143,7 @@ def test_errors(pred_toy):
 
 
 def test_spatialdata_plot_renders_the_pred_layer(pred_toy):
-    import spatialdata_plot  # noqa: F401  (registers the .pl accessor)
+    pytest.importorskip("spatialdata_plot", reason="spatialdata-plot is the optional extra `dkan[plot]`")
 
     _, ax = plt.subplots()
     pred_toy.pl.render_images("s0_image").pl.render_shapes(
@@ -159,7 +160,8 @@ def test_spatialdata_plot_renders_the_pred_layer(pred_toy):
 
 
 def test_squidpy_spatial_scatter_on_legacy_anndata(pred_toy, tmp_path):
-    import squidpy as sq
+    sq = pytest.importorskip("squidpy", reason="squidpy is the optional extra `dkan[svg]`")
+    pytest.importorskip("spatialdata_io", reason="spatialdata-io is the optional extra `dkan[io]`")
     from spatialdata_io.experimental import to_legacy_anndata
 
     legacy = to_legacy_anndata(pred_toy, coordinate_system="s0", table_name=K.TABLE, include_images=True)
@@ -191,3 +193,33 @@ def test_colour_scale_per_panel(pred_toy):
     assert len(shared.axes) == 3
     with pytest.raises(ValueError, match="`scale='row'`"):
         spatial_pred(pred_toy, GENE, scale="row")
+
+
+def test_same_colours_as_spatialdata_plot(pred_toy):
+    """Issue 15: dkan's panels colour each spot as spatialdata-plot does with the same layer, cmap and norm."""
+    pytest.importorskip("spatialdata_plot", reason="spatialdata-plot is the optional extra `dkan[plot]`")
+    fig = spatial_pred(pred_toy, GENE, return_fig=True)
+    fig.canvas.draw()
+    ids = pred_toy.tables[K.TABLE].obs[K.INSTANCE].to_numpy()[_rows(pred_toy, "s0")]
+    to_table_order = pd.Index(pred_toy.shapes["s0_spots"].index).get_indexer(ids)
+    for panel, layer in zip(_panels(fig), (K.TARGET, K.PRED), strict=True):
+        ours = _spots(panel)
+        _, ax = plt.subplots()
+        pred_toy.pl.render_images("s0_image").pl.render_shapes(
+            "s0_spots", color=GENE, table_name=K.TABLE, table_layer=layer, cmap="viridis", norm=ours.norm
+        ).pl.show(coordinate_systems="s0", ax=ax, colorbar=False)
+        (theirs,) = ax.collections
+        assert (theirs.norm.vmin, theirs.norm.vmax) == (ours.norm.vmin, ours.norm.vmax)
+        np.testing.assert_allclose(theirs.get_facecolors()[to_table_order], ours.get_facecolors(), atol=1e-6)
+
+
+def test_drawn_without_spatialdata_plot(pred_toy, monkeypatch):
+    """Issue 15: ``spatial_pred`` draws with matplotlib alone; the optional extra `dkan[plot]` is not needed."""
+    monkeypatch.setitem(sys.modules, "spatialdata_plot", None)  # any import of it now raises ImportError
+    fig = spatial_pred(pred_toy, GENE, sample=["s0", "s1"], show_std=False, return_fig=True)
+    assert [a.get_title().split("\n")[0] for a in _panels(fig)] == [
+        f"{s}: {GENE} {kind}" for s in ("s0", "s1") for kind in ("observed", "predicted")
+    ]
+    both = np.r_[[_values(pred_toy, layer, s) for s in ("s0", "s1") for layer in (K.TARGET, K.PRED)]]
+    for a in _panels(fig):
+        assert (_spots(a).norm.vmin, _spots(a).norm.vmax) == (pytest.approx(both.min()), pytest.approx(both.max()))
