@@ -116,8 +116,8 @@ def spatial_pred(
     about 1000 pixels across the spots' window), so the optional extra ``dkan[plot]`` is not needed. Each spot gets
     the same colour as spatialdata-plot gives it with
     ``sdata.pl.render_shapes(spots_key, color=gene, table_name=..., table_layer=..., cmap=cmap, norm=norm)``;
-    spatialdata-plot is not used here: rendering the image through it made the figure 5-6 times slower on the toy
-    slides (measured in the table of maintained libraries of the method page).
+    spatialdata-plot is not used here: rendering the panels through it made the figure 2-8 times slower on the
+    toy slides (measured in the table of maintained libraries of the method page).
     """
     if scale not in ("shared", "panel"):
         raise ValueError(f"`scale={scale!r}` must be 'shared' (one colour scale) or 'panel' (one per panel).")
