@@ -203,3 +203,37 @@ def test_pp_on_visium():
     assert target.shape == (100, 10) and np.isfinite(target).all() and (target >= 0).all()
     res = dkan.pp.select_genes(sd, n_genes=5, min_fraction=0.05, flavor="svg", inplace=False)
     assert res[K.PANEL].sum() == 5
+
+
+def _non_canonical_counts(seed: int = 0):
+    """An int CSR whose column indices are unsorted within rows, as concatenated tables often are."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    dense = rng.poisson(2.0, size=(30, 12)).astype(np.int32)
+    coo = sp.coo_matrix(dense)
+    order = rng.permutation(coo.nnz)
+    x = sp.csr_matrix((coo.data[order], (coo.row[order], coo.col[order])), shape=dense.shape)
+    x = sp.csr_matrix((x.data, x.indices, x.indptr), shape=dense.shape)  # keep the unsorted layout
+    if x.has_sorted_indices:  # scipy sorted it while building: scramble the row contents ourselves
+        for r in range(dense.shape[0]):
+            a, b = x.indptr[r], x.indptr[r + 1]
+            p = rng.permutation(b - a)
+            x.indices[a:b], x.data[a:b] = x.indices[a:b][p], x.data[a:b][p]
+        x.has_sorted_indices = False
+    return x, dense
+
+
+def test_select_and_normalize_never_change_non_canonical_counts():
+    import anndata as ad
+
+    x, dense = _non_canonical_counts()
+    assert not x.has_sorted_indices
+    adata = ad.AnnData(x, obs=pd.DataFrame(index=[f"s{i}" for i in range(30)]))
+    adata.var_names = [f"G{i}" for i in range(12)]
+    dkan.pp.select_genes(adata, n_genes=5, min_fraction=0.0)
+    dkan.pp.normalize(adata, smooth=False)
+    np.testing.assert_array_equal(adata.X.toarray(), dense)  # the user's counts are untouched
+    lib = dense[:, adata.var[K.PANEL].to_numpy()].sum(1, keepdims=True)
+    expect = np.log10(1 + 1e4 * dense[:, adata.var[K.PANEL].to_numpy()] / lib)
+    np.testing.assert_allclose(adata.layers[K.TARGET][:, adata.var[K.PANEL].to_numpy()], expect, rtol=1e-5)

@@ -179,8 +179,8 @@ def _summed_table(
     assign = sparse.csr_matrix(
         (np.ones(len(member), dtype=np.float32), (member, np.arange(len(member)))), shape=(n_blocks, len(member))
     )
-    x = sparse.csr_matrix(bins.X)
-    summed = (assign @ x.astype(np.float64))[keep]
+    x = sparse.csr_matrix(bins.X, dtype=np.float64, copy=True)  # never share arrays with the user's table
+    summed = (assign @ x)[keep]
     if np.issubdtype(x.dtype, np.integer) or np.array_equal(x.data, np.round(x.data)):
         summed = summed.astype(np.int32)
     n = int(keep.sum())

@@ -35,11 +35,15 @@ def _as_table(data: SpatialData | AnnData, table_key: str | None) -> AnnData:
 
 
 def _counts(adata: AnnData, layer: str | None) -> sparse.csr_matrix:
-    """Counts matrix (``X`` or ``layers[layer]``) as CSR float64; raises on negative values."""
+    """A canonical float64 CSR copy of the counts (``X`` or ``layers[layer]``); raises on negative values."""
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"`layer={layer!r}` not found; available layers: {sorted(adata.layers)}.")
     x = adata.X if layer is None else adata.layers[layer]
-    x = sparse.csr_matrix(x, dtype=np.float64)
+    # A copy of every array, then canonical (sorted, summed duplicates). Without copy=True scipy shares the
+    # index arrays of an int CSR with the float copy, and the in-place sort that many operations trigger on a
+    # non-canonical matrix (as concatenated tables often are) would scramble the user's counts.
+    x = sparse.csr_matrix(x, dtype=np.float64, copy=True)
+    x.sum_duplicates()
     if x.nnz and (x.data < 0).any():
         where = "X" if layer is None else f"layers[{layer!r}]"
         raise ValueError(f"`{where}` has negative values; dkan needs raw counts there. Pass `layer=` with counts.")
