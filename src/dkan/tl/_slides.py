@@ -138,8 +138,8 @@ def predict_slide(
         whole slide is tens of GB; the store records the slide's path, see :func:`dkan.io.add_slide_image`).
     shared_tiles
         Region features from shared grid tiles (``extract_features(shared_tiles=True)``): encoder passes grow
-        with the tissue area instead of 26 per spot; the model was trained on spot-centred tiles, and the effect
-        on accuracy is not measured yet.
+        with the tissue area instead of 26 per spot; the model was trained on spot-centred tiles; on the her2st
+        benchmark this cost about 0.016 PCC (docs: benchmarks).
     progress
         Show progress bars for features and prediction.
 
