@@ -174,24 +174,17 @@ def gene_embeddings(
             return emb, dict(rec)
     if first.n_vars <= MAX_VARM_GENES:
         logger.info("Embedding gene descriptions with %r (`dkan.tl.embed_genes`).", text_encoder)
-        dkan.tl.embed_genes(
-            first,
-            descriptions=descriptions,
-            text_encoder=text_encoder,
-            describe_kwargs=describe_kwargs,
-            progress=progress,
-        )
         target = first
     else:
         target = ad.AnnData(var=pd.DataFrame(index=list(genes)))
         logger.info("Embedding the %d panel genes only (the table has %d genes).", len(genes), first.n_vars)
-        dkan.tl.embed_genes(
-            target,
-            descriptions=descriptions,
-            text_encoder=text_encoder,
-            describe_kwargs=describe_kwargs,
-            progress=progress,
-        )
+    dkan.tl.embed_genes(
+        target,
+        descriptions=descriptions,
+        text_encoder=text_encoder,
+        describe_kwargs=describe_kwargs,
+        progress=progress,
+    )
     emb = np.asarray(target[:, genes].varm[K.GENE_EMBEDDING], dtype=np.float32)
     return emb, dict(uns_get(target, K.UNS_GENE_EMBEDDING))
 
