@@ -237,3 +237,23 @@ def test_select_and_normalize_never_change_non_canonical_counts():
     lib = dense[:, adata.var[K.PANEL].to_numpy()].sum(1, keepdims=True)
     expect = np.log10(1 + 1e4 * dense[:, adata.var[K.PANEL].to_numpy()] / lib)
     np.testing.assert_allclose(adata.layers[K.TARGET][:, adata.var[K.PANEL].to_numpy()], expect, rtol=1e-5)
+
+
+def test_select_svg_uses_squidpy_knn_without_deprecation(toy):
+    """select_genes(flavor="svg") calls `spatial_neighbors_knn`, not the deprecated `spatial_neighbors`, and the
+    graph (hence the Moran's I ranking) is the one the old `coord_type="generic", n_neighs=6` call built."""
+    import warnings
+
+    sq = pytest.importorskip("squidpy", reason="squidpy is the optional extra `dkan[svg]`")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        res = dkan.pp.select_genes(toy, n_genes=8, flavor="svg", inplace=False)
+    assert res[K.PANEL].sum() == 8
+    if not hasattr(sq.gr, "spatial_neighbors"):  # removed in squidpy 1.9: nothing left to compare with
+        return
+    tab = toy.tables[K.TABLE]
+    new = sq.gr.spatial_neighbors_knn(tab, spatial_key="spatial", n_neighs=6, copy=True)
+    with pytest.warns(FutureWarning, match="deprecated"):
+        old = sq.gr.spatial_neighbors(tab, spatial_key="spatial", coord_type="generic", n_neighs=6, copy=True)
+    for a, b in zip(new, old, strict=True):
+        assert (a != b).nnz == 0

@@ -279,7 +279,9 @@ def _rank_svg(adata: AnnData, x: sparse.csr_matrix, idx: np.ndarray) -> tuple[np
             rc = adata.obs.loc[labels == lab, [K.ARRAY_ROW, K.ARRAY_COL]].to_numpy()
             grid = detect_grid(rc)
         n_neighs = min(8 if grid == "square" else 6, sub.n_obs - 1)
-        sq.gr.spatial_neighbors(sub, spatial_key="spatial", coord_type="generic", n_neighs=n_neighs)
+        # k nearest neighbours in Euclidean space; the same graph as the deprecated
+        # `spatial_neighbors(coord_type="generic", n_neighs=...)` (squidpy >= 1.8.2, the `svg` extra's floor)
+        sq.gr.spatial_neighbors_knn(sub, spatial_key="spatial", n_neighs=n_neighs)
         df = sq.gr.spatial_autocorr(sub, mode="moran", n_perms=None, copy=True, show_progress_bar=False)
         scores.append(df["I"].reindex(sub.var_names).to_numpy(dtype=float))
     if not scores:
