@@ -272,11 +272,22 @@ def _http_error(body: str):
 ECHO = f'{{"error": "invalid key {KEY}", "api_key={KEY}", "Authorization: Bearer {KEY}"}}'
 
 
+class _Refusing:
+    """A chat client whose requests fail the way the `openai` client reports an HTTP 401 (the body quoted)."""
+
+    def __init__(self) -> None:
+        self.chat = self
+        self.completions = self
+
+    def create(self, **kw):
+        raise RuntimeError(f"Error code: HTTP 401 - {ECHO}")
+
+
 @pytest.mark.parametrize(
     "call",
     [
         lambda: _ncbi(api_key=KEY, max_retries=0).search("ERBB2"),
-        lambda: _llm(api_key=KEY, max_retries=0).condense("ERBB2"),
+        lambda: _llm(api_key=KEY, max_retries=0, client=_Refusing()).condense("ERBB2"),
     ],
     ids=["ncbi", "llm"],
 )

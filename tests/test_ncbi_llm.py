@@ -1,19 +1,22 @@
-"""NCBI E-utilities and LLM clients against a loopback HTTP server that answers in the services' formats."""
+"""NCBI E-utilities client against a loopback HTTP server that answers in NCBI's formats; the LLM client with a fake
+``openai`` client (and, when the `llm` extra is installed, the real one against the loopback server)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+import sys
 import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 
 from dkan.tl._genes.describe import describe_genes
-from dkan.tl._genes.llm import LLMClient, parse_reply
+from dkan.tl._genes.llm import LLMClient, _content, parse_reply
 from dkan.tl._genes.ncbi import NCBIClient, ServiceError
 
 # esummary records in NCBI's JSON layout (fields trimmed to those a client reads, plus a few others)
@@ -280,38 +283,55 @@ def test_describe_genes_ncbi_source(server, tmp_path, caplog):
 # ---------------------------------------------------------------------------------------------- LLM
 
 
-def _llm(server: FakeService, tmp_path, **kw) -> LLMClient:
-    opts = {"base_url": server.url + "/v1", "model": "test-model", "cache_dir": tmp_path, "backoff": 0.01} | kw
-    return LLMClient(**opts)
+class FakeChat:
+    """Stands in for ``openai.OpenAI``: ``chat.completions.create(**kw)`` records ``kw`` and answers like the API."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.calls: list[dict] = []
+        self.error = error
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._create))
+
+    def _create(self, **kw):
+        self.calls.append(kw)
+        if self.error is not None:
+            raise self.error
+        symbol = kw["messages"][-1]["content"].split("Describe the human gene ", 1)[1].split(":", 1)[0]
+        message = SimpleNamespace(role="assistant", content=LLM_REPLIES.get(symbol, json.dumps(GOOD)))
+        return SimpleNamespace(choices=[SimpleNamespace(index=0, message=message, finish_reason="stop")])
+
+
+def _llm(tmp_path, **kw) -> LLMClient:
+    opts = {"base_url": "http://127.0.0.1:9/v1", "model": "test-model", "cache_dir": tmp_path, "client": FakeChat()}
+    return LLMClient(**(opts | kw))
 
 
 def test_llm_prompt_structure(tmp_path):
-    client = LLMClient(base_url="http://127.0.0.1:9/v1", model="m", cache_dir=tmp_path, disease="breast cancer")
+    client = _llm(tmp_path, model="m", disease="breast cancer")
     system, user = client.messages("ERBB2", summary="Encodes a receptor.", full_name="erb-b2", map_location="17q12")
     assert system["role"] == "system" and "molecular biology" in system["content"]
     text = user["content"]
     for needle in ("ERBB2", "breast cancer", "Encodes a receptor.", "17q12", "erb-b2", '"functionality"', "90 words"):
         assert needle in text
-    assert "in human biology" in LLMClient(base_url="http://x/v1", cache_dir=tmp_path).messages("A")[1]["content"]
+    assert "in human biology" in _llm(tmp_path).messages("A")[1]["content"]
 
 
-def test_llm_condense_valid_fenced_and_cached(server, tmp_path, monkeypatch):
-    monkeypatch.setenv("DKAN_LLM_API_KEY", "k-123")
-    client = _llm(server, tmp_path)
+def test_llm_condense_valid_fenced_and_cached(tmp_path):
+    client = _llm(tmp_path)
     assert client.condense("ERBB2", summary="x") == GOOD
     fenced = client.condense("KRT5", summary="y")
     assert fenced == {"functionality": "intermediate filament, epidermis", "phenotype": "epidermolysis bullosa"}
-    path, body = server.requests[0]
-    assert path == "/v1/chat/completions" and body["model"] == "test-model" and body["temperature"] == 0.0
-    assert body["authorization"] == "Bearer k-123"
-    n = len(server.requests)
-    again = _llm(server, tmp_path)
-    assert again.condense("ERBB2", summary="x") == GOOD and again.n_requests == 0 and len(server.requests) == n
+    call = client.client.calls[0]
+    assert call["model"] == "test-model" and call["temperature"] == 0.0 and call["max_tokens"] == 500
+    assert [m["role"] for m in call["messages"]] == ["system", "user"] and "x" in call["messages"][1]["content"]
+    again = _llm(tmp_path)
+    assert again.condense("ERBB2", summary="x") == GOOD and again.n_requests == 0 and again.client.calls == []
+    other = _llm(tmp_path, model="other-model")  # another model or prompt is another cache entry
+    assert other.condense("ERBB2", summary="x") == GOOD and other.n_requests == 1
 
 
 @pytest.mark.parametrize("symbol", ["LINC00115", "LONG", "NOKEY"])
-def test_llm_malformed_reply_is_rejected(server, tmp_path, symbol):
-    client = _llm(server, tmp_path)
+def test_llm_malformed_reply_is_rejected(tmp_path, symbol):
+    client = _llm(tmp_path)
     assert client.condense(symbol) is None
     assert client.n_malformed == 1
     client.condense(symbol)  # malformed answers are not cached
@@ -319,10 +339,12 @@ def test_llm_malformed_reply_is_rejected(server, tmp_path, symbol):
 
 
 def test_parse_reply_rules():
-    ok = {"choices": [{"message": {"content": '{"functionality": "a, b.", "phenotype": ["c", "d"]}'}}]}
+    ok = '{"functionality": "a, b.", "phenotype": ["c", "d"]}'
     assert parse_reply(ok) == ({"functionality": "a, b", "phenotype": "c, d"}, "")
-    assert parse_reply({"choices": []})[0] is None
+    assert parse_reply(None)[0] is None
     assert "words" in parse_reply(ok, max_words=3)[1]
+    assert _content(SimpleNamespace(choices=[])) is None  # an answer without choices is malformed, not a crash
+    assert LLMClient(client=FakeChat(), base_url="http://x/v1").condense("A") == GOOD
 
 
 def test_llm_needs_key_for_default_endpoint(tmp_path, monkeypatch):
@@ -332,20 +354,82 @@ def test_llm_needs_key_for_default_endpoint(tmp_path, monkeypatch):
         LLMClient(cache_dir=tmp_path)
 
 
-def test_llm_env_settings(server, tmp_path, monkeypatch):
-    monkeypatch.delenv("DKAN_LLM_BASE_URL", raising=False)
-    monkeypatch.delenv("DKAN_LLM_MODEL", raising=False)
-    monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/v1/")
+def _fake_openai_module(monkeypatch) -> list[dict]:
+    built: list[dict] = []
+
+    def constructor(**kw):
+        built.append(kw)
+        return FakeChat()
+
+    monkeypatch.setitem(sys.modules, "openai", SimpleNamespace(OpenAI=constructor))
+    return built
+
+
+def test_llm_builds_the_openai_client_from_settings(tmp_path, monkeypatch):
+    for var in ("DKAN_LLM_BASE_URL", "DKAN_LLM_MODEL", "DKAN_LLM_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1/")
     monkeypatch.setenv("OPENAI_MODEL", "env-model")
-    client = LLMClient(cache_dir=tmp_path, backoff=0.01)
-    assert client.base_url == server.url + "/v1" and client.model == "env-model"
-    server.failures = [("status", 429)]
-    assert client.condense("ERBB2") == GOOD and client.n_requests == 2
+    built = _fake_openai_module(monkeypatch)
+    client = LLMClient(cache_dir=tmp_path, timeout=7.0, max_retries=2)
+    assert client.base_url == "http://127.0.0.1:9/v1" and client.model == "env-model"
+    # a keyless local server: the client still needs a key string, so dkan sends a placeholder
+    assert built == [{"base_url": "http://127.0.0.1:9/v1", "api_key": "none", "timeout": 7.0, "max_retries": 2}]
+    LLMClient(cache_dir=tmp_path, api_key="k-123")
+    assert built[-1]["api_key"] == "k-123"
+    assert client.condense("ERBB2") == GOOD and client.client.calls[0]["model"] == "env-model"
 
 
-def test_describe_genes_with_llm_and_fallback(server, tmp_path, caplog):
+def test_llm_without_openai_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # `import openai` fails as when it is not installed
+    with pytest.raises(ImportError, match=r"pip install 'dkan\[llm\]'"):
+        LLMClient(base_url="http://127.0.0.1:9/v1", cache_dir=tmp_path)
+    with pytest.raises(ImportError, match=r"dkan\[llm\]"):
+        describe_genes(["ERBB2"], source={"ERBB2": "x"}, llm={"base_url": "http://x/v1"}, cache_dir=tmp_path)
+    # no LLM asked for: no openai needed
+    assert describe_genes(["ERBB2"], source={"ERBB2": "x"}, cache_dir=tmp_path)["source"].tolist() == ["summary"]
+
+
+def test_llm_client_error_becomes_service_error_without_the_key(tmp_path):
+    key = "sk-SECRET0123456789abcdef"
+    failing = FakeChat(error=RuntimeError(f"Error code: 401 - {{'error': 'invalid key {key}'}}"))
+    client = _llm(tmp_path, api_key=key, client=failing)
+    with pytest.raises(ServiceError, match=re.escape("LLM request to http://127.0.0.1:9/v1 failed")) as info:
+        client.condense("ERBB2")
+    assert key not in str(info.value) and "***" in str(info.value) and "401" in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_llm_rate_paces_requests(tmp_path):
+    client = _llm(tmp_path, rate=20.0)
+    t0 = time.monotonic()
+    for symbol in ("A", "B", "C"):
+        client.condense(symbol)
+    assert time.monotonic() - t0 >= 2 * 0.05 * 0.9
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, True, "5"])
+def test_llm_rate_refused(tmp_path, bad):
+    with pytest.raises(ValueError, match="`rate` must be a positive number"):
+        _llm(tmp_path, rate=bad)
+
+
+def test_llm_real_openai_client_against_loopback_server(server, tmp_path):
+    """End to end through the real ``openai`` client (skipped without the `llm` extra)."""
+    pytest.importorskip("openai", reason="the `openai` client is the optional extra `dkan[llm]`")
+    client = LLMClient(base_url=server.url + "/v1", model="m", api_key="k-123", cache_dir=tmp_path, max_retries=2)
+    server.failures = [("status", 429)]  # retried by the client
+    assert client.condense("ERBB2", summary="x") == GOOD and client.n_requests == 1
+    path, body = server.requests[-1]
+    assert len(server.requests) == 2 and path == "/v1/chat/completions"
+    assert body["model"] == "m" and body["temperature"] == 0.0 and body["authorization"] == "Bearer k-123"
+    assert client.condense("NOKEY") is None and client.n_malformed == 1
+
+
+def test_describe_genes_with_llm_and_fallback(tmp_path, caplog):
     table = {"ERBB2": "Receptor tyrosine kinase.", "KRT5": "Type II keratin.", "LINC00115": "A lncRNA."}
-    llm = {"base_url": server.url + "/v1", "model": "m", "disease": "breast cancer", "backoff": 0.01}
+    fake = FakeChat()
+    llm = {"base_url": "http://127.0.0.1:9/v1", "model": "m", "disease": "breast cancer", "client": fake}
     with caplog.at_level(logging.WARNING, logger="dkan"):
         df = describe_genes(list(table), source=table, llm=llm, cache_dir=tmp_path)
     assert df["source"].tolist() == ["llm", "llm", "summary"]
@@ -355,5 +439,5 @@ def test_describe_genes_with_llm_and_fallback(server, tmp_path, caplog):
     )
     assert df.loc["LINC00115", "text"] == "A lncRNA."  # malformed reply -> un-condensed text
     assert "1 of 3 genes were malformed" in caplog.text
-    prompt = server.requests[0][1]["messages"][-1]["content"]
+    prompt = fake.calls[0]["messages"][-1]["content"]
     assert "Receptor tyrosine kinase." in prompt and "breast cancer" in prompt

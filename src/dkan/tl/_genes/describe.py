@@ -55,8 +55,9 @@ def describe_genes(
         Options of :class:`~dkan.tl._genes.ncbi.NCBIClient` (``base_url``, ``api_key``, ``email``, ``organism``, ...).
     llm
         ``True`` or options of :class:`~dkan.tl._genes.llm.LLMClient` (``base_url``, ``model``, ``api_key``,
-        ``disease``, ...) to condense every description into functionality and phenotype keywords, as in the
-        paper. Genes whose reply is malformed keep their un-condensed text (counted and logged).
+        ``disease``, ``client``, ...) to condense every description into functionality and phenotype keywords, as
+        in the paper, through the ``openai`` client (``pip install 'dkan[llm]'``; any OpenAI-compatible server).
+        Genes whose reply is malformed keep their un-condensed text (counted and logged).
 
     Returns
     -------
