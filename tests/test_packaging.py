@@ -17,7 +17,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 #: import name -> distribution name where they differ
 _DIST = {"PIL": "pillow", "sklearn": "scikit-learn", "skimage": "scikit-image", "yaml": "pyyaml"}
 #: imports inside a try/except ImportError that raise a message naming the extra
-_OPTIONAL = {"squidpy": "svg"}
+_OPTIONAL = {"squidpy": "svg", "openai": "llm"}
 
 
 def _requirement_names(reqs: list[str]) -> set[str]:
@@ -114,3 +114,28 @@ def test_update_in_place_needs_no_private_spatialdata_api(tmp_path, monkeypatch)
     sdata.tables[K.TABLE].layers["extra"] = np.ones(sdata.tables[K.TABLE].shape, np.float32)
     update_in_place(sdata, K.TABLE)
     assert "extra" in read_zarr(tmp_path / "toy.zarr").tables[K.TABLE].layers
+
+
+def test_floor_constraints_pin_every_core_dependency_at_its_floor():
+    """.ci/constraints-min.txt (used by .ci/check-floors) follows pyproject's floors."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pins = {}
+    for line in (ROOT / ".ci" / "constraints-min.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            pins[req.name.lower()] = Version(next(iter(req.specifier)).version)
+
+    def padded(v: Version) -> tuple[int, ...]:
+        return (*v.release, 0, 0, 0)[:3]
+
+    for dep in PYPROJECT["project"]["dependencies"]:
+        req = Requirement(dep)
+        if req.name in ("torch", "torchvision"):  # local CPU wheels, pinned in .ci/constraints.txt
+            continue
+        floor = Version(next(s.version for s in req.specifier if s.operator == ">="))
+        assert req.name.lower() in pins, f"{req.name} has no pin in .ci/constraints-min.txt"
+        assert padded(pins[req.name.lower()]) == padded(floor), (
+            f"{req.name}: pin {pins[req.name.lower()]}, floor {floor}"
+        )
