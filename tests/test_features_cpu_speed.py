@@ -34,3 +34,21 @@ def test_scatter_equals_the_dense_assignment():
     got = np.zeros((80, g2, d), np.float32)
     _scatter(got, obs_idx, valid, feats, inverse)
     np.testing.assert_array_equal(got, want)
+
+
+def test_model_inputs_share_the_whole_slide_features_instead_of_copying_them():
+    import dkan
+    from dkan import _keys as K
+    from dkan.tl._train import _take_rows, build_inputs
+    from dkan.train.config import DKANConfig
+
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    assert np.shares_memory(_take_rows(x, np.arange(6), np.float32), x)
+    np.testing.assert_array_equal(_take_rows(x, np.array([4, 1]), np.float32), x[[4, 1]])
+    sdata = dkan.datasets.toy(n_samples=1, grid_size=4, seed=0)
+    dkan.tl.extract_features(sdata, "dummy", progress=False)
+    adata = sdata.tables[K.TABLE]
+    (inputs,), _ = build_inputs(
+        [sdata], [adata], list(adata.var_names[:5]), DKANConfig(), table_key=None, with_target=False
+    )
+    assert np.shares_memory(inputs.region.numpy(), adata.obsm[K.REGION_FEATURES])  # (n, 25, D) held once
