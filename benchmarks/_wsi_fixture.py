@@ -1,7 +1,8 @@
 """A fast writer of the benchmark's scanner-sized synthetic slide (pyramidal, tiled, JPEG-compressed TIFF).
 
-:func:`dkan.datasets.synthetic_wsi` renders and JPEG-encodes every tile of every level (about 30 minutes for
-80,000 x 60,000 px on 2 cores). Here the same kind of slide is written from a few tiles encoded once:
+:func:`dkan.datasets.synthetic_wsi` renders and JPEG-encodes every tile of every level (estimated at about
+30 minutes for 80,000 x 60,000 px on 2 cores, from its small-slide time). Here the same kind of slide is
+written from a few tiles encoded once:
 
 - ``n_variants`` textured tissue tiles (eosin with nuclei-like dots and noise) and one glass tile are rendered
   and JPEG-encoded once, exactly as tifffile would encode them (YCbCr, 2x2 subsampling);
