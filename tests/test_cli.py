@@ -52,7 +52,7 @@ def test_parse_overrides():
     ("command", "options"),
     [
         ("train", ["--out", "--config", "--set", "--descriptions", "--checkpoint", "--resume", "--overwrite"]),
-        ("predict", ["--model", "--out", "--in-place", "--key-added", "--batch-size", "--overwrite"]),
+        ("predict", ["--model", "--out", "--in-place", "--key-added", "--batch-size", "--shared-tiles", "--overwrite"]),
     ],
 )
 def test_help_explains_every_option(command, options, capsys):

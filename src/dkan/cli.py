@@ -162,6 +162,14 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("--key-added", default=K.PRED, help=f"layers key of the predictions (default {K.PRED!r}).")
     p.add_argument("--batch-size", type=int, default=256, help="Spots per forward pass (default 256).")
     p.add_argument(
+        "--shared-tiles",
+        action="store_true",
+        help="Compute region features once per tile of a slide-aligned grid and share them between neighbouring "
+        "spots (dkan.tl.extract_features(shared_tiles=True)): encoder passes grow with the tissue area instead of "
+        "26 per spot, much faster on whole slides. A departure from the reference (spot-centred region tiles) "
+        "that lowered PCC-ALL by about 0.016 on the her2st benchmark; recorded in the features' provenance.",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="Replace existing predictions under --key-added, and an existing store at --out.",
@@ -288,6 +296,8 @@ def _predict(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
     sdata = read_slide(args.store, um_per_px=args.um_per_px)
     before = {name: id(el) for _, name, el in sdata.gen_elements()}
+    if args.shared_tiles:
+        _shared_tile_features(sdata, model, args)
     tkey = dkan.tl.predict(
         sdata,
         model,
@@ -310,6 +320,24 @@ def _predict(args: argparse.Namespace) -> int:
         update_in_place(sdata, tkey, added=[n for n in changed if n != tkey])
         logger.info("Updated table `%s` (layer %r) in %s", tkey, args.key_added, store)
     return 0
+
+
+def _shared_tile_features(sdata: SpatialData, model: Any, args: argparse.Namespace) -> None:
+    """``--shared-tiles``: pseudo-spots if needed, the model's tiles, then shared-tile features (predict keeps them)."""
+    import dkan
+    from dkan.tl import _prepare as prep
+
+    if args.table_key is None and not len(sdata.tables):
+        dkan.tl.make_spots(sdata, image_key=args.image_key, um_per_px=args.um_per_px)
+    prep.ensure_tiles(sdata, model.config, table_key=args.table_key, image_key=args.image_key)
+    dkan.tl.extract_features(
+        sdata,
+        model.meta["features"]["encoder"],
+        table_key=args.table_key,
+        device=args.device,
+        shared_tiles=True,
+        progress=not args.no_progress,
+    )
 
 
 def _check_out(store: Path, out: Path, *, overwrite: bool) -> None:

@@ -1,0 +1,59 @@
+"""``dkan predict --shared-tiles``: shared-tile region features for a slide file or a store, then predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dkan
+from dkan import _keys as K
+from dkan.cli import main
+
+FAST = ["--device", "cpu", "--no-progress", "-q"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    sdata = dkan.datasets.toy(n_samples=2, grid_size=6, seed=0)
+    model = dkan.tl.train(sdata, config="small", progress=False, max_epochs=1, feature_encoder="dummy", device="cpu")
+    return model.save(tmp_path_factory.mktemp("model") / "model")
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wsi") / "slide.tif"
+    return dkan.datasets.synthetic_wsi(path, width=1200, height=900, um_per_px=0.5, tile=128, n_blobs=3)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "toy.zarr"
+    dkan.datasets.toy(n_samples=1, grid_size=6, seed=3).write(path)
+    return path
+
+
+def _predicted(out):
+    import spatialdata as sd
+
+    back = sd.read_zarr(out)
+    table = next(iter(back.tables.values()))
+    assert np.isfinite(table.layers[K.PRED]).all() and table.layers[K.PRED].shape[0] == table.n_obs
+    return table, table.uns[K.UNS][K.UNS_FEATURES]
+
+
+@pytest.mark.parametrize("source", ["slide", "store"])
+def test_shared_tiles_flag_reaches_the_features_and_still_predicts(source, slide, store, model_dir, tmp_path, request):
+    src = request.getfixturevalue(source)
+    runs = {}
+    for flag in ([], ["--shared-tiles"]):
+        out = tmp_path / f"pred{len(flag)}.zarr"
+        assert main(["predict", str(src), "--model", str(model_dir), "--out", str(out), *flag, *FAST]) == 0
+        runs[bool(flag)] = _predicted(out)
+    (plain, rec_plain), (shared, rec_shared) = runs[False], runs[True]
+    assert rec_plain["shared_tiles"] is False or not rec_plain["shared_tiles"]
+    assert bool(rec_shared["shared_tiles"]) is True
+    assert 0 < rec_shared["region_tiles_encoded"] < rec_shared["region_tiles_served"]
+    assert "region_tiles_encoded" not in rec_plain
+    assert shared.n_obs == plain.n_obs and list(shared.var_names) == list(plain.var_names)
+    region = np.asarray(shared.obsm[K.REGION_FEATURES])
+    assert region.shape[:2] == (shared.n_obs, 25) and np.abs(region).sum() > 0

@@ -1,0 +1,54 @@
+"""The features path on CPU: channels-last layout (oneDNN's fast convolutions) and the shared-tile gather."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dkan.nn.image_encoders import create_image_encoder
+from dkan.tl._features import Preprocess
+from dkan.tl._tiling.shared_tiles import _scatter
+
+
+def test_preprocess_gives_channels_last_on_cpu_and_the_same_values():
+    enc = create_image_encoder("dummy")
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    out = Preprocess(enc, torch.device("cpu"))(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    mean = torch.tensor(enc.mean).view(1, 3, 1, 1)
+    std = torch.tensor(enc.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(out.contiguous(), (x.float() / 255 - mean) / std)
+
+
+def test_scatter_equals_the_dense_assignment():
+    rng = np.random.default_rng(0)
+    n, g2, d, n_tiles = 50, 25, 3, 40
+    obs_idx = np.sort(rng.choice(80, n, replace=False))
+    valid = rng.random((n, g2)) > 0.3
+    feats = rng.normal(size=(n_tiles, d)).astype(np.float32)
+    inverse = rng.integers(0, n_tiles, int(valid.sum()))
+    want = np.zeros((80, g2, d), np.float32)
+    block = np.zeros((n, g2, d), np.float32)
+    block[valid] = feats[inverse]
+    want[obs_idx] = block
+    got = np.zeros((80, g2, d), np.float32)
+    _scatter(got, obs_idx, valid, feats, inverse)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_model_inputs_share_the_whole_slide_features_instead_of_copying_them():
+    import dkan
+    from dkan import _keys as K
+    from dkan.tl._train import _take_rows, build_inputs
+    from dkan.train.config import DKANConfig
+
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    assert np.shares_memory(_take_rows(x, np.arange(6), np.float32), x)
+    np.testing.assert_array_equal(_take_rows(x, np.array([4, 1]), np.float32), x[[4, 1]])
+    sdata = dkan.datasets.toy(n_samples=1, grid_size=4, seed=0)
+    dkan.tl.extract_features(sdata, "dummy", progress=False)
+    adata = sdata.tables[K.TABLE]
+    (inputs,), _ = build_inputs(
+        [sdata], [adata], list(adata.var_names[:5]), DKANConfig(), table_key=None, with_target=False
+    )
+    assert np.shares_memory(inputs.region.numpy(), adata.obsm[K.REGION_FEATURES])  # (n, 25, D) held once
