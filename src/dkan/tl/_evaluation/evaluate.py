@@ -79,9 +79,9 @@ def _resolve_table(data: SpatialData | AnnData, table_key: str | None) -> tuple[
     if isinstance(data, AnnData):
         return table_key or "adata", data
     if hasattr(data, "tables"):
-        from dkan._utils import get_table
+        from dkan._results import results_table
 
-        return get_table(data, table_key)
+        return results_table(data, table_key)
     raise TypeError(f"`sdata_or_adata` must be a SpatialData or an AnnData; found {type(data).__name__}.")
 
 
@@ -228,7 +228,8 @@ def evaluate(
     Parameters
     ----------
     sdata_or_adata
-        A SpatialData (its table is used) or an AnnData.
+        A SpatialData (the panel-sized results table of its count table, where :func:`dkan.pp.normalize` and
+        :func:`dkan.tl.predict` write; see :mod:`dkan._results`) or an AnnData.
     pred_layer
         ``layers`` key of the predictions (NaN for genes outside the model panel).
     target_layer
@@ -240,7 +241,7 @@ def evaluate(
         Genes to evaluate; default: the ``var["dkan_panel"]`` genes when flagged, else all. Genes whose
         predictions or targets are not finite are left out and listed in the protocol.
     table_key
-        Table of a SpatialData; inferred when it holds one.
+        Count table of a SpatialData (its results table is read) or a results table; inferred when there is one.
     fold
         ``obs`` column of fold labels (each group in one fold); None: one fold.
     n_top
