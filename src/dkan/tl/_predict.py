@@ -147,7 +147,7 @@ def _predict_table(
     """Predict for the spots of table ``tkey`` into its results table; returns the results table's name."""
     from tqdm.auto import tqdm
 
-    from dkan._results import ensure_genes, results_table
+    from dkan._results import ensure_genes, find_results, results_table
     from dkan.tl._query import draws, new_gene_embeddings
     from dkan.tl._train import build_inputs, resolve_device
     from dkan.train.loop import predict_rows
@@ -156,16 +156,17 @@ def _predict_table(
     counts = sdata.tables[tkey]
     check_unique_genes(counts, table_key=tkey)
     measured = _has_counts(counts) and _check_measured(counts, model, tkey)
-    rkey, adata = results_table(sdata, tkey, create=True)
+    found = find_results(sdata, tkey)  # checked before anything is written: a refused call writes nothing
     std_key = f"{key_added}{K.STD_SUFFIX}"
     for key in (key_added, std_key) if len(models) > 1 or n_samples > 1 else (key_added,):
-        if key in adata.layers and not overwrite:
+        if found is not None and key in found[1].layers and not overwrite:
             raise ValueError(
-                f"`layers[{key!r}]` exists in table `{rkey}`; pass `overwrite=True` or another `key_added`."
+                f"`layers[{key!r}]` exists in table `{found[0]}`; pass `overwrite=True` or another `key_added`."
             )
-    adata = ensure_genes(sdata, rkey, list(model.genes), panel=True)
+    new_emb = new_gene_embeddings(found and found[1], model, extra, descriptions) if extra else None
+    rkey, _ = results_table(sdata, tkey, create=True)
+    ensure_genes(sdata, rkey, list(model.genes), panel=True)
     adata = ensure_genes(sdata, rkey, extra)
-    new_emb = new_gene_embeddings(adata, model, extra, descriptions) if extra else None
     gidx = adata.var_names.get_indexer(list(model.genes) + extra)
     dev = resolve_device(device)
     cfg = model.config
