@@ -171,3 +171,19 @@ def test_stale_results_table_is_refused(toy):
     toy.tables[K.TABLE] = toy.tables[K.TABLE][:-3].copy()
     with pytest.raises(ValueError, match="no longer matches"):
         results_table(toy)
+
+
+def test_predict_target_uses_the_counts_layer_the_model_was_trained_on(toy):
+    from scipy import sparse
+
+    from dkan.tl._prepare import ensure_model_target
+
+    table = toy.tables[K.TABLE]
+    table.layers["counts"] = table.X.copy()
+    table.X = sparse.csr_matrix(np.asarray(table.X.todense()) + 1.0)  # X is not the counts
+    genes = list(table.var_names[:10])
+    norm = {"target_sum": 1e4, "log": "log10", "library_size": "panel genes", "layer": "counts"}
+    assert ensure_model_target(toy, genes, norm, table_key=K.TABLE)
+    expect = dkan.pp.normalize(toy, genes=genes, layer="counts", inplace=False)
+    np.testing.assert_array_equal(results_table(toy)[1][:, genes].layers[K.TARGET], expect)
+    assert not np.allclose(dkan.pp.normalize(toy, genes=genes, inplace=False), expect)
