@@ -166,13 +166,13 @@ def _predict_table(
     new_emb = new_gene_embeddings(found and found[1], model, extra, descriptions) if extra else None
     rkey, _ = results_table(sdata, tkey, create=True)
     ensure_genes(sdata, rkey, list(model.genes), panel=True)
-    adata = ensure_genes(sdata, rkey, extra)
-    gidx = adata.var_names.get_indexer(list(model.genes) + extra)
+    ensure_genes(sdata, rkey, extra)
     dev = resolve_device(device)
     cfg = model.config
     prep.ensure_tiles(sdata, cfg, table_key=tkey, image_key=image_key)
-    if uns_get(adata, K.UNS_FEATURES) is not None:
-        check_features(model, uns_get(adata, K.UNS_FEATURES))
+    stored = uns_get(sdata.tables[rkey], K.UNS_FEATURES)
+    if stored is not None:
+        check_features(model, stored)
     feats = prep.ensure_features(
         sdata, model.meta["features"]["encoder"], table_key=tkey, device=dev, batch_size=64, progress=progress
     )

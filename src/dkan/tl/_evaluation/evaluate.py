@@ -73,15 +73,25 @@ class EvalResult:
         return np.vstack([r.to_numpy(dtype=np.float64) for r in rows])
 
 
-def _resolve_table(data: SpatialData | AnnData, table_key: str | None) -> tuple[str, AnnData]:
+def _resolve_table(data: SpatialData | AnnData, table_key: str | None, pred_layer: str) -> tuple[str, AnnData]:
+    """The table to evaluate: an AnnData itself, or dkan's results table of a SpatialData's table.
+
+    The table itself is used when it has no results table, or holds ``layers[pred_layer]`` while its results
+    table does not (a table the user filled).
+    """
     from anndata import AnnData
 
     if isinstance(data, AnnData):
         return table_key or "adata", data
     if hasattr(data, "tables"):
-        from dkan._results import results_table
+        from dkan._results import find_results
+        from dkan._utils import get_table
 
-        return results_table(data, table_key)
+        found = find_results(data, table_key)
+        if found is not None and pred_layer in found[1].layers:
+            return found
+        tkey, table = get_table(data, table_key)
+        return (tkey, table) if found is None or pred_layer in table.layers else found
     raise TypeError(f"`sdata_or_adata` must be a SpatialData or an AnnData; found {type(data).__name__}.")
 
 
@@ -253,7 +263,7 @@ def evaluate(
     -------
     An :class:`EvalResult`.
     """
-    tname, adata = _resolve_table(sdata_or_adata, table_key)
+    tname, adata = _resolve_table(sdata_or_adata, table_key, pred_layer)
     pred_raw = _layer(adata, pred_layer, "pred_layer", tname, "Run `dkan.tl.predict(sdata, model)` first.")
     target_raw = _layer(
         adata,

@@ -181,7 +181,7 @@ def make_spots(
         K.UNS_RESULTS_OF: table_key,  # no counts: dkan's results go to this table itself (dkan._results)
         K.UNS_READER: {
             sample: {"um_per_px": float(um_per_px), "spot_pitch_px": float(spacing_um / um_per_px), "layout": grid}
-        }
+        },
     }
     for key, store in ((shapes_key, sdata.shapes), (table_key, sdata.tables)):
         if key in store:
