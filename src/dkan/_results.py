@@ -144,9 +144,10 @@ def _grown(res: AnnData, new: list[str]) -> AnnData:
     from spatialdata.models import TableModel
 
     n, k = res.n_obs, len(new)
-    var = pd.concat([res.var, pd.DataFrame(index=pd.Index(new, dtype=object))])
-    if K.PANEL in var:
-        var[K.PANEL] = var[K.PANEL].fillna(False).astype(bool)
+    added = pd.DataFrame(index=pd.Index(new, dtype=object))
+    if K.PANEL in res.var:
+        added[K.PANEL] = False  # keeps the column boolean
+    var = pd.concat([res.var, added])
     layers = {name: np.hstack([_dense(x), np.full((n, k), np.nan, np.float32)]) for name, x in res.layers.items()}
     varm = {
         name: np.vstack([np.asarray(m), np.full((k, *np.shape(m)[1:]), np.nan, np.float32)])
