@@ -39,11 +39,16 @@ def learned_cheaply(split):
     """The small preset's full training (80 epochs) on seeded random image features: the fast set's learning check.
 
     EfficientNet-Lite0 feature extraction made up most of the real pipeline's cost; the random conv features still
-    carry the toy's colour and texture, so a working model learns from them (held-out PCC 0.53 when measured; a
+    carry the toy's colour and texture, so a working model learns from them (held-out PCC 0.75 when measured; a
     model that does not learn stays near 0: 0.10 after 40 epochs, -0.07 after 10).
+
+    Model selection is off (``val_fraction=0``: all 80 epochs, last one kept) because this checks learning, not
+    selection: with the default held-out-section validation (one of the three training slides) the validation PCC
+    on these features stays negative for the first ~20 epochs, early stopping ends at epoch 21 and the held-out PCC
+    lands at 0.15 or above 0.3 depending on float rounding of the features (measured on the dev box).
     """
     train_sd = copy_sdata(split[0])
-    model = dkan.tl.train(train_sd, config="small", progress=False, feature_encoder="dummy")
+    model = dkan.tl.train(train_sd, config="small", progress=False, feature_encoder="dummy", val_fraction=0.0)
     return train_sd, model
 
 
