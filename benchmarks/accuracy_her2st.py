@@ -254,11 +254,11 @@ def prepare_inputs(
 
     key, table = get_table(sdata, None)
     if cache is not None and cache.is_file():
-        log.info("Loading the prepared table (features, targets, tiles) from %s.", cache)
-        inject(table, ad.read_h5ad(cache), source=f"--cache {cache}")
+        log.info("Loading the prepared results table (features, targets, tiles) from %s.", cache)
+        res = inject(sdata, key, ad.read_h5ad(cache), source=f"--cache {cache}")
         from dkan import _keys as K
 
-        if bool(table.uns[K.UNS][K.UNS_FEATURES].get("shared_tiles")) != shared_tiles:
+        if bool(res.uns[K.UNS][K.UNS_FEATURES].get("shared_tiles")) != shared_tiles:
             raise ValueError(f"--cache {cache} holds features of the other kind than --shared-tiles asks; use another.")
         return
     if shared_tiles:  # computed first, so that the preparation keeps them (dkan.tl._tiling.shared_tiles)
@@ -273,27 +273,29 @@ def prepare_inputs(
         progress=progress,
     )  # fmt: skip
     if cache is not None:
+        from dkan._results import results_table
+
         cache.parent.mkdir(parents=True, exist_ok=True)
-        sdata.tables[key].write_h5ad(cache)
+        results_table(sdata, key)[1].write_h5ad(cache)
 
 
-def inject(table: Any, prepared: Any, *, source: str) -> None:
-    """Copy the prepared inputs (obsm, layers, var flags, ``uns["dkan"]``) of a saved table into ``table``."""
+def inject(sdata: Any, key: str, prepared: Any, *, source: str) -> Any:
+    """Install a saved results table (targets, features, tiles, ``uns["dkan"]``) as the results table of ``key``."""
     from dkan import _keys as K
+    from dkan._results import results_key, results_of
 
-    if list(prepared.obs_names) != list(table.obs_names) or list(prepared.var_names) != list(table.var_names):
+    table = sdata.tables[key]
+    if results_of(prepared) != key:
+        raise SystemExit(f"{source} is not a dkan results table of `{key}` (an older cache layout?); delete it.")
+    if list(prepared.obs_names) != list(table.obs_names) or not set(prepared.var_names) <= set(table.var_names):
         raise SystemExit(f"{source} holds other spots or genes than the data; delete it.")
-    for k, v in prepared.obsm.items():
-        table.obsm[k] = v
-    for k, v in prepared.layers.items():
-        table.layers[k] = v
-    for c in prepared.var.columns.difference(table.var.columns):
-        table.var[c] = prepared.var[c].to_numpy()
-    table.uns[K.UNS] = prepared.uns[K.UNS]
+    table.var[K.PANEL] = table.var_names.isin(prepared.var_names[prepared.var[K.PANEL].to_numpy(bool)])
+    sdata.tables[results_key(key)] = prepared  # spatialdata validates it (same region / instance keys)
+    return sdata.tables[results_key(key)]
 
 
 def load_prepared(data: Path, cache: Path, n_genes: int) -> tuple[Any, str, Any, pd.DataFrame, list[str]]:
-    """The her2st sections with the inputs of a ``--cache`` h5ad: ``(sdata, table key, table, descriptions, panel)``."""
+    """The her2st sections with a ``--cache`` results table: ``(sdata, table key, results table, texts, panel)``."""
     import anndata as ad
 
     import dkan
@@ -301,10 +303,10 @@ def load_prepared(data: Path, cache: Path, n_genes: int) -> tuple[Any, str, Any,
     from dkan._utils import get_table
 
     sdata = dkan.datasets.her2st(data / "her2st", progress=False)
-    key, table = get_table(sdata, None)
+    key, _ = get_table(sdata, None)
     desc = gene_descriptions(sdata, data, n_genes)
-    inject(table, ad.read_h5ad(cache), source=str(cache))
-    return sdata, key, table, desc, list(table.var_names[table.var[K.PANEL].to_numpy(bool)])
+    res = inject(sdata, key, ad.read_h5ad(cache), source=str(cache))
+    return sdata, key, res, desc, list(res.var_names[res.var[K.PANEL].to_numpy(bool)])
 
 
 def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
@@ -321,7 +323,7 @@ def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
     watch = Stopwatch()
     logging.getLogger("dkan").addHandler(watch)
     sdata = dkan.datasets.her2st(task["her2st"])
-    inject(get_table(sdata, None)[1], ad.read_h5ad(task["table"]), source=str(task["table"]))
+    inject(sdata, get_table(sdata, None)[0], ad.read_h5ad(task["table"]), source=str(task["table"]))
     t0 = time.perf_counter()
     desc = task["desc"]
     if task["name"] == "shuffled_text":  # same model, each gene embedded from another gene's description
@@ -359,10 +361,12 @@ def run_parallel(args, cfg, sdata, desc, device, ablations, baselines) -> tuple[
     from concurrent.futures import ProcessPoolExecutor
 
     from dkan import _keys as K
+    from dkan._results import results_table
     from dkan._utils import get_table, iter_samples
     from dkan.tl._evaluation.cv import ABLATIONS, CVResult, _summarise
 
-    key, table = get_table(sdata, None)
+    key, _ = get_table(sdata, None)
+    table = results_table(sdata, key)[1]  # targets, features, tiles (the prepared inputs)
     threads = max(1, usable_cores() // args.jobs)
     variants = [("DKAN", cfg)] + [(a, cfg.replace(**ABLATIONS[a])) for a in ablations]
     with tempfile.TemporaryDirectory(prefix="dkan_bench_") as tmp:

@@ -104,6 +104,7 @@ def bench(args: argparse.Namespace) -> dict:
 
     import dkan
     from dkan import _keys as K
+    from dkan._results import results_table
     from dkan.nn.image_encoders import create_image_encoder
     from dkan.tl._features import crop_loader, encode
     from dkan.tl._tiling.crops import SpotCrops
@@ -136,7 +137,7 @@ def bench(args: argparse.Namespace) -> dict:
         )
         _sync(device)
         t_e2e = time.perf_counter() - t
-        n_images = n_spots + int(np.asarray(sdata.tables[K.TABLE].obsm[K.REGION_MASK]).sum())
+        n_images = n_spots + int(np.asarray(results_table(sdata, K.TABLE)[1].obsm[K.REGION_MASK]).sum())
 
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
     step = args.batch_size * 26

@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     from dkan import _keys as K
     from dkan.tl._prepare import gene_embeddings
 
-    _, _, table, desc, genes = load_prepared(args.data, args.cache, 250)
+    sdata, key, table, desc, genes = load_prepared(args.data, args.cache, 250)
     y = np.asarray(table[:, genes].layers[K.TARGET], dtype=np.float64)
-    emb, _ = gene_embeddings([table], genes, text_encoder=args.text_encoder, descriptions=desc)
+    emb, _ = gene_embeddings(sdata, genes, table_key=key, text_encoder=args.text_encoder, descriptions=desc)
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     sim = unit @ unit.T
     off = sim[np.triu_indices_from(sim, k=1)]

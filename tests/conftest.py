@@ -40,3 +40,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def results(sdata, table_key=None):
+    """The panel-sized results table where dkan writes targets, predictions, features and geometry."""
+    from dkan._results import results_table
+
+    return results_table(sdata, table_key)[1]

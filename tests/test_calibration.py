@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import results
 
 import dkan
 from dkan import _keys as K
@@ -134,14 +135,15 @@ def constant_gene(toy_master):
     """Toy slides whose first panel gene is a constant 3.0 on every training spot (a pure per-gene offset)."""
     sdata = copy_sdata(toy_master)
     table = sdata.tables[K.TABLE]
-    dkan.pp.select_genes(table, n_genes=20)
+    dkan.pp.select_genes(sdata, n_genes=20)
     panel = [str(g) for g in table.var_names[table.var[K.PANEL].to_numpy(bool)]]
-    dkan.pp.normalize(table, genes=panel)  # in the order `train` uses, so it keeps this target
+    dkan.pp.normalize(sdata, genes=panel)  # in the order `train` uses, so it keeps this target
     gene = panel[0]
-    j = table.var_names.get_loc(gene)
-    target = np.asarray(table.layers[K.TARGET], dtype=np.float32).copy()
+    res = results(sdata)
+    j = res.var_names.get_loc(gene)
+    target = np.asarray(res.layers[K.TARGET], dtype=np.float32).copy()
     target[:, j] = 3.0
-    table.layers[K.TARGET] = target
+    res.layers[K.TARGET] = target
     return sdata, gene
 
 

@@ -10,6 +10,7 @@ import pytest
 from dkan import _keys as K
 from dkan.cli import build_parser, main, parse_overrides, update_in_place, write_new_store
 
+RES = f"{K.TABLE}{K.RESULTS_SUFFIX}"  # dkan's results table of the toy table
 FAST = ["--set", "max_epochs=1", "--set", "feature_encoder=dummy", "--device", "cpu", "--no-progress", "-q"]
 
 
@@ -23,10 +24,12 @@ def _read(path):
 def store(tmp_path):
     """A small toy store (2 samples x 36 spots) with gene embeddings already computed, for speed."""
     import dkan
+    from dkan._results import ensure_genes, results_table
     from dkan._utils import uns_set
 
     sdata = dkan.datasets.toy(n_samples=2, grid_size=6, seed=0)
-    adata = sdata.tables[K.TABLE]
+    rkey, _ = results_table(sdata, create=True)  # the results table holds the embeddings
+    adata = ensure_genes(sdata, rkey, list(sdata.tables[K.TABLE].var_names))
     adata.varm[K.GENE_EMBEDDING] = np.random.default_rng(0).normal(size=(adata.n_vars, 16)).astype(np.float32)
     uns_set(adata, K.UNS_GENE_EMBEDDING, {"encoder": "minilm", "pooling": "mean", "dim": 16})
     path = tmp_path / "toy.zarr"
@@ -115,17 +118,17 @@ def test_train_then_predict_round_trip(store, tmp_path):
     model_dir, out = tmp_path / "model", tmp_path / "pred.zarr"
     assert main(["train", str(store), "--out", str(model_dir), *FAST]) == 0
     assert dkan.DKANModel.load(model_dir).history  # a loadable model with one epoch of history
-    assert K.TARGET not in _read(store).tables[K.TABLE].layers  # the input store is left untouched
+    assert K.TARGET not in _read(store).tables[RES].layers  # the input store is left untouched
 
     run = ["--model", str(model_dir), "--device", "cpu", "--no-progress", "-q"]
     assert main(["predict", str(store), "--out", str(out), *run]) == 0
-    pred = _read(out).tables[K.TABLE]
+    pred = _read(out).tables[RES]
     assert pred.layers[K.PRED].shape == pred.shape
     assert np.isfinite(pred.layers[K.PRED]).all()  # the toy panel is every gene
     assert main(["predict", str(store), "--out", str(out), *run]) == 1  # exists, no --overwrite
 
     assert main(["predict", str(store), "--in-place", "--key-added", "p2", *run]) == 0
-    table = _read(store).tables[K.TABLE]
+    table = _read(store).tables[RES]
     np.testing.assert_allclose(table.layers["p2"], pred.layers[K.PRED], rtol=1e-5)
     assert main(["predict", str(store), "--in-place", "--key-added", "p2", *run]) == 1  # layer exists, no --overwrite
     leftovers = sorted(p.name for p in tmp_path.iterdir())

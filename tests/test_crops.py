@@ -3,7 +3,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import data_path
+from conftest import data_path, results
 from test_tile import EDGE_XY, make_sdata
 
 import dkan
@@ -48,7 +48,7 @@ def test_crops_equal_numpy_slices(multiscale):
         item = ds[i]
         np.testing.assert_array_equal(item["patch"].numpy(), crop(img, x, y, P))
         np.testing.assert_array_equal(item["region"].numpy(), region_tiles(img, x, y))
-        np.testing.assert_array_equal(item["region_mask"].numpy(), sd["table"].obsm[K.REGION_MASK][i])
+        np.testing.assert_array_equal(item["region_mask"].numpy(), results(sd).obsm[K.REGION_MASK][i])
         assert item["index"] == i and item["sample"] == 0
     # edge spot: zero padding where the window leaves the image, tile mask false there
     item = ds[1]
@@ -172,7 +172,7 @@ def test_several_sdata_and_batch_by_sample(toy):
 
 def test_crops_tile_on_demand(toy):
     ds = SpotCrops(toy, normalize=False)  # no geometry yet: tiles with defaults
-    assert K.SPOT_PX in toy["table"].obsm and ds.patch_size == 224
+    assert K.SPOT_PX in results(toy).obsm and ds.patch_size == 224
     assert ds[0]["patch"].shape == (3, 224, 224) and "region" not in ds[0]
     clone = pickle.loads(pickle.dumps(ds))
     torch.testing.assert_close(clone[5]["patch"], ds[5]["patch"])

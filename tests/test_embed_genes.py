@@ -8,7 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import data_path
+from conftest import data_path, results
 from test_text_encoders import _tiny_bert
 
 import dkan
@@ -144,11 +144,22 @@ def test_bad_input(tiny, tmp_path):
 def test_spatialdata_input(tiny):
     sdata = dkan.datasets.toy(n_samples=1, grid_size=2, n_genes=6, seed=0)
     embed_genes(sdata, descriptions=DESCRIPTIONS, text_encoder=tiny, device="cpu")
-    table = sdata.tables[K.TABLE]
+    table = results(sdata)  # the results table; without a panel, every gene
+    assert K.GENE_EMBEDDING not in sdata.tables[K.TABLE].varm
     assert table.varm[K.GENE_EMBEDDING].shape == (6, 16)
     assert uns_get(table, K.UNS_GENE_EMBEDDING)["source"].count("summary") == len(
         set(table.var_names) & set(DESCRIPTIONS)
     )
+
+
+def test_spatialdata_input_embeds_the_panel_by_default(tiny):
+    sdata = dkan.datasets.toy(n_samples=1, grid_size=4, n_genes=12, seed=0)
+    dkan.pp.select_genes(sdata, n_genes=3)
+    embed_genes(sdata, descriptions=DESCRIPTIONS, text_encoder=tiny, device="cpu")
+    res = results(sdata)
+    panel = list(sdata.tables[K.TABLE].uns[K.UNS][K.UNS_PANEL]["genes"])
+    assert list(res.var_names) == panel and res.varm[K.GENE_EMBEDDING].shape == (3, 16)
+    assert np.isfinite(res.varm[K.GENE_EMBEDDING]).all()
 
 
 def test_real_refseq_keratins_cluster():

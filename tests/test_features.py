@@ -3,7 +3,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import data_path
+from conftest import data_path, results
 
 import dkan
 from dkan import _keys as K
@@ -34,7 +34,7 @@ def featurised(small_master):
 
 
 def test_shapes_dtypes_masks(featurised):
-    a = featurised.tables["table"]
+    a = results(featurised)
     spot, reg, mask = a.obsm[K.SPOT_FEATURES], a.obsm[K.REGION_FEATURES], a.obsm[K.REGION_MASK]
     assert spot.shape == (32, 16) and spot.dtype == np.float32 and np.isfinite(spot).all()
     assert reg.shape == (32, 25, 16) and reg.dtype == np.float32
@@ -55,7 +55,7 @@ def test_features_match_direct_encoding(featurised):
     batch = crops.read_batch([0, 5, 17])
     with torch.inference_mode():
         ref = enc(enc.normalize(batch["patch"].float() / 255.0)).numpy()
-    got = featurised.tables["table"].obsm[K.SPOT_FEATURES][batch["index"].numpy()]
+    got = results(featurised).obsm[K.SPOT_FEATURES][batch["index"].numpy()]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -66,7 +66,7 @@ def test_fixed_size_encoder_gets_resized_crops(small):
     enc = dkan.nn.create_image_encoder("dummy")
     enc.fixed_size = True
     dkan.tl.extract_features(small, enc, region=False, key_added="fixed")
-    rec = small.tables["table"].uns[K.UNS]["fixed"]
+    rec = results(small).uns[K.UNS]["fixed"]
     assert rec["resized"] is True
     batch = SpotCrops(small, normalize=False).read_batch([0, 3])
     x = torch.nn.functional.interpolate(
@@ -74,12 +74,12 @@ def test_fixed_size_encoder_gets_resized_crops(small):
     )
     with torch.inference_mode():
         ref = enc(enc.normalize(x)).numpy()
-    got = small.tables["table"].obsm["fixed"][batch["index"].numpy()]
+    got = results(small).obsm["fixed"][batch["index"].numpy()]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_provenance(featurised):
-    rec = featurised.tables["table"].uns[K.UNS][K.UNS_FEATURES]
+    rec = results(featurised).uns[K.UNS][K.UNS_FEATURES]
     enc = dkan.nn.create_image_encoder("dummy")
     assert rec["encoder"] == "dummy" and rec["weights_hash"] == enc.weights_hash
     assert rec["dim"] == 16 and rec["dtype"] == "float32" and rec["region"] is True
@@ -92,7 +92,7 @@ def test_rerun_is_noop_unless_forced(small, monkeypatch):
     from dkan.tl import _features
 
     dkan.tl.extract_features(small, "dummy", batch_size=16, region=False)
-    first = small.tables["table"].obsm[K.SPOT_FEATURES].copy()
+    first = results(small).obsm[K.SPOT_FEATURES].copy()
 
     def boom(*args, **kwargs):
         raise AssertionError("features were recomputed")
@@ -105,8 +105,8 @@ def test_rerun_is_noop_unless_forced(small, monkeypatch):
         with pytest.raises(AssertionError, match="recomputed"):  # region features were not computed yet
             dkan.tl.extract_features(small, "dummy", region=True)
     dkan.tl.extract_features(small, "dummy", batch_size=16, region=False, force=True)
-    np.testing.assert_array_equal(small.tables["table"].obsm[K.SPOT_FEATURES], first)  # deterministic
-    assert K.REGION_FEATURES not in small.tables["table"].obsm
+    np.testing.assert_array_equal(results(small).obsm[K.SPOT_FEATURES], first)  # deterministic
+    assert K.REGION_FEATURES not in results(small).obsm
 
 
 def test_different_encoder_refused_unless_overwrite(small):
@@ -115,7 +115,7 @@ def test_different_encoder_refused_unless_overwrite(small):
         dkan.tl.extract_features(small, dkan.nn.create_image_encoder("dummy", seed=3), region=False)
     dkan.tl.extract_features(small, "dummy", region=False, key_added="alt")  # another key is fine
     dkan.tl.extract_features(small, dkan.nn.create_image_encoder("dummy", dim=8), region=False, overwrite=True)
-    a = small.tables["table"]
+    a = results(small)
     assert a.obsm[K.SPOT_FEATURES].shape == (32, 8) and a.obsm["alt"].shape == (32, 16)
     assert a.uns[K.UNS][K.UNS_FEATURES]["dim"] == 8
     assert a.uns[K.UNS]["alt"]["encoder"] == "dummy"
@@ -126,13 +126,13 @@ def test_overwrite_drops_stale_region_features(small):
     dkan.tl.extract_features(
         small, dkan.nn.create_image_encoder("dummy", dim=4), key_added="f", region=False, overwrite=True
     )
-    a = small.tables["table"]
+    a = results(small)
     assert a.obsm["f"].shape == (32, 4) and "f_region" not in a.obsm and "f_region_mask" not in a.obsm
 
 
 def test_key_added_names(small):
     dkan.tl.extract_features(small, "dummy", key_added="feat")
-    a = small.tables["table"]
+    a = results(small)
     assert a.obsm["feat"].shape == (32, 16) and a.obsm["feat_region"].shape == (32, 25, 16)
     np.testing.assert_array_equal(a.obsm["feat_region_mask"], a.obsm[K.REGION_MASK])
     assert K.SPOT_FEATURES not in a.obsm and a.uns[K.UNS]["feat"]["keys"]["region"] == "feat_region"
@@ -147,7 +147,7 @@ def test_efficientnet_on_few_spots():
     sdata = dkan.datasets.toy(n_samples=1, grid_size=2, seed=1)
     dkan.tl.tile(sdata, patch_size=48)
     dkan.tl.extract_features(sdata, batch_size=4, region=False)  # default encoder, a conv net: 48 px crops as is
-    a = sdata.tables["table"]
+    a = results(sdata)
     rec = a.uns[K.UNS][K.UNS_FEATURES]
     assert rec["encoder"] == "efficientnet_lite0" and rec["weights_hash"].startswith("57934424")
     assert rec["resized"] is False and rec["mean"] == pytest.approx([127 / 255] * 3)
@@ -167,10 +167,10 @@ def test_her2st_features_carry_signal():
     sdata = dkan.datasets.her2st(data_path("her2st"))
     dkan.tl.tile(sdata)
     dkan.tl.extract_features(sdata, batch_size=32, region=False)
-    a = sdata.tables["table"]
+    a = results(sdata)
     x = np.asarray(a.obsm[K.SPOT_FEATURES])
     assert x.shape == (a.n_obs, 1280) and np.isfinite(x).all()
-    b = a.copy()
+    b = sdata.tables[K.TABLE].copy()  # the counts (features are in the results table `a`)
     sc.pp.normalize_total(b, target_sum=1e4)
     sc.pp.log1p(b)
     y_all = b.X.toarray() if hasattr(b.X, "toarray") else np.asarray(b.X)

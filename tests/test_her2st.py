@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from _stfiles import write_section
-from conftest import data_path
+from conftest import data_path, results
 
 import dkan
 from dkan import _keys as K
@@ -84,9 +84,11 @@ def test_her2st_one_section():
     tab = sd.tables[K.TABLE]
     panel = list(tab.uns[K.UNS][K.UNS_PANEL]["genes"])
     assert len(panel) == 250 and tab.var[K.PANEL].sum() == 250
-    target = tab[:, panel].layers[K.TARGET]
+    res = results(sd)  # targets live in the panel-sized results table
+    assert list(res.var_names) == panel
+    target = res.layers[K.TARGET]
     assert np.isfinite(target).all() and target.max() < 5  # log10 scale
-    assert tab.uns[K.UNS][K.UNS_NORMALIZE]["grid"] == {"C2": "square"}
+    assert res.uns[K.UNS][K.UNS_NORMALIZE]["grid"] == {"C2": "square"}
 
 
 @pytest.mark.slow

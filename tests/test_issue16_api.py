@@ -6,6 +6,7 @@ import gzip
 import anndata as ad
 import pandas as pd
 import pytest
+from conftest import results
 
 import dkan
 from dkan import _keys as K
@@ -77,7 +78,7 @@ def test_train_with_gene_info_and_gene_symbols_quietly(toy_master, tmp_path, cap
     err = capsys.readouterr().err
     assert list(table.var_names) == ids  # the user's names come back
     assert set(model.genes) <= set(table.var["gene_symbols"])  # the model speaks symbols
-    sources = table.uns[K.UNS][K.UNS_GENE_EMBEDDING]["source_counts"]
+    sources = results(sdata).uns[K.UNS][K.UNS_GENE_EMBEDDING]["source_counts"]
     assert sources.get("full_name", 0) > 0, sources  # gene_info reached describe_genes
     assert "Loading weights" not in err and "Encoding texts" not in err, err[-500:]
 
@@ -85,9 +86,10 @@ def test_train_with_gene_info_and_gene_symbols_quietly(toy_master, tmp_path, cap
 def test_gene_embeddings_pass_progress_to_the_encoder(capsys):
     from dkan.tl._prepare import gene_embeddings
 
-    table = ad.AnnData(var=pd.DataFrame(index=[f"GENE{i}" for i in range(80)]))  # > one batch of 64 texts
+    sdata = dkan.datasets.toy(n_samples=1, grid_size=2, seed=0)
+    genes = list(sdata.tables[K.TABLE].var_names)
     capsys.readouterr()
-    gene_embeddings([table], list(table.var_names), text_encoder="minilm", descriptions=None, progress=False)
+    gene_embeddings(sdata, genes, table_key=None, text_encoder="minilm", descriptions=None, progress=False)
     err = capsys.readouterr().err
     assert "Encoding texts" not in err and "Loading weights" not in err, err[-500:]
 

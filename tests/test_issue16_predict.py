@@ -4,6 +4,7 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import results
 
 import dkan
 from dkan import _keys as K
@@ -35,7 +36,7 @@ def test_target_is_never_rescaled_when_part_of_the_panel_is_missing(model, split
     with caplog.at_level(logging.WARNING, logger="dkan"):
         dkan.tl.predict(half, model, progress=False)
     shared = [g for g in model.genes if g in half.tables[K.TABLE].var_names]
-    a, b = full.tables[K.TABLE][:, shared], half.tables[K.TABLE][:, shared]
+    a, b = results(full)[:, shared], results(half)[:, shared]
     np.testing.assert_allclose(a.layers[K.PRED], b.layers[K.PRED], rtol=1e-5)  # identical predictions
     if K.TARGET in b.layers:  # written: on exactly the scale of the full panel
         np.testing.assert_allclose(np.nanmean(a.layers[K.TARGET]), np.nanmean(b.layers[K.TARGET]), rtol=1e-6)
@@ -44,7 +45,7 @@ def test_target_is_never_rescaled_when_part_of_the_panel_is_missing(model, split
         assert b.uns[K.UNS][K.UNS_PREDICT]["target_written"] is False
         with pytest.raises(KeyError, match=K.TARGET):
             dkan.tl.evaluate(half)
-    assert full.tables[K.TABLE].uns[K.UNS][K.UNS_PREDICT]["target_written"] is True
+    assert results(full).uns[K.UNS][K.UNS_PREDICT]["target_written"] is True
 
 
 def test_target_without_library_scaling_is_written_over_the_genes_present(model, split):
@@ -58,7 +59,7 @@ def test_target_without_library_scaling_is_written_over_the_genes_present(model,
     dkan.tl.predict(full, unscaled, progress=False)
     shared = [g for g in model.genes if g in half.tables[K.TABLE].var_names]
     np.testing.assert_allclose(
-        full.tables[K.TABLE][:, shared].layers[K.TARGET], half.tables[K.TABLE][:, shared].layers[K.TARGET], rtol=1e-6
+        results(full)[:, shared].layers[K.TARGET], results(half)[:, shared].layers[K.TARGET], rtol=1e-6
     )
 
 
@@ -88,7 +89,9 @@ def test_predict_matches_genes_through_a_symbol_column(model, split):
     dkan.tl.predict(sdata, model, gene_symbols="gene_symbols", progress=False)
     table = sdata.tables[K.TABLE]
     assert list(table.var_names) == ids  # the user's names come back
-    np.testing.assert_allclose(table.layers[K.PRED], ref.tables[K.TABLE].layers[K.PRED], rtol=1e-5)
-    np.testing.assert_allclose(table.layers[K.TARGET], ref.tables[K.TABLE].layers[K.TARGET], rtol=1e-6)
+    res, ref_res = results(sdata), results(ref)  # results tables speak the model's symbols
+    assert list(res.var_names) == list(ref_res.var_names)
+    np.testing.assert_allclose(res.layers[K.PRED], ref_res.layers[K.PRED], rtol=1e-5)
+    np.testing.assert_allclose(res.layers[K.TARGET], ref_res.layers[K.TARGET], rtol=1e-6)
     with pytest.raises(KeyError, match="not a column of `var`"):
         dkan.tl.predict(sdata, model, gene_symbols="symbol", overwrite=True, progress=False)

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import results
 from matplotlib.collections import EllipseCollection
 from matplotlib.colors import Normalize
 
@@ -18,13 +19,18 @@ from dkan import _keys as K
 from dkan.pl._spatial import spatial_pred
 
 GENE = "FN1"
+RES = f"{K.TABLE}{K.RESULTS_SUFFIX}"  # dkan's results table of the toy table
 
 
 @pytest.fixture
 def pred_toy(toy):
-    """The toy slides with a normalised target and a fake prediction (target + noise) in the table."""
-    adata = toy.tables[K.TABLE]
-    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    """The toy slides with a normalised target and a fake prediction (target + noise) in the results table."""
+    from dkan._results import ensure_genes, results_table
+
+    counts = toy.tables[K.TABLE]
+    x = counts.X.toarray() if hasattr(counts.X, "toarray") else np.asarray(counts.X)
+    rkey, _ = results_table(toy, create=True)
+    adata = ensure_genes(toy, rkey, list(counts.var_names))
     target = np.log1p(x).astype(np.float32)
     rng = np.random.default_rng(1)
     adata.layers[K.TARGET] = target
@@ -43,11 +49,11 @@ def _spots(ax) -> EllipseCollection:
 
 
 def _rows(sdata, sample: str) -> np.ndarray:
-    return np.flatnonzero(sdata.tables[K.TABLE].obs[K.SAMPLE].astype(str).to_numpy() == sample)
+    return np.flatnonzero(results(sdata).obs[K.SAMPLE].astype(str).to_numpy() == sample)
 
 
 def _values(sdata, layer: str, sample: str) -> np.ndarray:
-    adata = sdata.tables[K.TABLE]
+    adata = results(sdata)
     return np.asarray(adata.layers[layer][_rows(sdata, sample), adata.var_names.get_loc(GENE)], dtype=float)
 
 
@@ -87,14 +93,14 @@ def test_spots_sit_on_their_shapes(pred_toy):
     fig = spatial_pred(pred_toy, GENE, sample="s1", return_fig=True)
     coll = _spots(_panels(fig)[1])
     shapes = pred_toy.shapes["s1_spots"]
-    ids = pred_toy.tables[K.TABLE].obs[K.INSTANCE].to_numpy()[_rows(pred_toy, "s1")]
+    ids = results(pred_toy).obs[K.INSTANCE].to_numpy()[_rows(pred_toy, "s1")]
     centres = np.c_[shapes.geometry.x, shapes.geometry.y][shapes.index.get_indexer(ids)]
     np.testing.assert_allclose(coll.get_offsets(), centres)  # toy: Identity transformations
     np.testing.assert_allclose(coll.get_widths(), 2 * shapes["radius"].to_numpy()[shapes.index.get_indexer(ids)])
 
 
 def test_predicted_only_without_target(pred_toy):
-    del pred_toy.tables[K.TABLE].layers[K.TARGET]
+    del results(pred_toy).layers[K.TARGET]
     fig = spatial_pred(pred_toy, GENE, return_fig=True)
     panels = _panels(fig)
     assert len(panels) == 1
@@ -102,7 +108,7 @@ def test_predicted_only_without_target(pred_toy):
 
 
 def test_predicted_only_when_target_all_nan(pred_toy):
-    pred_toy.tables[K.TABLE].layers[K.TARGET][:] = np.nan
+    results(pred_toy).layers[K.TARGET][:] = np.nan
     fig = spatial_pred(pred_toy, GENE, return_fig=True)
     assert len(_panels(fig)) == 1
 
@@ -137,9 +143,9 @@ def test_errors(pred_toy):
         spatial_pred(pred_toy, GENE, sample="nope")
     with pytest.raises(KeyError, match=r"dkan\.tl\.predict"):
         spatial_pred(pred_toy, GENE, pred_layer="other")
-    pred_toy.tables[K.TABLE].layers[K.PRED][:, 0] = np.nan
+    results(pred_toy).layers[K.PRED][:, 0] = np.nan
     with pytest.raises(ValueError, match="outside the model's panel"):
-        spatial_pred(pred_toy, str(pred_toy.tables[K.TABLE].var_names[0]))
+        spatial_pred(pred_toy, str(results(pred_toy).var_names[0]))
 
 
 def test_spatialdata_plot_renders_the_pred_layer(pred_toy):
@@ -147,13 +153,13 @@ def test_spatialdata_plot_renders_the_pred_layer(pred_toy):
 
     _, ax = plt.subplots()
     pred_toy.pl.render_images("s0_image").pl.render_shapes(
-        "s0_spots", color=GENE, table_name=K.TABLE, table_layer=K.PRED
+        "s0_spots", color=GENE, table_name=RES, table_layer=K.PRED
     ).pl.show(coordinate_systems="s0", ax=ax)
     assert ax.images
     (coll,) = ax.collections
     # spatialdata-plot colours the shapes (in shapes order) by the layer's values on a min-max scale
     values = _values(pred_toy, K.PRED, "s0")
-    ids = pred_toy.tables[K.TABLE].obs[K.INSTANCE].to_numpy()[_rows(pred_toy, "s0")]
+    ids = results(pred_toy).obs[K.INSTANCE].to_numpy()[_rows(pred_toy, "s0")]
     values = values[pd.Index(ids).get_indexer(pred_toy.shapes["s0_spots"].index)]
     expected = plt.get_cmap("viridis")(Normalize(values.min(), values.max())(values))
     np.testing.assert_allclose(coll.get_facecolors(), expected, atol=1e-6)
@@ -164,7 +170,7 @@ def test_squidpy_spatial_scatter_on_legacy_anndata(pred_toy, tmp_path):
     pytest.importorskip("spatialdata_io", reason="spatialdata-io is the optional extra `dkan[io]`")
     from spatialdata_io.experimental import to_legacy_anndata
 
-    legacy = to_legacy_anndata(pred_toy, coordinate_system="s0", table_name=K.TABLE, include_images=True)
+    legacy = to_legacy_anndata(pred_toy, coordinate_system="s0", table_name=RES, include_images=True)
     assert K.PRED in legacy.layers
     library_id = next(iter(legacy.uns["spatial"]))
     sq.pl.spatial_scatter(legacy, color=GENE, layer=K.PRED, library_id=library_id, save=None)
@@ -180,7 +186,7 @@ def test_squidpy_spatial_scatter_on_legacy_anndata(pred_toy, tmp_path):
 
 def test_colour_scale_per_panel(pred_toy):
     """Issue 16: ``scale="panel"`` gives each panel the range of its own values and its own colour bar."""
-    adata = pred_toy.tables[K.TABLE]
+    adata = results(pred_toy)
     adata.layers[K.PRED] = (0.1 * adata.layers[K.PRED]).astype(np.float32)  # a weak prediction: narrow range
     fig = spatial_pred(pred_toy, GENE, scale="panel", return_fig=True)
     observed, predicted = (_spots(a) for a in _panels(fig))
@@ -200,13 +206,13 @@ def test_same_colours_as_spatialdata_plot(pred_toy):
     pytest.importorskip("spatialdata_plot", reason="spatialdata-plot is the optional extra `dkan[plot]`")
     fig = spatial_pred(pred_toy, GENE, return_fig=True)
     fig.canvas.draw()
-    ids = pred_toy.tables[K.TABLE].obs[K.INSTANCE].to_numpy()[_rows(pred_toy, "s0")]
+    ids = results(pred_toy).obs[K.INSTANCE].to_numpy()[_rows(pred_toy, "s0")]
     to_table_order = pd.Index(pred_toy.shapes["s0_spots"].index).get_indexer(ids)
     for panel, layer in zip(_panels(fig), (K.TARGET, K.PRED), strict=True):
         ours = _spots(panel)
         _, ax = plt.subplots()
         pred_toy.pl.render_images("s0_image").pl.render_shapes(
-            "s0_spots", color=GENE, table_name=K.TABLE, table_layer=layer, cmap="viridis", norm=ours.norm
+            "s0_spots", color=GENE, table_name=RES, table_layer=layer, cmap="viridis", norm=ours.norm
         ).pl.show(coordinate_systems="s0", ax=ax, colorbar=False)
         (theirs,) = ax.collections
         assert (theirs.norm.vmin, theirs.norm.vmax) == (ours.norm.vmin, ours.norm.vmax)

@@ -6,7 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import data_path
+from conftest import data_path, results
 from scipy import sparse
 
 import dkan
@@ -119,12 +119,16 @@ def test_normalize_reference_square_grid():
     c = rng.poisson(5, size=(19, 6)) + 1
     a = _adata(c, rows=rows, cols=cols)
     dkan.pp.select_genes(a, genes=["g3", "g0", "g1", "g5"])
-    dkan.pp.normalize(a)
-    out = a.layers[K.TARGET]
-    assert out.dtype == np.float32 and out.shape == (19, 6)
-    assert np.isnan(out[:, [2, 4]]).all()  # genes outside the panel
+    out = dkan.pp.normalize(a, inplace=False)
+    assert out.dtype == np.float32 and out.shape == (19, 4)  # spots x panel, in panel order
     expect = _manual(c[:, [3, 0, 1, 5]], rows, cols, SQUARE)  # library size over the panel only
-    np.testing.assert_allclose(out[:, [3, 0, 1, 5]], expect, rtol=1e-5)
+    np.testing.assert_allclose(out, expect, rtol=1e-5)
+    with pytest.raises(TypeError, match="widen"):  # a bare AnnData wider than the panel is never widened
+        dkan.pp.normalize(a)
+    assert K.TARGET not in a.layers
+    a = a[:, ["g3", "g0", "g1", "g5"]].copy()  # the panel alone: written in place
+    dkan.pp.normalize(a)
+    np.testing.assert_allclose(a.layers[K.TARGET], expect, rtol=1e-5)
     rec = a.uns[K.UNS][K.UNS_NORMALIZE]
     assert rec["log"] == "log10" and rec["target_sum"] == 1e4 and rec["grid"] == {"sample": "square"}
     assert list(rec["genes"]) == ["g3", "g0", "g1", "g5"]
@@ -186,8 +190,9 @@ def test_pp_on_toy(toy):
     dkan.pp.select_genes(toy, n_genes=20)
     dkan.pp.normalize(toy)
     tab = toy.tables[K.TABLE]
-    panel = tab.var[K.PANEL].to_numpy()
-    assert np.isfinite(tab.layers[K.TARGET][:, panel]).all() and np.isnan(tab.layers[K.TARGET][:, ~panel]).all()
+    assert K.TARGET not in tab.layers  # the count table is not widened
+    res = results(toy)
+    assert res.layers[K.TARGET].shape == (tab.n_obs, 20) and np.isfinite(res.layers[K.TARGET]).all()
 
 
 def test_pp_on_visium():
@@ -198,8 +203,9 @@ def test_pp_on_visium():
     assert {K.ARRAY_ROW, K.ARRAY_COL} <= set(tab.obs)  # spatialdata-io keeps Visium's grid coordinates
     dkan.pp.select_genes(sd, n_genes=10, min_fraction=0.05)
     dkan.pp.normalize(sd)
-    assert tab.uns[K.UNS][K.UNS_NORMALIZE]["grid"] == {"tiny": "hex"}
-    target = tab.layers[K.TARGET][:, tab.var[K.PANEL].to_numpy()]
+    res = results(sd)
+    assert res.uns[K.UNS][K.UNS_NORMALIZE]["grid"] == {"tiny": "hex"}
+    target = res.layers[K.TARGET]
     assert target.shape == (100, 10) and np.isfinite(target).all() and (target >= 0).all()
     res = dkan.pp.select_genes(sd, n_genes=5, min_fraction=0.05, flavor="svg", inplace=False)
     assert res[K.PANEL].sum() == 5
@@ -232,11 +238,12 @@ def test_select_and_normalize_never_change_non_canonical_counts():
     adata = ad.AnnData(x, obs=pd.DataFrame(index=[f"s{i}" for i in range(30)]))
     adata.var_names = [f"G{i}" for i in range(12)]
     dkan.pp.select_genes(adata, n_genes=5, min_fraction=0.0)
-    dkan.pp.normalize(adata, smooth=False)
+    out = dkan.pp.normalize(adata, smooth=False, inplace=False)
     np.testing.assert_array_equal(adata.X.toarray(), dense)  # the user's counts are untouched
-    lib = dense[:, adata.var[K.PANEL].to_numpy()].sum(1, keepdims=True)
-    expect = np.log10(1 + 1e4 * dense[:, adata.var[K.PANEL].to_numpy()] / lib)
-    np.testing.assert_allclose(adata.layers[K.TARGET][:, adata.var[K.PANEL].to_numpy()], expect, rtol=1e-5)
+    idx = adata.var_names.get_indexer(adata.uns[K.UNS][K.UNS_PANEL]["genes"])  # panel order
+    lib = dense[:, idx].sum(1, keepdims=True)
+    expect = np.log10(1 + 1e4 * dense[:, idx] / lib)
+    np.testing.assert_allclose(out, expect, rtol=1e-5)
 
 
 def test_select_svg_uses_squidpy_knn_without_deprecation(toy):

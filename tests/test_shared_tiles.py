@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import results
 
 import dkan
 from dkan import _keys as K
@@ -59,7 +60,7 @@ def test_shared_tiles_equal_spot_by_spot_where_aligned_and_encode_each_tile_once
     sdata = _sdata()
     dkan.tl.extract_features(sdata, "dummy", key_added="exact", device="cpu", progress=False)
     dkan.tl.extract_features(sdata, "dummy", key_added="shared", shared_tiles=True, device="cpu", progress=False)
-    t = sdata.tables[K.TABLE]
+    t = results(sdata)
     np.testing.assert_array_equal(t.obsm["exact"], t.obsm["shared"])  # the spot patch stays exact
     np.testing.assert_array_equal(t.obsm["exact_region_mask"], t.obsm["shared_region_mask"])
     exact, shared = t.obsm["exact_region"], t.obsm["shared_region"]
@@ -77,7 +78,7 @@ def test_shared_tiles_equal_spot_by_spot_where_aligned_and_encode_each_tile_once
 def test_stored_kind_is_kept_unless_asked_otherwise():
     sdata = _sdata()
     dkan.tl.extract_features(sdata, "dummy", shared_tiles=True, device="cpu", progress=False)
-    t = sdata.tables[K.TABLE]
+    t = results(sdata)
     first = t.obsm[K.REGION_FEATURES]
     dkan.tl.extract_features(sdata, "dummy", device="cpu", progress=False)  # None: what is stored is fine
     assert t.obsm[K.REGION_FEATURES] is first
@@ -90,4 +91,4 @@ def test_stored_kind_is_kept_unless_asked_otherwise():
 def test_region_off_ignores_shared(shared):
     sdata = _sdata()
     dkan.tl.extract_features(sdata, "dummy", region=False, shared_tiles=shared, device="cpu", progress=False)
-    assert K.REGION_FEATURES not in sdata.tables[K.TABLE].obsm
+    assert K.REGION_FEATURES not in results(sdata).obsm

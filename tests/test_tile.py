@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import data_path
+from conftest import data_path, results
 
 import dkan
 from dkan import _keys as K
@@ -87,7 +87,7 @@ EDGE_XY = [(200.3, 150.7), (5.2, 7.9), (398.0, 299.5), (30.0, 280.0), (120.0, 12
 def test_tile_geometry_and_mask(multiscale):
     sd, _ = make_sdata(EDGE_XY, multiscale=multiscale)
     dkan.tl.tile(sd, patch_size=32)
-    t = sd["table"]
+    t = results(sd)
     np.testing.assert_allclose(t.obsm[K.SPOT_PX], np.array(EDGE_XY))
     mask = t.obsm[K.REGION_MASK]
     assert mask.shape == (6, 25) and mask.dtype == bool
@@ -110,15 +110,15 @@ def test_tile_follows_transformations():
     # spots stored in µm (2 µm per unit -> Scale 2 to the slide system), image in pixels
     sd, _ = make_sdata(EDGE_XY, spots_scale=2.0)
     dkan.tl.tile(sd, patch_size=32)
-    np.testing.assert_allclose(sd["table"].obsm[K.SPOT_PX], np.array(EDGE_XY))
+    np.testing.assert_allclose(results(sd).obsm[K.SPOT_PX], np.array(EDGE_XY))
 
 
 def test_tile_not_inplace_and_key_added():
     sd, _ = make_sdata(EDGE_XY)
     out = dkan.tl.tile(sd, patch_size=32, inplace=False)
-    assert K.SPOT_PX not in sd["table"].obsm and out["region_mask"].shape == (6, 25)
+    assert list(sd.tables) == ["table"] and out["region_mask"].shape == (6, 25)
     dkan.tl.tile(sd, patch_size=16, region_grid=3, key_added="small")
-    t = sd["table"]
+    t = results(sd)
     assert t.obsm[f"{K.REGION_MASK}_small"].shape == (6, 9)
     assert t.uns[K.UNS]["small"]["keys"]["grid"] == f"{K.GRID}_small"
 
@@ -130,23 +130,23 @@ def test_grid_square_hex_irregular():
     xy = np.c_[rc[:, 1] * 20.0, rc[:, 0] * 20.0]
     sd, _ = make_sdata(xy, array=rc)
     dkan.tl.tile(sd, patch_size=16)
-    g = sd["table"].obsm[K.GRID]
+    g = results(sd).obsm[K.GRID]
     np.testing.assert_array_equal(g, rc - rc.min(axis=0))
-    assert g.dtype == np.int64 and sd["table"].uns[K.UNS][K.UNS_TILE]["samples"]["s"]["grid_kind"] == "square"
+    assert g.dtype == np.int64 and results(sd).uns[K.UNS][K.UNS_TILE]["samples"]["s"]["grid_kind"] == "square"
     # Visium hex: (row + col) even
     hexrc = np.array([(r, 2 * c + r % 2) for r in range(4) for c in range(5)])
     xy = np.c_[hexrc[:, 1] * 10.0 + 50, hexrc[:, 0] * 17.0 + 50]
     sd, _ = make_sdata(xy, array=hexrc)
     dkan.tl.tile(sd, patch_size=16)
-    g = sd["table"].obsm[K.GRID]
+    g = results(sd).obsm[K.GRID]
     np.testing.assert_array_equal(g, np.c_[hexrc[:, 0], hexrc[:, 1] // 2])
-    assert sd["table"].uns[K.UNS][K.UNS_TILE]["samples"]["s"]["grid_kind"] == "hex"
+    assert results(sd).uns[K.UNS][K.UNS_TILE]["samples"]["s"]["grid_kind"] == "hex"
     # irregular: jittered hex-like layout without array coords -> unique positions, order-free
     xy = xy + rng.normal(0, 1.0, xy.shape)
     perm = rng.permutation(len(xy))
     sd, _ = make_sdata(xy[perm])
     dkan.tl.tile(sd, patch_size=16)
-    g = sd["table"].obsm[K.GRID]
+    g = results(sd).obsm[K.GRID]
     assert len(np.unique(g, axis=0)) == len(g) and g.min() == 0
     # rows increase with y, columns with x
     assert np.corrcoef(g[:, 0], xy[perm, 1])[0, 1] > 0.95 and np.corrcoef(g[:, 1], xy[perm, 0])[0, 1] > 0.95
@@ -155,15 +155,15 @@ def test_grid_square_hex_irregular():
 def test_target_mpp_picks_level():
     sd, _ = make_sdata(EDGE_XY[:1], multiscale=True, shape=(3, 300, 400), um_per_px=0.5)
     dkan.tl.tile(sd, patch_size=32, target_mpp=1.0)
-    s = sd["table"].uns[K.UNS][K.UNS_TILE]["samples"]["s"]
+    s = results(sd).uns[K.UNS][K.UNS_TILE]["samples"]["s"]
     assert (s["level"], s["resample"], s["mpp"]) == (1, 1.0, 1.0)
-    np.testing.assert_allclose(sd["table"].obsm[K.SPOT_PX], np.array(EDGE_XY[:1]) / 2)
+    np.testing.assert_allclose(results(sd).obsm[K.SPOT_PX], np.array(EDGE_XY[:1]) / 2)
     dkan.tl.tile(sd, patch_size=32, target_mpp=0.75)
-    s = sd["table"].uns[K.UNS][K.UNS_TILE]["samples"]["s"]
+    s = results(sd).uns[K.UNS][K.UNS_TILE]["samples"]["s"]
     assert s["level"] == 0 and s["resample"] == pytest.approx(1.5) and s["patch_side"] == 48
     sd, _ = make_sdata(EDGE_XY[:1], um_per_px=None)  # Visium rule: 55 µm / (2 * radius 5 px)
     dkan.tl.tile(sd, patch_size=32, target_mpp=11.0)
-    s = sd["table"].uns[K.UNS][K.UNS_TILE]["samples"]["s"]
+    s = results(sd).uns[K.UNS][K.UNS_TILE]["samples"]["s"]
     assert s["mpp"] == pytest.approx(5.5) and s["resample"] == pytest.approx(2.0)
 
 
@@ -193,7 +193,7 @@ def test_bad_inputs():
 
 def test_tile_toy(toy):
     dkan.tl.tile(toy, patch_size=64)
-    t = toy["table"]
+    t = results(toy)
     assert np.isfinite(t.obsm[K.SPOT_PX]).all() and (t.obsm[K.GRID] >= 0).all()
     assert set(t.uns[K.UNS][K.UNS_TILE]["samples"]) == {"s0", "s1", "s2"}
     for name in ("s0", "s1", "s2"):
@@ -211,7 +211,7 @@ def test_tile_visium_layout():
     sd = spatialdata_io.visium(path, dataset_id="tiny")
     img_key = "tiny_hires_image"
     dkan.tl.tile(sd, image_key=img_key, patch_size=32)
-    t = sd["table"]
+    t = results(sd)
     # expected: full-res spot centres through the image's inverse Scale into hires pixels
     scale = get_transformation(sd[img_key], "tiny").to_affine_matrix(("x", "y"), ("x", "y"))[0, 0]
     shapes = sd["tiny"].loc[t.obs[K.INSTANCE].to_numpy()]

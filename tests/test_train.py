@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import results
 
 import dkan
 from dkan import _keys as K
@@ -49,8 +50,8 @@ def learned_cheaply(split):
 def _assert_beats_the_training_mean(train_sd, model, held, *, min_pcc, max_mse_ratio):
     dkan.tl.predict(held, model, progress=False)
     res = dkan.tl.evaluate(held)
-    y_train = train_sd.tables[K.TABLE][:, model.genes].layers[K.TARGET]
-    y = held.tables[K.TABLE][:, model.genes].layers[K.TARGET]
+    y_train = results(train_sd)[:, model.genes].layers[K.TARGET]
+    y = results(held)[:, model.genes].layers[K.TARGET]
     mse_mean = float(np.mean((y - y_train.mean(0)) ** 2))
     # the training mean is constant per gene (PCC undefined): DKAN must correlate clearly and have lower error
     assert res.summary["pcc_all"] > min_pcc, res.summary
@@ -60,10 +61,10 @@ def _assert_beats_the_training_mean(train_sd, model, held, *, min_pcc, max_mse_r
 def test_train_runs_missing_steps_and_keeps_history(toy_master):
     sdata = copy_sdata(toy_master)
     model = dkan.tl.train(sdata, config="small", progress=False, **{**FAST, "max_epochs": 2})
-    adata = sdata.tables[K.TABLE]
+    adata = results(sdata)
     for key in (K.SPOT_FEATURES, K.REGION_FEATURES, K.REGION_MASK, K.GRID):
         assert key in adata.obsm
-    assert K.TARGET in adata.layers and K.PANEL in adata.var
+    assert K.TARGET in adata.layers and K.PANEL in sdata.tables[K.TABLE].var
     assert len(model.history) == 2
     assert {"total", "sup", "con", "w_sup", "w_con", "val_pcc"} <= set(model.history[0])
     assert model.meta["features"]["encoder"] == "dummy"
@@ -116,7 +117,9 @@ def test_predict_writes_layer_and_save_load_roundtrip(trained, split, tmp_path):
 def test_predict_refuses_other_features(trained, split):
     _, model = trained
     new = copy_sdata(split[1])
-    adata = new.tables[K.TABLE]
+    from dkan._results import results_table
+
+    _, adata = results_table(new, create=True)  # features live in the results table
     adata.obsm[K.SPOT_FEATURES] = np.zeros((adata.n_obs, 3), dtype=np.float32)
     adata.uns[K.UNS][K.UNS_FEATURES] = {"encoder": "other", "weights_hash": "x", "dim": 3}
     with pytest.raises(ValueError, match="differ"):
@@ -154,9 +157,9 @@ def test_trainable_patch_branch_trains_predicts_and_round_trips(split, tmp_path)
     assert any(moved), "the patch encoder's weights did not change in training"
     new = copy_sdata(held_sd)
     dkan.tl.predict(new, model, progress=False)
-    pred = new.tables[K.TABLE][:, model.genes].layers[K.PRED]
+    pred = results(new)[:, model.genes].layers[K.PRED]
     assert np.isfinite(pred).all() and pred.std(0).mean() > 0
     model.save(tmp_path / "m")
     again = copy_sdata(held_sd)
     dkan.tl.predict(again, dkan.DKANModel.load(tmp_path / "m"), progress=False)
-    np.testing.assert_allclose(again.tables[K.TABLE][:, model.genes].layers[K.PRED], pred, atol=1e-5)
+    np.testing.assert_allclose(results(again)[:, model.genes].layers[K.PRED], pred, atol=1e-5)

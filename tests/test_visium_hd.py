@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import results
 
 import dkan
 from dkan import _keys as K
@@ -97,11 +98,11 @@ def test_pseudo_spots_train_and_predict():
     _, tkey = dkan.pp.aggregate_bins(sdata, table_key="square_008um", spot_um=56)
     del sdata["square_008um"]  # dkan works on the pseudo-spot table; the bins stay in the user's own store
     dkan.tl.tile(sdata, table_key=tkey, patch_size=32, target_mpp=2.0)
-    rec = sdata.tables[tkey].uns[K.UNS][K.UNS_TILE]["samples"]["ds_square_008um_dkan_56um"]
+    rec = results(sdata, tkey).uns[K.UNS][K.UNS_TILE]["samples"]["ds_square_008um_dkan_56um"]
     assert rec["grid_kind"] == "square" and rec["mpp"] == pytest.approx(0.5) and rec["resample"] == pytest.approx(4)
     model = dkan.tl.train(sdata, config="small", max_epochs=1, feature_encoder="dummy", device="cpu", progress=False)
     dkan.tl.predict(sdata, model, progress=False, overwrite=True)
-    table = sdata.tables[tkey]
+    table = results(sdata, tkey)
     assert np.isfinite(table.layers[K.PRED][:, table.var_names.get_indexer(model.genes)]).all()
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import results
 
 import dkan
 from dkan import _keys as K
@@ -106,7 +107,7 @@ def test_spots_land_on_the_toy_texture(folders, toy_sd):
 def test_dkan_tiles_the_full_image_on_a_hex_grid(folders, toy_sd):
     sd = _read(folders[0])
     dkan.tl.tile(sd, patch_size=32, target_mpp=2.0)
-    tab = sd.tables["table"]
+    tab = results(sd)
     rec = tab.uns[K.UNS][K.UNS_TILE]["samples"]["s0"]
     assert rec["image_key"] == "s0_full_image"  # the full-resolution image is the one cropped, at level 0
     assert rec["level"] == 0 and rec["mpp"] == pytest.approx(2.0)  # µm/px from the 55 µm spot diameter
@@ -138,7 +139,8 @@ def test_quick_train_and_predict_with_ensembl_var_names(folders):
     key = dkan.tl.predict(sd_new, model, gene_symbols="gene_symbols", progress=False)
     pred = sd_new.tables[key].layers[K.PRED]
     assert pred.shape == (tab.n_obs, len(model.genes)) and np.isfinite(pred).all()
-    assert sd_new.tables[key].var_names[0].startswith("ENSG")  # the user's names come back
+    assert tab.var_names[0].startswith("ENSG")  # the user's names come back
+    assert list(sd_new.tables[key].var_names) == list(model.genes)  # the results table speaks the model's symbols
 
 
 def test_visium_tutorial_is_stored_with_outputs():

@@ -35,10 +35,11 @@ UNS_GENE_EMBEDDING = "gene_embedding"
 UNS_PREDICT = "predict"
 UNS_READER = "reader"  #: per-sample reader metadata (um per pixel, spot pitch)
 UNS_SOURCE = "source"  #: the slide file a prediction store was made from (``dkan predict SLIDE``)
+UNS_RESULTS_OF = "results_of"  #: marker of a results table: the name of the count table whose spots it annotates
 
 # --- element names that dkan creates ---------------------------------------------------------------
 PSEUDO_SPOTS_SUFFIX = "_dkan_spots"  #: shapes element of pseudo-spots: ``f"{image_key}{suffix}"``
-PRED_TABLE = "dkan_pred"  #: table created by ``predict`` on a slide without expression
+RESULTS_SUFFIX = "_dkan"  #: panel-sized results table of count table ``t``: ``f"{t}{suffix}"`` (see dkan._results)
 IMAGE_SUFFIX = "_image"  #: readers name images ``f"{sample}{suffix}"``
 SPOTS_SUFFIX = "_spots"  #: readers name spot circles ``f"{sample}{suffix}"``
 TABLE = "table"  #: default table name written by readers

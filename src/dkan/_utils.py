@@ -44,8 +44,18 @@ def choose_key(kind: str, param: str, key: str | None, available: list[str]) -> 
 
 
 def get_table(sdata: SpatialData, table_key: str | None = None) -> tuple[str, AnnData]:
-    """Return ``(name, table)``, inferring the name when the SpatialData holds one table."""
-    key = choose_key("tables", "table_key", table_key, list(sdata.tables.keys()))
+    """Return ``(name, table)``, inferring the name when the SpatialData holds one table.
+
+    dkan's results tables (:mod:`dkan._results`) of another table are skipped when inferring, so a SpatialData with
+    one count table and its results table infers the count table.
+    """
+    if table_key is None:
+        from dkan._results import is_derived
+
+        available = [k for k in sdata.tables.keys() if not is_derived(sdata, k)]
+    else:
+        available = list(sdata.tables.keys())
+    key = choose_key("tables", "table_key", table_key, available)
     return key, sdata.tables[key]
 
 

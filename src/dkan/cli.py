@@ -134,11 +134,12 @@ def _add_predict(sub: Any) -> None:
         help="Predict expression on a SpatialData zarr store or a whole-slide file with a saved model.",
         description="Predict the model's gene panel at every spot of a SpatialData zarr store, or of a whole-slide "
         "file (.svs, .tif/OME-TIFF, .ndpi, .scn; read lazily with its pixel size through dkan.io.read_wsi). With a "
-        "table of spots, predictions go to table.layers[KEY_ADDED] (NaN for genes outside the panel); on an "
-        "H&E-only slide, tissue is detected on a low pyramid level and pseudo-spots and a new table are created. "
+        "table of spots TABLE, predictions go to layers[KEY_ADDED] of its panel-sized results table TABLE_dkan (var = "
+        "the model's gene panel; the count table is left as it was); on an H&E-only slide, tissue is detected on a "
+        "low pyramid level and pseudo-spots and a new panel-sized table over them are created. "
         "Missing tiles and frozen features are computed with the model's settings.",
         epilog="--out writes a new store (to a temporary sibling path, renamed into place when complete). "
-        "--in-place rewrites the table element of STORE (and adds any new element): the updated table is first "
+        "--in-place rewrites the results table element of STORE (and adds any new element): the updated table is first "
         "backed up next to the store as .STORE.TABLE.dkan-backup.zarr, removed again on success.",
     )
     p.add_argument("store", type=Path, help="Input SpatialData zarr store or whole-slide file (SLIDE).")

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import dkan
     from dkan import _keys as K
+    from dkan._results import results_table
 
     parser = argparse.ArgumentParser(prog="python -m dkan.demo", description=__doc__)
     parser.add_argument("--out", default="dkan_demo", help="folder for the plot and the saved model")
@@ -62,9 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     model = dkan.tl.train(train_sd, config="small", **overrides)
     dkan.tl.predict(test_sd, model)
     res = dkan.tl.evaluate(test_sd)
-    table = test_sd.tables[K.TABLE]
-    y_train = train_sd.tables[K.TABLE][:, model.genes].layers[K.TARGET]
-    ridge = dkan.tl.fit_ridge(train_sd.tables[K.TABLE].obsm[K.SPOT_FEATURES], y_train)
+    table = results_table(test_sd)[1]  # the panel-sized table dkan writes to (dkan._results)
+    train_res = results_table(train_sd)[1]
+    y_train = train_res[:, model.genes].layers[K.TARGET]
+    ridge = dkan.tl.fit_ridge(train_res.obsm[K.SPOT_FEATURES], y_train)
     table.layers["ridge"] = np.full(table.shape, np.nan, np.float32)
     table.layers["ridge"][:, table.var_names.get_indexer(model.genes)] = ridge.predict(table.obsm[K.SPOT_FEATURES])
     res_ridge = dkan.tl.evaluate(test_sd, pred_layer="ridge")

@@ -79,7 +79,8 @@ def spatial_pred(
         ``layers`` key of the observed values; written by :func:`dkan.pp.normalize` and by
         :func:`dkan.tl.predict` on slides with counts, so both panels are on the same scale.
     table_key
-        Table holding the predictions. Default: the only table that has ``layers[pred_layer]``.
+        Table holding the predictions, or the count table whose results table (``f"{table_key}_dkan"``, see
+        :mod:`dkan._results`) holds them. Default: the only table that has ``layers[pred_layer]``.
     image_key
         Image to draw under the spots (one name, or ``{spots_key: image_key}``); inferred per sample.
     cmap
@@ -169,6 +170,11 @@ def _pred_table(sdata: SpatialData, pred_layer: str, table_key: str | None) -> s
     if table_key is not None:
         if table_key not in sdata.tables:
             raise KeyError(f"`table_key={table_key!r}` not found; available tables: {sorted(sdata.tables)}.")
+        from dkan._results import find_results
+
+        found = find_results(sdata, table_key)  # a count table's predictions live in its results table
+        if found is not None and pred_layer not in sdata.tables[table_key].layers:
+            table_key = found[0]
         if pred_layer not in sdata.tables[table_key].layers:
             raise KeyError(_missing_pred(pred_layer, table_key, sdata.tables[table_key]))
         return table_key

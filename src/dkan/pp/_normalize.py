@@ -98,12 +98,16 @@ def normalize(
     key_added
         ``layers`` key of the result.
     inplace
-        Write ``layers[key_added]`` and ``uns["dkan"]["normalize"]``; otherwise return the matrix.
+        Write ``layers[key_added]`` and ``uns["dkan"]["normalize"]``; otherwise return the matrix. On a
+        SpatialData they go to the panel-sized results table ``f"{table_key}_dkan"`` (created when missing; its
+        ``var`` grows by the normalised genes it lacks), never to the count table. On a bare AnnData they are
+        written only when the normalised genes are all of its genes (the layer follows ``var`` order); a wider
+        AnnData is a TypeError (pass the SpatialData, ``inplace=False`` or ``adata[:, genes].copy()``).
 
     Returns
     -------
-    With ``inplace=False``, the float32 matrix (n_obs x n_vars) that would be written: the normalised values
-    of the chosen genes, NaN in the columns of all other genes (they take no part in the library size).
+    With ``inplace=False``, the float32 matrix ``(n_obs, n_genes)`` of the normalised genes, columns in panel order
+    (``genes`` as given, else the recorded panel order); memory grows with the panel, never with all genes.
     """
     if log not in _LOGS:
         raise ValueError(f"`log={log!r}` is not one of {_LOGS}.")
@@ -121,7 +125,7 @@ def normalize(
             f"`smooth=True` needs grid coordinates in `obs[{K.ARRAY_ROW!r}]` and `obs[{K.ARRAY_COL!r}]`; found "
             f"{list(adata.obs.columns)}. Add them (Visium: from the tissue positions file) or pass `smooth=False`."
         )
-    out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+    out = np.zeros((adata.n_obs, len(panel)), dtype=np.float32)
     labels = _sample_labels(adata)
     grids: dict[str, str] = {}
     n_zero = 0
@@ -133,12 +137,11 @@ def normalize(
             rc = adata.obs.iloc[rows][[K.ARRAY_ROW, K.ARRAY_COL]].to_numpy()
             grids[str(lab)] = grid or detect_grid(rc)
             y = neighbour_average(rc, grids[str(lab)]) @ y
-        out[np.ix_(rows, gidx)] = y
+        out[rows] = y
     if n_zero:
         logger.warning("normalize: %d spot(s) have no counts over the %d genes; set to 0", n_zero, len(panel))
     if not inplace:
         return out
-    adata.layers[key_added] = out
     params = {
         "genes": panel,
         "target_sum": target_sum,
@@ -152,8 +155,37 @@ def normalize(
         "per_sample": True,
         "n_zero_library": int(n_zero),
     }
-    uns_set(adata, K.UNS_NORMALIZE, params)
+    _write(data, adata, table_key, panel, out, key_added=key_added, params=params)
     return None
+
+
+def _write(
+    data: SpatialData | AnnData,
+    adata: AnnData,
+    table_key: str | None,
+    panel: list[str],
+    out: np.ndarray,
+    *,
+    key_added: str,
+    params: dict,
+) -> None:
+    """Write the panel-sized target: to the results table of a SpatialData, or into a bare AnnData of those genes."""
+    from dkan._results import check_bare_anndata, ensure_genes, results_table
+
+    if hasattr(data, "tables"):
+        rkey, _ = results_table(data, table_key, create=True)
+        target = ensure_genes(data, rkey, panel, panel=True)
+    else:
+        check_bare_anndata(adata, panel, func="dkan.pp.normalize")
+        target = adata
+    cols = target.var_names.get_indexer(panel)
+    if cols.tolist() == list(range(target.n_vars)):
+        full = out
+    else:
+        full = np.full((target.n_obs, target.n_vars), np.nan, dtype=np.float32)
+        full[:, cols] = out
+    target.layers[key_added] = full
+    uns_set(target, K.UNS_NORMALIZE, params)
 
 
 def _table_name(data: SpatialData | AnnData, table_key: str | None) -> str:

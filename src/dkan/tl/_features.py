@@ -95,7 +95,8 @@ def extract_features(
     Returns
     -------
     None; writes ``obsm`` arrays (float32 ``(n, D)`` and ``(n, G*G, D)``, the bool mask) and the provenance
-    (encoder name, weights hash, dimension, geometry, dtype) to the table.
+    (encoder name, weights hash, dimension, geometry, dtype) to the panel-sized results table
+    ``f"{table_key}_dkan"`` (:mod:`dkan._results`), never to the count table.
     """
     from dkan.nn.image_encoders import create_image_encoder
     from dkan.tl._tiling.crops import SpotCrops
@@ -103,7 +104,10 @@ def extract_features(
 
     if int(batch_size) < 1:
         raise ValueError(f"`batch_size` must be positive; got {batch_size}.")
-    tkey, adata = get_table(sdata, table_key)
+    from dkan._results import results_table
+
+    tkey, _ = get_table(sdata, table_key)
+    _, adata = results_table(sdata, tkey, create=True)  # features, geometry and provenance live there
     keys = feature_keys(key_added)
     enc = create_image_encoder(encoder, checkpoint_path=checkpoint_path)
     old = uns_get(adata, keys["uns"])

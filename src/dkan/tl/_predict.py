@@ -42,11 +42,14 @@ def predict(
 ) -> str:
     """Predict the expression of the model's gene panel (and of other genes, from their text) at every spot.
 
-    Missing input steps (tiling, frozen features) run with the model's settings. When the slide has a table
-    of spots, predictions go to ``table.layers[key_added]`` (float32, ``NaN`` for genes outside the model's
-    panel) and, when the table holds measured counts, ``layers["dkan_target"]`` gets the model's
-    normalisation so that :func:`dkan.tl.evaluate` compares like with like. A slide with only an image gets
-    pseudo-spots (:func:`dkan.tl.make_spots`) and a new table over them with ``var_names`` = the panel.
+    Missing input steps (tiling, frozen features) run with the model's settings. Predictions go to
+    ``layers[key_added]`` (float32, spots x genes) of the panel-sized results table (:mod:`dkan._results`):
+    ``f"{table_key}_dkan"`` when the slide has a count table (``var`` = the panel, in panel order, plus the genes
+    in ``genes``; created or grown as needed, the count table itself is not touched), and when the count table
+    holds measured counts, ``layers["dkan_target"]`` of the same table gets the model's normalisation (from the
+    counts layer the model was trained on, when the table has it) so that :func:`dkan.tl.evaluate` compares like
+    with like. A slide with only an image gets pseudo-spots (:func:`dkan.tl.make_spots`) and the table over them
+    (``var_names`` = the panel plus ``genes``) is its own results table. Memory is O(spots x panel).
 
     The target is normalised exactly as in training: when the table lacks some of the panel genes, whose
     counts made up each spot's training library size, no target is written (a warning says why) rather than
@@ -81,8 +84,8 @@ def predict(
     genes
         Genes outside the model's panel to predict as well. DKAN queries a gene by the embedding of its text, so
         a gene it never saw gets the panel's average per-gene output gain and bias and a prediction from its
-        text alone (see the method page for how well that works). Each must be a ``var_name`` of the table (a
-        table that ``predict`` creates on an H&E-only slide includes them).
+        text alone (see the method page for how well that works). They are appended to the results table's
+        ``var`` (existing layers get NaN columns for them); they need not be measured.
     descriptions
         Texts of the genes in ``genes`` (a ``{symbol: text}`` mapping, a TSV path or a
         :func:`dkan.tl.describe_genes` frame), embedded with the model's text encoder. Default: their
@@ -97,7 +100,7 @@ def predict(
 
     Returns
     -------
-    The name of the table holding the predictions.
+    The name of the (results) table holding the predictions.
     """
     from dkan._genes import use_symbols
     from dkan.tl._query import as_models, new_genes
@@ -141,55 +144,45 @@ def _predict_table(
     overwrite: bool,
     progress: bool,
 ) -> str:
-    """Predict into table ``tkey``, matching the model's genes to its ``var_names``."""
+    """Predict for the spots of table ``tkey`` into its results table; returns the results table's name."""
     from tqdm.auto import tqdm
 
-    from dkan._genes import missing_genes_hint
+    from dkan._results import ensure_genes, find_results, results_table
     from dkan.tl._query import draws, new_gene_embeddings
     from dkan.tl._train import build_inputs, resolve_device
     from dkan.train.loop import predict_rows
 
     model = models[0]
-    adata = sdata.tables[tkey]
+    counts = sdata.tables[tkey]
+    check_unique_genes(counts, table_key=tkey)
+    measured = _has_counts(counts) and _check_measured(counts, model, tkey)
+    found = find_results(sdata, tkey)  # checked before anything is written: a refused call writes nothing
     std_key = f"{key_added}{K.STD_SUFFIX}"
     for key in (key_added, std_key) if len(models) > 1 or n_samples > 1 else (key_added,):
-        if key in adata.layers and not overwrite:
+        if found is not None and key in found[1].layers and not overwrite:
             raise ValueError(
-                f"`layers[{key!r}]` exists in table `{tkey}`; pass `overwrite=True` or another `key_added`."
+                f"`layers[{key!r}]` exists in table `{found[0]}`; pass `overwrite=True` or another `key_added`."
             )
-    check_unique_genes(adata, table_key=tkey)
-    gidx = adata.var_names.get_indexer(model.genes)
-    if (gidx < 0).all():
-        raise ValueError(
-            f"None of the model's {len(model.genes)} genes is in table `{tkey}` (e.g. {model.genes[:3]}); "
-            "predict on a table with the model's gene symbols, or on a slide without a table. "
-            + missing_genes_hint(adata, model.genes)
-        )
-    if (gidx < 0).any():
-        lost = [g for g, i in zip(model.genes, gidx, strict=True) if i < 0]
-        logger.warning("%d model genes are not in table `%s` and are not written: %s", len(lost), tkey, lost[:10])
-    absent = [g for g in extra if g not in adata.var_names]
-    if absent:
-        raise ValueError(
-            f"`genes` names {len(absent)} gene(s) that are not `var_names` of table `{tkey}`: {absent[:10]}; "
-            "predictions are written per table gene. Predict on a table that has them, or on a slide without a table."
-        )
-    new_emb = new_gene_embeddings(adata, model, extra, descriptions) if extra else None
-    gidx = adata.var_names.get_indexer(list(model.genes) + extra)
+    new_emb = new_gene_embeddings(found and found[1], model, extra, descriptions) if extra else None
+    rkey, _ = results_table(sdata, tkey, create=True)
+    ensure_genes(sdata, rkey, list(model.genes), panel=True)
+    ensure_genes(sdata, rkey, extra)
     dev = resolve_device(device)
     cfg = model.config
     prep.ensure_tiles(sdata, cfg, table_key=tkey, image_key=image_key)
-    if uns_get(adata, K.UNS_FEATURES) is not None:
-        check_features(model, uns_get(adata, K.UNS_FEATURES))
+    stored = uns_get(sdata.tables[rkey], K.UNS_FEATURES)
+    if stored is not None:
+        check_features(model, stored)
     feats = prep.ensure_features(
         sdata, model.meta["features"]["encoder"], table_key=tkey, device=dev, batch_size=64, progress=progress
     )
     check_features(model, feats)
-    with_target = _has_counts(adata) and prep.ensure_model_target(
-        adata, list(model.genes), model.meta["normalize"], table_key=tkey
+    with_target = measured and prep.ensure_model_target(
+        sdata, list(model.genes), model.meta["normalize"], table_key=tkey
     )
+    adata = sdata.tables[rkey]  # normalize may have grown it
 
-    samples, reader = build_inputs([sdata], [adata], model.genes, cfg, table_key=tkey, with_target=False)
+    samples, reader = build_inputs([sdata], [counts], model.genes, cfg, table_key=tkey, with_target=False)
     import torch
 
     from dkan.nn.inference import Predictor
@@ -199,8 +192,9 @@ def _predict_table(
     extra_t = torch.as_tensor(new_emb, device=dev) if new_emb is not None else None
     from dkan._utils import iter_samples
 
-    out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+    out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)  # panel (+ requested genes) wide
     out_std = out.copy() if len(models) > 1 or n_samples > 1 else None
+    gidx = adata.var_names.get_indexer(list(model.genes) + extra)
     keep = gidx >= 0
     for s, (inp, smp) in enumerate(
         tqdm(
@@ -242,8 +236,8 @@ def _predict_table(
             **_identity(model),
         },
     )
-    logger.info("Wrote predictions of %d genes to `%s.layers[%r]`.", int(keep.sum()), tkey, key_added)
-    return tkey
+    logger.info("Wrote predictions of %d genes to `%s.layers[%r]`.", int(keep.sum()), rkey, key_added)
+    return rkey
 
 
 def _as_model(model: Any) -> DKANModel:
@@ -292,12 +286,14 @@ def _table_for(
     extra: Sequence[str] = (),
 ) -> str:
     """The table to predict into; on an H&E-only slide, pseudo-spots and a new table over the panel (+ ``extra``)."""
+    from dkan._results import mark
+
     if table_key is not None or len(sdata.tables):
         from dkan._utils import get_table
 
         tkey, adata = get_table(sdata, table_key)
-        if adata.n_vars == 0:
-            sdata.tables[tkey] = _panel_table(adata, [*model.genes, *extra])
+        if adata.n_vars == 0:  # an empty table over pseudo-spots: it is its own results table
+            mark(adata, tkey)
         return tkey
     import dkan
 
@@ -305,27 +301,22 @@ def _table_for(
     _, tkey = dkan.tl.make_spots(
         sdata, image_key=image_key if isinstance(image_key, str) else None, um_per_px=um_per_px
     )
-    adata = sdata.tables[tkey]
-    sdata.tables[tkey] = _panel_table(adata, [*model.genes, *extra])
+    mark(sdata.tables[tkey], tkey)
     return tkey
 
 
-def _panel_table(adata: AnnData, genes: list[str]) -> AnnData:
-    """The spots' table with ``var_names`` = the model's panel and an all-zero ``X`` (no measurements)."""
-    import anndata as ad
-    import pandas as pd
-    from scipy import sparse
-    from spatialdata.models import TableModel
+def _check_measured(counts: AnnData, model: DKANModel, tkey: str) -> bool:
+    """Whether the count table shares genes with the model (an error when it shares none: a naming mismatch)."""
+    from dkan._genes import missing_genes_hint
 
-    new = ad.AnnData(
-        X=sparse.csr_matrix((adata.n_obs, len(genes)), dtype=np.float32),
-        obs=adata.obs.copy(),
-        var=pd.DataFrame(index=list(genes)),
-        obsm=dict(adata.obsm),
-        uns=dict(adata.uns),
-    )
-    attrs = adata.uns["spatialdata_attrs"]
-    new.uns.pop("spatialdata_attrs", None)
-    return TableModel.parse(
-        new, region=attrs["region"], region_key=attrs["region_key"], instance_key=attrs["instance_key"]
-    )
+    gidx = counts.var_names.get_indexer(model.genes)
+    if (gidx < 0).all():
+        raise ValueError(
+            f"None of the model's {len(model.genes)} genes is in table `{tkey}` (e.g. {model.genes[:3]}); "
+            "predict on a table with the model's gene symbols, or on a slide without a table. "
+            + missing_genes_hint(counts, model.genes)
+        )
+    if (gidx < 0).any():
+        lost = [g for g, i in zip(model.genes, gidx, strict=True) if i < 0]
+        logger.warning("%d model genes are not measured in table `%s`: %s", len(lost), tkey, lost[:10])
+    return True

@@ -19,9 +19,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("dkan")
 
-#: Largest table whose every gene ``train`` embeds into ``varm``; bigger tables embed only the panel.
-MAX_VARM_GENES = 2000
-
 
 def as_list(sdata: SpatialData | Sequence[SpatialData]) -> list[SpatialData]:
     """One SpatialData or a list of them, as a list (type-checked)."""
@@ -56,22 +53,33 @@ def ensure_panel(tables: list[AnnData], n_genes: int) -> list[str]:
     return panel
 
 
-def ensure_target(adata: AnnData, genes: list[str], normalize: Mapping[str, Any] | None = None) -> None:
-    """Write ``layers["dkan_target"]`` over ``genes`` unless it is there with the same settings."""
+def _stored(sdata: SpatialData, table_key: str | None) -> AnnData | None:
+    """The results table of ``table_key`` when it exists (see :mod:`dkan._results`)."""
+    from dkan._results import find_results
+
+    found = find_results(sdata, table_key)
+    return None if found is None else found[1]
+
+
+def ensure_target(
+    sdata: SpatialData, genes: list[str], normalize: Mapping[str, Any] | None = None, *, table_key: str | None
+) -> None:
+    """Write ``layers["dkan_target"]`` of the results table over ``genes`` unless it is there with the same settings."""
     import dkan
 
     params = dict(normalize or {})
-    old = uns_get(adata, K.UNS_NORMALIZE)
-    if K.TARGET in adata.layers and old is not None and list(old.get("genes", genes)) == list(genes):
+    res = _stored(sdata, table_key)
+    old = uns_get(res, K.UNS_NORMALIZE) if res is not None else None
+    if res is not None and K.TARGET in res.layers and old is not None and list(old.get("genes", genes)) == list(genes):
         if not params or all(old.get(k) == v for k, v in params.items() if k != "genes"):
             return
-    logger.info("Normalising expression of %d genes into `layers[%r]`.", len(genes), K.TARGET)
-    kwargs = {k: v for k, v in params.items() if k in ("target_sum", "log", "smooth", "grid")}
-    dkan.pp.normalize(adata, genes=list(genes), **kwargs)
+    logger.info("Normalising expression of %d genes into `layers[%r]` of the results table.", len(genes), K.TARGET)
+    kwargs = {k: v for k, v in params.items() if k in ("target_sum", "log", "smooth", "grid", "layer")}
+    dkan.pp.normalize(sdata, genes=list(genes), table_key=table_key, **kwargs)
 
 
 def ensure_model_target(
-    adata: AnnData, genes: list[str], normalize: Mapping[str, Any] | None, *, table_key: str
+    sdata: SpatialData, genes: list[str], normalize: Mapping[str, Any] | None, *, table_key: str
 ) -> bool:
     """Write ``layers["dkan_target"]`` over the model's ``genes`` exactly as the model was trained, or refuse.
 
@@ -84,7 +92,15 @@ def ensure_model_target(
     -------
     Whether the target layer holds the model's normalisation of the genes present.
     """
+    adata = sdata.tables[table_key]
     params = dict(normalize or {})
+    if params.get("layer") is not None and params["layer"] not in adata.layers:
+        logger.warning(
+            "The model was trained on counts in `layers[%r]`, which table `%s` lacks; normalising its `X` instead.",
+            params["layer"],
+            table_key,
+        )
+        params["layer"] = None
     present = [g for g in genes if g in adata.var_names]
     scaled = params.get("target_sum", 1e4) is not None
     library = params.get("library_size", "panel genes")
@@ -99,13 +115,14 @@ def ensure_model_target(
             "would be on another scale"
         )
     if reason is None:
-        ensure_target(adata, present, params)
+        ensure_target(sdata, present, params, table_key=table_key)
         return True
-    old = uns_get(adata, K.UNS_NORMALIZE)
+    res = _stored(sdata, table_key)
+    old = uns_get(res, K.UNS_NORMALIZE) if res is not None else None
     kept = (
         f" The existing `layers[{K.TARGET!r}]` (normalised over {len((old or {}).get('genes', []))} genes) is left "
         "as it is; do not evaluate against it."
-        if K.TARGET in adata.layers
+        if res is not None and K.TARGET in res.layers
         else ""
     )
     logger.warning(
@@ -123,9 +140,9 @@ def ensure_tiles(sdata: SpatialData, config: DKANConfig, *, table_key: str | Non
     """Compute the tile geometry with the config's settings unless it is there already."""
     import dkan
 
-    _, adata = get_table(sdata, table_key)
+    res = _stored(sdata, table_key)
     want = {"patch_size": config.patch_size, "region_grid": config.region_grid, "target_mpp": config.target_mpp}
-    old = uns_get(adata, K.UNS_TILE)
+    old = uns_get(res, K.UNS_TILE) if res is not None else None
     if old is not None and all(old.get(k) == v for k, v in want.items()):
         return
     if old is not None:
@@ -141,52 +158,52 @@ def ensure_features(
     """Frozen spot and region features with ``encoder`` (computed when missing); returns their provenance."""
     import dkan
 
-    _, adata = get_table(sdata, table_key)
-    old = uns_get(adata, K.UNS_FEATURES)
-    if old is None or K.SPOT_FEATURES not in adata.obsm:
+    res = _stored(sdata, table_key)
+    if res is None or uns_get(res, K.UNS_FEATURES) is None or K.SPOT_FEATURES not in res.obsm:
         logger.info("Extracting frozen %r features of every spot and region (`dkan.tl.extract_features`).", encoder)
     dkan.tl.extract_features(
         sdata, encoder=encoder, table_key=table_key, device=device, batch_size=batch_size, progress=progress
     )
-    return dict(uns_get(adata, K.UNS_FEATURES))
+    return dict(uns_get(_stored(sdata, table_key), K.UNS_FEATURES))
 
 
 def gene_embeddings(
-    tables: list[AnnData],
+    sdata: SpatialData,
     genes: list[str],
     *,
+    table_key: str | None,
     text_encoder: str,
     descriptions: Any,
     describe_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Gene-semantic embeddings of ``genes`` (from ``varm`` when present, else computed)."""
-    import anndata as ad
-    import pandas as pd
+    """Gene-semantic embeddings of ``genes`` (from the results table's ``varm`` when present, else computed there).
 
+    Only ``genes`` (the panel) are embedded, never every gene of the count table.
+    """
     import dkan
+    from dkan._results import results_table
 
-    first = tables[0]
-    rec = uns_get(first, K.UNS_GENE_EMBEDDING)
-    if K.GENE_EMBEDDING in first.varm and rec is not None and rec.get("encoder") == text_encoder:
-        emb = np.asarray(first[:, genes].varm[K.GENE_EMBEDDING], dtype=np.float32)
-        if np.isfinite(emb).all():
-            return emb, dict(rec)
-    if first.n_vars <= MAX_VARM_GENES:
-        logger.info("Embedding gene descriptions with %r (`dkan.tl.embed_genes`).", text_encoder)
-        target = first
-    else:
-        target = ad.AnnData(var=pd.DataFrame(index=list(genes)))
-        logger.info("Embedding the %d panel genes only (the table has %d genes).", len(genes), first.n_vars)
+    res = _stored(sdata, table_key)
+    rec = uns_get(res, K.UNS_GENE_EMBEDDING) if res is not None else None
+    if res is not None and K.GENE_EMBEDDING in res.varm and rec is not None and rec.get("encoder") == text_encoder:
+        if set(genes) <= set(res.var_names):
+            emb = np.asarray(res[:, genes].varm[K.GENE_EMBEDDING], dtype=np.float32)
+            if np.isfinite(emb).all():
+                return emb, dict(rec)
+    logger.info("Embedding the texts of the %d panel genes with %r (`dkan.tl.embed_genes`).", len(genes), text_encoder)
     dkan.tl.embed_genes(
-        target,
+        sdata,
         descriptions=descriptions,
         text_encoder=text_encoder,
+        table_key=table_key,
+        genes=list(genes),
         describe_kwargs=describe_kwargs,
         progress=progress,
     )
-    emb = np.asarray(target[:, genes].varm[K.GENE_EMBEDDING], dtype=np.float32)
-    return emb, dict(uns_get(target, K.UNS_GENE_EMBEDDING))
+    _, res = results_table(sdata, table_key)
+    emb = np.asarray(res[:, genes].varm[K.GENE_EMBEDDING], dtype=np.float32)
+    return emb, dict(uns_get(res, K.UNS_GENE_EMBEDDING))
 
 
 def prepare_training(
@@ -211,8 +228,8 @@ def prepare_training(
         check_unique_genes(adata, table_key=get_table(sd, table_key)[0])
     genes = ensure_panel(tables, cfg.n_genes)
     feats = []
-    for sd, adata in zip(sdatas, tables, strict=True):
-        ensure_target(adata, genes)
+    for sd in sdatas:
+        ensure_target(sd, genes, table_key=table_key)
         ensure_tiles(sd, cfg, table_key=table_key, image_key=image_key)
         feats.append(
             ensure_features(
@@ -226,8 +243,9 @@ def prepare_training(
             "re-run `dkan.tl.extract_features(..., overwrite=True)` with one encoder on all of them."
         )
     emb, emb_rec = gene_embeddings(
-        tables,
+        sdatas[0],
         genes,
+        table_key=table_key,
         text_encoder=cfg.text_encoder,
         descriptions=descriptions,
         describe_kwargs=describe_kwargs,

@@ -61,11 +61,12 @@ def new_genes(model: DKANModel, genes: Sequence[str] | None) -> list[str]:
     return out
 
 
-def new_gene_embeddings(adata: AnnData, model: DKANModel, genes: list[str], descriptions: Any) -> np.ndarray:
+def new_gene_embeddings(adata: AnnData | None, model: DKANModel, genes: list[str], descriptions: Any) -> np.ndarray:
     """Embeddings ``(k, Dt)`` of genes outside the panel, made with the model's text encoder.
 
-    From ``descriptions`` when given (every gene needs one), else from ``adata.varm`` when it holds embeddings of
-    the model's text encoder for them; otherwise a ``KeyError`` that says how to provide them.
+    From ``descriptions`` when given (every gene needs one), else from ``adata.varm`` (the results table, None when
+    there is none yet) when it holds embeddings of the model's text encoder for them; otherwise a ``KeyError`` that
+    says how to provide them.
     """
     rec = dict(model.meta.get("gene_embedding") or {})
     dim = model.gene_embeddings.shape[1]
@@ -103,12 +104,12 @@ def _embed(genes: list[str], descriptions: Any, rec: dict[str, Any]) -> np.ndarr
     return np.asarray(encoder.encode(texts["text"].tolist(), progress=False), dtype=np.float32)
 
 
-def _from_varm(adata: AnnData, genes: list[str], rec: dict[str, Any]) -> np.ndarray:
-    have = uns_get(adata, K.UNS_GENE_EMBEDDING) or {}
-    same = K.GENE_EMBEDDING in adata.varm and have.get("encoder") == rec.get("encoder")
-    idx = adata.var_names.get_indexer(genes)
+def _from_varm(adata: AnnData | None, genes: list[str], rec: dict[str, Any]) -> np.ndarray:
+    have = (uns_get(adata, K.UNS_GENE_EMBEDDING) or {}) if adata is not None else {}
+    same = adata is not None and K.GENE_EMBEDDING in adata.varm and have.get("encoder") == rec.get("encoder")
     emb = np.full((len(genes), 0), np.nan, dtype=np.float32)
     if same:
+        idx = adata.var_names.get_indexer(genes)
         emb = np.full((len(genes), adata.varm[K.GENE_EMBEDDING].shape[1]), np.nan, dtype=np.float32)
         emb[idx >= 0] = np.asarray(adata.varm[K.GENE_EMBEDDING])[idx[idx >= 0]]
     missing = [g for g, row in zip(genes, emb, strict=True) if row.size == 0 or not np.isfinite(row).all()]

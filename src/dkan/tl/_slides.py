@@ -280,10 +280,11 @@ def _features(sdata: SpatialData, model: DKANModel, *, device: Any, shared_tiles
     import numpy as np
 
     import dkan
+    from dkan._results import results_table
     from dkan._utils import get_table, uns_get
     from dkan.tl import _prepare as prep
 
-    tkey, adata = get_table(sdata, None)
+    tkey, _ = get_table(sdata, None)
     prep.ensure_tiles(sdata, model.config, table_key=tkey, image_key=None)
     dkan.tl.extract_features(
         sdata,
@@ -293,6 +294,7 @@ def _features(sdata: SpatialData, model: DKANModel, *, device: Any, shared_tiles
         shared_tiles=True if shared_tiles else None,
         progress=progress,
     )
+    _, adata = results_table(sdata, tkey)
     info = uns_get(adata, K.UNS_FEATURES) or {}
     tiles = info.get("region_tiles_encoded")
     if tiles is None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dkan import _keys as K
+from dkan._results import results_table
 from dkan._utils import get_table, iter_samples
 from dkan.tl import _prepare as prep
 
@@ -135,7 +136,7 @@ def train(
         samples, emb, cfg, dev, reader=reader, progress=progress, checkpoint=checkpoint, resume=resume, genes=genes
     )
     module.eval()
-    meta = model_meta(tables[0], feats, emb_rec, cfg)
+    meta = model_meta(results_table(sdatas[0], table_key)[1], feats, emb_rec, cfg)
     meta["train"] = {
         "samples": [s.name for s in samples],
         "n_spots": int(sum(map(len, samples))),
@@ -276,8 +277,12 @@ def build_inputs(
     from dkan.train.data import SampleInputs
 
     samples, crop_sets = [], []
-    for sd, adata in zip(sdatas, tables, strict=True):
+    for sd in sdatas:
+        _, adata = results_table(sd, table_key)  # targets, features and geometry (dkan._results)
         gidx = adata.var_names.get_indexer(genes) if with_target else None
+        if with_target and (gidx < 0).any():
+            lost = [g for g, i in zip(genes, gidx, strict=True) if i < 0]
+            raise KeyError(f"`layers[{K.TARGET!r}]` has no column for {len(lost)} panel gene(s), e.g. {lost[:5]}.")
         for s in iter_samples(sd, table_key=table_key, need_image=False):
             rows = s.obs_idx
             target = None

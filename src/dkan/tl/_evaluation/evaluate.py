@@ -73,15 +73,25 @@ class EvalResult:
         return np.vstack([r.to_numpy(dtype=np.float64) for r in rows])
 
 
-def _resolve_table(data: SpatialData | AnnData, table_key: str | None) -> tuple[str, AnnData]:
+def _resolve_table(data: SpatialData | AnnData, table_key: str | None, pred_layer: str) -> tuple[str, AnnData]:
+    """The table to evaluate: an AnnData itself, or dkan's results table of a SpatialData's table.
+
+    The table itself is used when it has no results table, or holds ``layers[pred_layer]`` while its results
+    table does not (a table the user filled).
+    """
     from anndata import AnnData
 
     if isinstance(data, AnnData):
         return table_key or "adata", data
     if hasattr(data, "tables"):
+        from dkan._results import find_results
         from dkan._utils import get_table
 
-        return get_table(data, table_key)
+        found = find_results(data, table_key)
+        if found is not None and pred_layer in found[1].layers:
+            return found
+        tkey, table = get_table(data, table_key)
+        return (tkey, table) if found is None or pred_layer in table.layers else found
     raise TypeError(f"`sdata_or_adata` must be a SpatialData or an AnnData; found {type(data).__name__}.")
 
 
@@ -228,7 +238,8 @@ def evaluate(
     Parameters
     ----------
     sdata_or_adata
-        A SpatialData (its table is used) or an AnnData.
+        A SpatialData (the panel-sized results table of its count table, where :func:`dkan.pp.normalize` and
+        :func:`dkan.tl.predict` write; see :mod:`dkan._results`) or an AnnData.
     pred_layer
         ``layers`` key of the predictions (NaN for genes outside the model panel).
     target_layer
@@ -240,7 +251,7 @@ def evaluate(
         Genes to evaluate; default: the ``var["dkan_panel"]`` genes when flagged, else all. Genes whose
         predictions or targets are not finite are left out and listed in the protocol.
     table_key
-        Table of a SpatialData; inferred when it holds one.
+        Count table of a SpatialData (its results table is read) or a results table; inferred when there is one.
     fold
         ``obs`` column of fold labels (each group in one fold); None: one fold.
     n_top
@@ -252,7 +263,7 @@ def evaluate(
     -------
     An :class:`EvalResult`.
     """
-    tname, adata = _resolve_table(sdata_or_adata, table_key)
+    tname, adata = _resolve_table(sdata_or_adata, table_key, pred_layer)
     pred_raw = _layer(adata, pred_layer, "pred_layer", tname, "Run `dkan.tl.predict(sdata, model)` first.")
     target_raw = _layer(
         adata,

@@ -69,27 +69,24 @@ def embed_genes(
         Options of :func:`dkan.tl.describe_genes` (``gene_info``, ``llm``, ``cache_dir``, ...) when
         ``descriptions`` is a mapping, a path or ``"ncbi"``.
     genes
-        Embed only these genes (e.g. the gene panel; the rows of the other genes are NaN). Default: every gene.
+        Genes to embed. Default: the gene panel (``var["dkan_panel"]``, in panel order) when one is selected,
+        else every gene of the table.
     progress
         Show a progress bar over the batches of texts.
 
     Returns
     -------
-    Nothing; writes ``table.varm[key_added]`` (``n_vars x dim`` float32, a row for every gene) and the provenance
+    Nothing. On a SpatialData, writes ``varm[key_added]`` of the panel-sized results table ``f"{table_key}_dkan"``
+    (:mod:`dkan._results`; its ``var`` grows by requested genes it lacks), so the count table is not widened and
+    memory is ``panel x dim``. On an AnnData, writes its own ``varm[key_added]`` (``n_vars x dim`` float32; rows
+    of genes not embedded are NaN). Either way with the provenance
     ``table.uns["dkan"]["gene_embedding"]``: ``encoder``, ``pooling``, ``dim``, ``weights_hash``, ``key_added``,
     ``source_counts`` and, per embedded gene (``var_names`` order, or ``genes`` recorded as ``genes``), ``text_sha1``
     and ``source``.
     """
     batch_size = check_int(batch_size, "batch_size")
-    adata = _as_table(sdata, table_key)
+    adata, genes = _target(sdata, table_key, genes)
     all_genes = [str(g) for g in adata.var_names]
-    if genes is None:
-        genes = all_genes
-    else:
-        genes = [str(g) for g in genes]
-        unknown = sorted(set(genes) - set(all_genes))
-        if unknown:
-            raise KeyError(f"`genes` holds {len(unknown)} name(s) not in `var_names`, e.g. {unknown[:5]}.")
     texts = gene_texts(genes, descriptions, describe_kwargs=describe_kwargs or {})
     enc_name = text_encoder.name if _is_encoder(text_encoder) else str(text_encoder)
     enc_pooling = text_encoder.pooling if _is_encoder(text_encoder) else pooling
@@ -176,6 +173,31 @@ def _from_frame(genes: Sequence[str], frame: pd.DataFrame) -> pd.DataFrame:
             ", ".join(np.asarray(genes)[missing][:10]),
         )
     return pd.DataFrame({"text": text.to_numpy(), "source": source.to_numpy()}, index=pd.Index(genes, name="gene"))
+
+
+def _target(
+    sdata: SpatialData | AnnData, table_key: str | None, genes: Sequence[str] | None
+) -> tuple[AnnData, list[str]]:
+    """The table whose ``varm`` gets the embeddings, and the genes to embed (default: the panel, else all genes).
+
+    On a SpatialData that is the panel-sized results table (:mod:`dkan._results`), grown by any requested gene it
+    lacks; on an AnnData, the AnnData itself (the genes must be its ``var_names``).
+    """
+    from dkan._results import ensure_genes, panel_of, results_table
+
+    adata = _as_table(sdata, table_key)
+    names = [str(g) for g in adata.var_names]
+    if genes is None:
+        genes = panel_of(adata) or names
+    else:
+        genes = [str(g) for g in genes]
+        unknown = sorted(set(genes) - set(names))
+        if unknown:
+            raise KeyError(f"`genes` holds {len(unknown)} name(s) not in `var_names`, e.g. {unknown[:5]}.")
+    if not hasattr(sdata, "tables"):
+        return adata, genes
+    rkey, _ = results_table(sdata, table_key, create=True)
+    return ensure_genes(sdata, rkey, genes), genes
 
 
 def _as_table(sdata: SpatialData | AnnData, table_key: str | None) -> AnnData:

@@ -52,7 +52,10 @@ class _Source:
 
 def _sources(sdata: SpatialData, k: int, table_key: str | None, tile_key: str | None, cache_bytes: int | None) -> list:
     """Crop sources of every tiled sample of one SpatialData (runs :func:`tile` with defaults if needed)."""
-    tkey, adata = get_table(sdata, table_key)
+    from dkan._results import results_table
+
+    tkey, _ = get_table(sdata, table_key)
+    _, adata = results_table(sdata, tkey, create=True)
     step = tile_keys(None)["uns"] if tile_key is None else tile_key
     geo = uns_get(adata, step)
     if geo is None:
@@ -62,6 +65,7 @@ def _sources(sdata: SpatialData, k: int, table_key: str | None, tile_key: str | 
             )
         logger.info("No tile geometry in table `%s`; running dkan.tl.tile with default settings.", tkey)
         tile(sdata, table_key=tkey)
+        _, adata = results_table(sdata, tkey)
         geo = uns_get(adata, step)
     _, region_key, _ = table_attrs(adata, table_key=tkey)
     region = adata.obs[region_key].astype(str).to_numpy()

@@ -132,7 +132,9 @@ def make_spots(
     ``(shapes_key, table_key)`` of the added elements. The shapes carry the image's transformations (so they share
     its coordinate systems); the table (n_spots x 0) has ``obs`` columns ``sample`` (the image key without
     ``_image``), ``region``, ``spot_id``, ``array_row``, ``array_col``, ``obsm["spatial"]`` (scale-0 px) and
-    ``uns["dkan"]["reader"][sample]`` with ``um_per_px``, so :func:`dkan.tl.tile` works on it.
+    ``uns["dkan"]["reader"][sample]`` with ``um_per_px``, so :func:`dkan.tl.tile` works on it. It is its own
+    results table (``uns["dkan"]["results_of"]`` names it): tiles, features and predictions are written to it, and
+    :func:`dkan.tl.predict` gives it ``var`` = the model's panel.
     """
     from spatialdata.transformations import get_transformation
 
@@ -176,9 +178,10 @@ def make_spots(
     shapes, table = _elements(xy, array_row, array_col, diameter_um / um_per_px / 2, transformations, shapes_key)
     table.obs[K.SAMPLE] = sample
     table.uns[K.UNS] = {
+        K.UNS_RESULTS_OF: table_key,  # no counts: dkan's results go to this table itself (dkan._results)
         K.UNS_READER: {
             sample: {"um_per_px": float(um_per_px), "spot_pitch_px": float(spacing_um / um_per_px), "layout": grid}
-        }
+        },
     }
     for key, store in ((shapes_key, sdata.shapes), (table_key, sdata.tables)):
         if key in store:

@@ -270,7 +270,8 @@ def tile(
         Name of the ``uns["dkan"]`` step; obsm keys get it as a suffix. Default: the keys of :mod:`dkan._keys`
         (``obsm["dkan_spot_px"]``, ``obsm["dkan_region_mask"]``, ``obsm["dkan_grid"]``, ``uns["dkan"]["tile"]``).
     inplace
-        Write to the table (and return None) or return the results as a dict.
+        Write to the panel-sized results table ``f"{table_key}_dkan"`` (created when missing; see
+        :mod:`dkan._results`) and return None, or return the results as a dict.
 
     Returns
     -------
@@ -285,13 +286,16 @@ def tile(
         )
     if target_mpp is not None and not target_mpp > 0:
         raise ValueError(f"`target_mpp` must be positive or None; got {target_mpp}.")
+    from dkan._results import find_results, results_table
     from dkan.tl._tiling.image_checks import check_image
 
     tkey, adata = get_table(sdata, table_key)
     samples = iter_samples(sdata, table_key=tkey, image_key=image_key, spots_key=spots_key)
     keys = tile_keys(key_added)
     n, g2 = adata.n_obs, region_grid**2
-    spot_px, mask, grid = _existing(adata, keys, n, g2, keep=spots_key is not None and inplace)
+    found = find_results(sdata, tkey)
+    store = found[1] if found is not None else None
+    spot_px, mask, grid = _existing(store, keys, n, g2, keep=spots_key is not None and inplace)
     records = {}
     for sample in samples:
         rec, xy, m, gr = _sample_geometry(
@@ -305,14 +309,15 @@ def tile(
             "Tiled sample %s: %d spots, level %d, %s grid.", sample.name, len(xy), rec["level"], rec["grid_kind"]
         )
     params = {"patch_size": int(patch_size), "region_grid": int(region_grid), "target_mpp": target_mpp}
-    old = uns_get(adata, keys["uns"])
+    old = uns_get(store, keys["uns"]) if store is not None else None
     if spots_key is not None and old and all(old.get(p) == v for p, v in params.items()):
         records = {**old.get("samples", {}), **records}
     uns = {**params, "keys": {k: v for k, v in keys.items() if k != "uns"}, "samples": records}
     if not inplace:
         return {"spot_px": spot_px, "region_mask": mask, "grid": grid, "uns": uns}
-    adata.obsm[keys["spot_px"]], adata.obsm[keys["region_mask"]], adata.obsm[keys["grid"]] = spot_px, mask, grid
-    uns_set(adata, keys["uns"], uns)
+    _, store = results_table(sdata, tkey, create=True)
+    store.obsm[keys["spot_px"]], store.obsm[keys["region_mask"]], store.obsm[keys["grid"]] = spot_px, mask, grid
+    uns_set(store, keys["uns"], uns)
     return None
 
 
@@ -329,11 +334,11 @@ def tile_keys(key_added: str | None = None) -> dict[str, str]:
 
 
 def _existing(
-    adata: AnnData, keys: dict[str, str], n: int, g2: int, *, keep: bool
+    adata: AnnData | None, keys: dict[str, str], n: int, g2: int, *, keep: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Output arrays: the existing ones (when updating one sample and shapes match) or fresh ones."""
     fresh = (np.full((n, 2), np.nan), np.zeros((n, g2), dtype=bool), np.full((n, 2), -1, dtype=np.int64))
-    if not keep or any(keys[k] not in adata.obsm for k in ("spot_px", "region_mask", "grid")):
+    if adata is None or not keep or any(keys[k] not in adata.obsm for k in ("spot_px", "region_mask", "grid")):
         return fresh
     old = tuple(np.array(adata.obsm[keys[k]]) for k in ("spot_px", "region_mask", "grid"))
     if any(o.shape != f.shape for o, f in zip(old, fresh, strict=True)):
