@@ -35,8 +35,10 @@ def store(tmp_path_factory):
 def _predicted(out):
     import spatialdata as sd
 
+    from dkan._results import results_table
+
     back = sd.read_zarr(out)
-    table = next(iter(back.tables.values()))
+    table = results_table(back)[1]  # predictions and features live in the results table (dkan._results)
     assert np.isfinite(table.layers[K.PRED]).all() and table.layers[K.PRED].shape[0] == table.n_obs
     return table, table.uns[K.UNS][K.UNS_FEATURES]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from conftest import results
 
 from dkan.nn.image_encoders import create_image_encoder
 from dkan.tl._features import Preprocess
@@ -51,4 +52,4 @@ def test_model_inputs_share_the_whole_slide_features_instead_of_copying_them():
     (inputs,), _ = build_inputs(
         [sdata], [adata], list(adata.var_names[:5]), DKANConfig(), table_key=None, with_target=False
     )
-    assert np.shares_memory(inputs.region.numpy(), adata.obsm[K.REGION_FEATURES])  # (n, 25, D) held once
+    assert np.shares_memory(inputs.region.numpy(), results(sdata).obsm[K.REGION_FEATURES])  # (n, 25, D) held once

@@ -146,7 +146,8 @@ def _grown(res: AnnData, new: list[str]) -> AnnData:
     n, k = res.n_obs, len(new)
     var = pd.concat([res.var, pd.DataFrame(index=pd.Index(new, dtype=object))])
     if K.PANEL in var:
-        var[K.PANEL] = var[K.PANEL].fillna(False).astype(bool)
+        flag = var[K.PANEL]  # object dtype after the concat (NaN for new genes); no fillna downcasting
+        var[K.PANEL] = flag.where(flag.notna(), False).astype(bool)
     layers = {name: np.hstack([_dense(x), np.full((n, k), np.nan, np.float32)]) for name, x in res.layers.items()}
     varm = {
         name: np.vstack([np.asarray(m), np.full((k, *np.shape(m)[1:]), np.nan, np.float32)])
