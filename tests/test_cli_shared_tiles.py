@@ -8,6 +8,7 @@ import pytest
 import dkan
 from dkan import _keys as K
 from dkan.cli import main
+from dkan.tl._tiling.shared_tiles import gather
 
 FAST = ["--device", "cpu", "--no-progress", "-q"]
 
@@ -57,5 +58,6 @@ def test_shared_tiles_flag_reaches_the_features_and_still_predicts(source, slide
     assert 0 < rec_shared["region_tiles_encoded"] < rec_shared["region_tiles_served"]
     assert "region_tiles_encoded" not in rec_plain
     assert shared.n_obs == plain.n_obs and list(shared.var_names) == list(plain.var_names)
-    region = np.asarray(shared.obsm[K.REGION_FEATURES])
+    assert K.REGION_FEATURES not in shared.obsm and rec_shared["region_storage"] == "tiles"  # once per tile
+    region = gather(shared.uns[K.REGION_TILES], shared.obsm[K.REGION_INDEX])
     assert region.shape[:2] == (shared.n_obs, 25) and np.abs(region).sum() > 0
