@@ -67,12 +67,15 @@ def write_report(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"Arguments: {meta['args']}",
         "",
     ]
-    if "accuracy" in results:
-        acc = results["accuracy"]
+    if results.get("missing"):
+        lines += [f"**Cut short**: {len(results['missing'])} trainings did not finish in time and are left out: "
+                  f"{', '.join(results['missing'])}. Tables below cover the folds that finished.", ""]  # fmt: skip
+    if results.get("accuracy") is not None:
+        acc, acc_names = results["accuracy"]
         lines += ["## 1. Ensemble of 3 seeds vs single models (same folds, same features)", "",
                   md_table(acc.table()), ""]  # fmt: skip
         for m in METRICS:
-            lines += [f"Per fold, {m}:", "", md_table(fold_table(acc, names, m)), ""]
+            lines += [f"Per fold, {m}:", "", md_table(fold_table(acc, acc_names, m)), ""]
         lines += ["## 2. Uncertainty on the held-out section", "",
                   "Correlation of the predicted std with |target - mean prediction| (pooled over spots x genes; and"
                   " the mean over genes of the per-gene correlation across spots), and the fraction of targets"
@@ -80,7 +83,7 @@ def write_report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                   "predictions around their mean; MC dropout: std of the dropout draws of the first-seed model "
                   "around its deterministic prediction.", "",
                   md_table(nested_table(results["uncertainty"]), "source / test section"), ""]  # fmt: skip
-    if "unseen" in results:
+    if results.get("unseen"):
         genes = results["unseen_genes"]
         lines += ["## 3. Genes outside the training panel", "",
                   f"{len(genes)} of the panel's genes (seeded random 20 %, same in every fold) left out of training:"
@@ -89,7 +92,7 @@ def write_report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                   " (oracle)' uses the measured values of the held-out genes in the training sections, which the"
                   " text model never sees. 'DKAN seen genes' is the same model on the genes it was trained on.",
                   "", md_table(unseen_table(results["unseen"])), ""]  # fmt: skip
-    if "inner" in results:
+    if results.get("inner") is not None:
         summ, labels = results["inner"]
         lines += ["## 4. Inner protocol: gene_output calibrated vs shared", "",
                   f"Outer test section {meta['args']['outer']} never used; leave-one-out over {labels}.", "",
@@ -103,13 +106,15 @@ def write_report(results: dict[str, Any], meta: dict[str, Any]) -> str:
 def to_json(results: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {k: v for k, v in meta.items() if k != "cfg"}
     out["config"] = {k: getattr(meta["cfg"], k) for k in ("seed", "gene_output", "max_epochs", "patience")}
-    out["names"] = results["names"]
-    if "accuracy" in results:
-        out["accuracy_per_fold"] = results["accuracy"].per_fold.to_dict(orient="records")
+    out["names"], out["missing"] = results["names"], results.get("missing", [])
+    if results.get("accuracy") is not None:
+        out["accuracy_sections"] = results["accuracy"][1]
+        out["accuracy_per_fold"] = results["accuracy"][0].per_fold.to_dict(orient="records")
+    if "uncertainty" in results:
         out["uncertainty"] = results["uncertainty"]
-    if "unseen" in results:
+    if results.get("unseen"):
         out["unseen"], out["unseen_genes"] = results["unseen"], results["unseen_genes"]
-    if "inner" in results:
+    if results.get("inner") is not None:
         out["inner_per_fold"] = results["inner"][0].per_fold.to_dict(orient="records")
         out["inner_sections"] = results["inner"][1]
     return out

@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inner-outputs", default="affine,shared", help="gene_output values compared")
     p.add_argument("--parts", default="ensemble,unseen,inner")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--deadline", default=None, help="HH:MM (UTC): stop training then and report what finished")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench/trust_work"), help="finished trainings")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "trust_her2st_small.md")
     return p.parse_args(argv)
@@ -134,44 +135,54 @@ def run_task(task: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def make_tasks(args: argparse.Namespace, cfg: Any, names: list[str], n_genes: int, inputs: Path) -> list[dict]:
+    """Every training, ordered fold by fold (the outer section's fold last), so a cut-short run has whole folds."""
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = set(args.parts.split(","))
     n = len(names)
     base = {"work": str(args.work), "inputs": str(inputs)}
-    first, later, inner = [], [], []
     held = holdout_genes(n_genes, args.unseen_fraction, args.unseen_seed)
     seen = np.setdiff1d(np.arange(n_genes), held)
-    for f in range(n):
+    outer = names.index(next(s for s in names if args.outer in s))
+    rest = [i for i in range(n) if i != outer]
+    tasks = []
+    for f in [*rest, outer]:
         train = [i for i in range(n) if i != f]
-        if "ensemble" in parts:
-            for j, sd in enumerate(seeds):
-                t = {**base, "kind": "seed", "name": f"seed{sd}_{names[f]}", "cfg": cfg.replace(seed=sd),
-                     "train": train, "test": f, "mc": args.mc if j == 0 else 0}  # fmt: skip
-                (first if j == 0 else later).append(t)
-        if "unseen" in parts:
-            first.append({**base, "kind": "unseen", "name": f"unseen_{names[f]}", "cfg": cfg, "train": train,
-                          "test": f, "seen": seen, "unseen": held})  # fmt: skip
-    if "inner" in parts:
-        outer = names.index(next(s for s in names if args.outer in s))
-        rest = [i for i in range(n) if i != outer]
-        for o in args.inner_outputs.split(","):
-            for f in rest:
-                inner.append({**base, "kind": "inner", "name": f"inner_{o}_{names[f]}", "output": o, "test": f,
+        for j, sd in enumerate(seeds if "ensemble" in parts else []):
+            tasks.append({**base, "kind": "seed", "name": f"seed{sd}_{names[f]}", "cfg": cfg.replace(seed=sd),
+                          "train": train, "test": f, "mc": args.mc if j == 0 else 0})  # fmt: skip
+            if j == 0 and "unseen" in parts:
+                tasks.append({**base, "kind": "unseen", "name": f"unseen_{names[f]}", "cfg": cfg, "train": train,
+                              "test": f, "seen": seen, "unseen": held})  # fmt: skip
+        if "inner" in parts and f != outer:
+            for o in args.inner_outputs.split(","):
+                tasks.append({**base, "kind": "inner", "name": f"inner_{o}_{names[f]}", "output": o, "test": f,
                               "cfg": cfg.replace(gene_output=o), "train": [i for i in rest if i != f]})  # fmt: skip
-    return first + later + inner
+    return tasks
 
 
-def run_all(tasks: list[dict], jobs: int) -> dict[str, dict]:
+def run_all(tasks: list[dict], jobs: int, deadline: float | None) -> dict[str, dict]:
+    """Run the tasks; with ``deadline`` (``time.time()``), stop waiting then and keep what finished."""
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    done = {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futs = [pool.submit(run_task, t) for t in tasks]
-        for fut in as_completed(futs):
+    done: dict[str, dict] = {}
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+    pending = {pool.submit(run_task, t) for t in tasks}
+    while pending:
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left <= 0:
+            log.warning("Deadline reached: %d of %d trainings finished; the rest is left out.", len(done), len(tasks))
+            for fut in pending:
+                fut.cancel()
+            for proc in list(pool._processes.values()):  # the running trainings, ours only
+                proc.terminate()
+            break
+        finished, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
+        for fut in finished:
             name, out = fut.result()
             done[name] = out
             log.warning("done %s (%.0f s, load %s) [%d/%d]", name, out["seconds"], load(), len(done), len(tasks))
+    pool.shutdown(wait=False, cancel_futures=True)
     return done
 
 
@@ -183,10 +194,14 @@ def accuracy(done, data, seeds) -> tuple[Any, dict[str, np.ndarray]]:
     from dkan.tl._evaluation.cv import _summarise
 
     samples, names = data["samples"], [s.name for s in data["samples"]]
-    target = np.concatenate([s.target.numpy() for s in samples])
+    folds = [f for f in range(len(samples)) if all(f"seed{sd}_{names[f]}" in done for sd in seeds)]
+    if not folds:
+        return None
+    target = np.concatenate([samples[f].target.numpy() for f in folds])
     rows = {f"DKAN seed {sd}": [] for sd in seeds}
     rows["DKAN ensemble"], rows["mean"] = [], []
-    for f, s in enumerate(samples):
+    for f in folds:
+        s = samples[f]
         members = [done[f"seed{sd}_{names[f]}"]["pred"] for sd in seeds]
         for sd, p in zip(seeds, members, strict=True):
             rows[f"DKAN seed {sd}"].append(p)
@@ -194,20 +209,23 @@ def accuracy(done, data, seeds) -> tuple[Any, dict[str, np.ndarray]]:
         ytr = np.concatenate([samples[i].target.numpy() for i in range(len(samples)) if i != f])
         rows["mean"].append(np.broadcast_to(ytr.mean(0), (len(s), ytr.shape[1])))
     preds = {m: np.concatenate(v).astype(np.float32) for m, v in rows.items()}
-    sizes = [len(s) for s in samples]
-    obs = pd.DataFrame({"sample": np.repeat(names, sizes), "group": np.repeat(names, sizes),
-                        "fold": np.repeat(np.arange(len(names)), sizes)})  # fmt: skip
-    return _summarise(preds, target, obs, data["genes"]), preds
+    sizes = [len(samples[f]) for f in folds]
+    labels = [names[f] for f in folds]
+    obs = pd.DataFrame({"sample": np.repeat(labels, sizes), "group": np.repeat(labels, sizes),
+                        "fold": np.repeat(np.arange(len(folds)), sizes)})  # fmt: skip
+    return _summarise(preds, target, obs, data["genes"]), labels
 
 
 def uncertainty(done, data, seeds) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {"ensemble": {}, "MC dropout": {}}
     for s in data["samples"]:
         y, name = s.target.numpy(), s.name
-        mean, std = ensemble([done[f"seed{sd}_{name}"]["pred"] for sd in seeds])
-        out["ensemble"][name] = uncertainty_metrics(mean, std, y)
-        d = done[f"seed{seeds[0]}_{name}"]
-        out["MC dropout"][name] = uncertainty_metrics(d["mc_mean"], d["mc_std"], y)
+        if all(f"seed{sd}_{name}" in done for sd in seeds):
+            mean, std = ensemble([done[f"seed{sd}_{name}"]["pred"] for sd in seeds])
+            out["ensemble"][name] = uncertainty_metrics(mean, std, y)
+        d = done.get(f"seed{seeds[0]}_{name}")
+        if d is not None and "mc_std" in d:
+            out["MC dropout"][name] = uncertainty_metrics(d["mc_mean"], d["mc_std"], y)
     return out
 
 
@@ -219,6 +237,8 @@ def unseen(done, data, args) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {}
     samples = data["samples"]
     for f, s in enumerate(samples):
+        if f"unseen_{s.name}" not in done:
+            continue
         p = done[f"unseen_{s.name}"]["pred"]
         y = s.target.numpy()[:, held]
         ytr = np.concatenate([samples[i].target.numpy()[:, held] for i in range(len(samples)) if i != f])
@@ -241,11 +261,13 @@ def inner(done, data, args) -> Any:
     samples = data["samples"]
     names = [s.name for s in samples]
     outer = next(s for s in names if args.outer in s)
-    rest = [i for i, s in enumerate(names) if s != outer]
+    outputs = args.inner_outputs.split(",")
+    rest = [i for i, s in enumerate(names) if s != outer and all(f"inner_{o}_{s}" in done for o in outputs)]
+    if not rest:
+        return None
     target = np.concatenate([samples[i].target.numpy() for i in rest])
     preds = {
-        o: np.concatenate([done[f"inner_{o}_{names[i]}"]["pred"] for i in rest]).astype(np.float32)
-        for o in args.inner_outputs.split(",")
+        o: np.concatenate([done[f"inner_{o}_{names[i]}"]["pred"] for i in rest]).astype(np.float32) for o in outputs
     }
     sizes = [len(samples[i]) for i in rest]
     labels = [names[i] for i in rest]
@@ -274,12 +296,23 @@ def main(argv: list[str] | None = None) -> None:
     log.warning("%d sections %s, %d genes; %d trainings, %d jobs", len(names), names, len(data["genes"]),
                 len(tasks), args.jobs)  # fmt: skip
     t_inputs = time.perf_counter()
-    done = run_all(tasks, args.jobs)
+    deadline = None
+    if args.deadline:
+        import datetime as dt
+
+        hh, mm = map(int, args.deadline.split(":"))
+        now = dt.datetime.now(dt.UTC)
+        deadline = now.replace(hour=hh, minute=mm, second=0).timestamp()
+    done = run_all(tasks, args.jobs, deadline)
+    for t in tasks:  # finished by a worker but not collected before the deadline
+        path = args.work / f"{t['name']}.pkl"
+        if t["name"] not in done and path.is_file():
+            done[t["name"]] = pickle.loads(path.read_bytes())
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = set(args.parts.split(","))
-    results: dict[str, Any] = {"names": names}
+    results: dict[str, Any] = {"names": names, "missing": [t["name"] for t in tasks if t["name"] not in done]}
     if "ensemble" in parts:
-        results["accuracy"] = accuracy(done, data, seeds)[0]
+        results["accuracy"] = accuracy(done, data, seeds)
         results["uncertainty"] = uncertainty(done, data, seeds)
     if "unseen" in parts:
         results["unseen"] = unseen(done, data, args)
