@@ -73,7 +73,8 @@ def prepare(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     from dkan.tl import _prepare as prep
     from dkan.tl._train import build_inputs
 
-    sdata, key, table, desc, _ = load_prepared(args.data, args.cache, cfg.n_genes)
+    sdata, key, _, desc, _ = load_prepared(args.data, args.cache, cfg.n_genes)
+    table = sdata.tables[key]  # the count table, as dkan.tl.train passes it; results come from the cache
     dev = torch.device("cpu")
     genes, emb, _, _ = prep.prepare_training(
         [sdata], [table], cfg, table_key=key, image_key=None, descriptions=desc, device=dev, progress=False
