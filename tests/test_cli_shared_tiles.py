@@ -8,6 +8,7 @@ import pytest
 import dkan
 from dkan import _keys as K
 from dkan.cli import main
+from dkan.tl._tiling.shared_tiles import gather
 
 FAST = ["--device", "cpu", "--no-progress", "-q"]
 
@@ -35,8 +36,10 @@ def store(tmp_path_factory):
 def _predicted(out):
     import spatialdata as sd
 
+    from dkan._results import results_table
+
     back = sd.read_zarr(out)
-    table = next(iter(back.tables.values()))
+    table = results_table(back)[1]  # predictions and features live in the results table (dkan._results)
     assert np.isfinite(table.layers[K.PRED]).all() and table.layers[K.PRED].shape[0] == table.n_obs
     return table, table.uns[K.UNS][K.UNS_FEATURES]
 
@@ -55,5 +58,6 @@ def test_shared_tiles_flag_reaches_the_features_and_still_predicts(source, slide
     assert 0 < rec_shared["region_tiles_encoded"] < rec_shared["region_tiles_served"]
     assert "region_tiles_encoded" not in rec_plain
     assert shared.n_obs == plain.n_obs and list(shared.var_names) == list(plain.var_names)
-    region = np.asarray(shared.obsm[K.REGION_FEATURES])
+    assert K.REGION_FEATURES not in shared.obsm and rec_shared["region_storage"] == "tiles"  # once per tile
+    region = gather(shared.uns[K.REGION_TILES], shared.obsm[K.REGION_INDEX])
     assert region.shape[:2] == (shared.n_obs, 25) and np.abs(region).sum() > 0

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from conftest import results
 
 from dkan.nn.image_encoders import create_image_encoder
 from dkan.tl._features import Preprocess
-from dkan.tl._tiling.shared_tiles import _scatter
+from dkan.tl._tiling.shared_tiles import gather
 
 
 def test_preprocess_gives_channels_last_on_cpu_and_the_same_values():
@@ -20,20 +21,24 @@ def test_preprocess_gives_channels_last_on_cpu_and_the_same_values():
     torch.testing.assert_close(out.contiguous(), (x.float() / 255 - mean) / std)
 
 
-def test_scatter_equals_the_dense_assignment():
+def test_gather_and_batch_gather_equal_the_dense_assignment():
+    from dkan.train.data import SampleInputs, region_rows
+
     rng = np.random.default_rng(0)
     n, g2, d, n_tiles = 50, 25, 3, 40
-    obs_idx = np.sort(rng.choice(80, n, replace=False))
     valid = rng.random((n, g2)) > 0.3
     feats = rng.normal(size=(n_tiles, d)).astype(np.float32)
-    inverse = rng.integers(0, n_tiles, int(valid.sum()))
-    want = np.zeros((80, g2, d), np.float32)
-    block = np.zeros((n, g2, d), np.float32)
-    block[valid] = feats[inverse]
-    want[obs_idx] = block
-    got = np.zeros((80, g2, d), np.float32)
-    _scatter(got, obs_idx, valid, feats, inverse)
-    np.testing.assert_array_equal(got, want)
+    index = np.full((n, g2), -1, np.int32)
+    index[valid] = rng.integers(0, n_tiles, int(valid.sum()))
+    want = np.zeros((n, g2, d), np.float32)
+    want[valid] = feats[index[valid]]
+    np.testing.assert_array_equal(gather(feats, index), want)
+    rows = torch.as_tensor(rng.permutation(n)[:17])
+    t = torch.as_tensor
+    sample = SampleInputs("s", t(feats[:n, 0] * 0), t(feats), t(valid), t(np.zeros((n, 2), np.int64)),
+                          region_index=t(index.astype(np.int64)))  # fmt: skip
+    got = region_rows(sample, rows)
+    assert torch.equal(got, t(want)[rows]) and not torch.signbit(got[~t(valid)[rows]]).any()  # +0.0, not -0.0
 
 
 def test_model_inputs_share_the_whole_slide_features_instead_of_copying_them():
@@ -51,4 +56,4 @@ def test_model_inputs_share_the_whole_slide_features_instead_of_copying_them():
     (inputs,), _ = build_inputs(
         [sdata], [adata], list(adata.var_names[:5]), DKANConfig(), table_key=None, with_target=False
     )
-    assert np.shares_memory(inputs.region.numpy(), adata.obsm[K.REGION_FEATURES])  # (n, 25, D) held once
+    assert np.shares_memory(inputs.region.numpy(), results(sdata).obsm[K.REGION_FEATURES])  # (n, 25, D) held once

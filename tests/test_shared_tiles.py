@@ -8,7 +8,7 @@ from conftest import results
 
 import dkan
 from dkan import _keys as K
-from dkan.tl._tiling.shared_tiles import snapped_tiles
+from dkan.tl._tiling.shared_tiles import gather, snapped_tiles
 
 P, G = 16, 5  # patch side and region grid: region windows of 80 px, origin = floor(centre) - 40
 
@@ -63,7 +63,7 @@ def test_shared_tiles_equal_spot_by_spot_where_aligned_and_encode_each_tile_once
     t = results(sdata)
     np.testing.assert_array_equal(t.obsm["exact"], t.obsm["shared"])  # the spot patch stays exact
     np.testing.assert_array_equal(t.obsm["exact_region_mask"], t.obsm["shared_region_mask"])
-    exact, shared = t.obsm["exact_region"], t.obsm["shared_region"]
+    exact, shared = t.obsm["exact_region"], gather(t.uns["shared_region_tiles"], t.obsm["shared_region_index"])
     aligned = t.obs[K.ARRAY_COL].to_numpy() % 2 == 0
     np.testing.assert_allclose(shared[aligned], exact[aligned], rtol=1e-5, atol=1e-5)
     assert not np.allclose(shared[~aligned], exact[~aligned])  # shifted tiles: the nearest grid tile instead
@@ -79,16 +79,19 @@ def test_stored_kind_is_kept_unless_asked_otherwise():
     sdata = _sdata()
     dkan.tl.extract_features(sdata, "dummy", shared_tiles=True, device="cpu", progress=False)
     t = results(sdata)
-    first = t.obsm[K.REGION_FEATURES]
+    first = t.uns[K.REGION_TILES]
     dkan.tl.extract_features(sdata, "dummy", device="cpu", progress=False)  # None: what is stored is fine
-    assert t.obsm[K.REGION_FEATURES] is first
+    assert t.uns[K.REGION_TILES] is first and K.REGION_FEATURES not in t.obsm
     dkan.tl.extract_features(sdata, "dummy", shared_tiles=False, device="cpu", progress=False)
     assert t.uns[K.UNS][K.UNS_FEATURES]["shared_tiles"] is False
-    assert t.obsm[K.REGION_FEATURES] is not first
+    assert t.uns[K.UNS][K.UNS_FEATURES]["region_storage"] == "spots"
+    assert K.REGION_FEATURES in t.obsm  # the other layout is dropped: one set of region features at a time
+    assert K.REGION_TILES not in t.uns and K.REGION_INDEX not in t.obsm
 
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_region_off_ignores_shared(shared):
     sdata = _sdata()
     dkan.tl.extract_features(sdata, "dummy", region=False, shared_tiles=shared, device="cpu", progress=False)
-    assert K.REGION_FEATURES not in results(sdata).obsm
+    t = results(sdata)
+    assert K.REGION_FEATURES not in t.obsm and K.REGION_INDEX not in t.obsm and K.REGION_TILES not in t.uns

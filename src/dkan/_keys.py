@@ -12,8 +12,10 @@ PRED = "dkan_pred"  #: ``layers`` key of predictions
 STD_SUFFIX = "_std"  #: ``layers`` key ``f"{pred_key}{suffix}"`` of the per-spot standard deviation of a prediction
 GENE_EMBEDDING = "dkan_gene_embedding"  #: ``varm`` key of gene-semantic embeddings
 SPOT_FEATURES = "dkan_spot_features"  #: ``obsm`` key of frozen spot (patch) features, (n, d)
-REGION_FEATURES = "dkan_region_features"  #: ``obsm`` key of frozen region features, (n, 25, d)
+REGION_FEATURES = "dkan_region_features"  #: ``obsm`` key of frozen region features, (n, 25, d) (spot by spot)
 REGION_MASK = "dkan_region_mask"  #: ``obsm`` key of the region validity mask, (n, 25) bool
+REGION_TILES = "dkan_region_tiles"  #: ``uns`` key of shared-tile region features, (n_tiles, d) float32
+REGION_INDEX = "dkan_region_index"  #: ``obsm`` key of each region tile's row in them, (n, 25) int32, -1 = none
 SPOT_PX = "dkan_spot_px"  #: ``obsm`` key of spot centres (x, y) in pixels of the tiled pyramid level
 GRID = "dkan_grid"  #: ``obsm`` key of integer spot-grid positions (row, col) for the slide encoder
 

@@ -22,10 +22,28 @@ logger = logging.getLogger("dkan")
 
 
 def feature_keys(key_added: str | None = None) -> dict[str, str]:
-    """Storage keys of the features: ``spot``, ``region``, ``mask`` (obsm) and ``uns`` (step of ``uns["dkan"]``)."""
+    """Storage keys of the features.
+
+    ``spot``, ``region`` (spot by spot), ``mask`` and ``index`` (shared tiles) are ``obsm`` keys, ``tiles`` (shared
+    tiles) an ``uns`` key, and ``uns`` the step of ``uns["dkan"]`` holding the provenance.
+    """
     if key_added is None:
-        return {"spot": K.SPOT_FEATURES, "region": K.REGION_FEATURES, "mask": K.REGION_MASK, "uns": K.UNS_FEATURES}
-    return {"spot": key_added, "region": f"{key_added}_region", "mask": f"{key_added}_region_mask", "uns": key_added}
+        return {
+            "spot": K.SPOT_FEATURES,
+            "region": K.REGION_FEATURES,
+            "mask": K.REGION_MASK,
+            "tiles": K.REGION_TILES,
+            "index": K.REGION_INDEX,
+            "uns": K.UNS_FEATURES,
+        }
+    return {
+        "spot": key_added,
+        "region": f"{key_added}_region",
+        "mask": f"{key_added}_region_mask",
+        "tiles": f"{key_added}_region_tiles",
+        "index": f"{key_added}_region_index",
+        "uns": key_added,
+    }
 
 
 def extract_features(
@@ -73,8 +91,10 @@ def extract_features(
         ``key_added`` of the :func:`dkan.tl.tile` run to use (default: the default geometry).
     key_added
         Default: ``obsm["dkan_spot_features"]``, ``obsm["dkan_region_features"]``, ``obsm["dkan_region_mask"]``
-        and ``uns["dkan"]["features"]``. Given: ``obsm[key_added]``, ``obsm[f"{key_added}_region"]``,
-        ``obsm[f"{key_added}_region_mask"]`` and ``uns["dkan"][key_added]``.
+        and ``uns["dkan"]["features"]`` (shared tiles: ``uns["dkan_region_tiles"]`` and
+        ``obsm["dkan_region_index"]`` instead of ``obsm["dkan_region_features"]``). Given: ``obsm[key_added]``,
+        ``obsm[f"{key_added}_region"]`` (or ``uns[f"{key_added}_region_tiles"]`` and
+        ``obsm[f"{key_added}_region_index"]``), ``obsm[f"{key_added}_region_mask"]`` and ``uns["dkan"][key_added]``.
     region
         Also encode the ``G x G`` region tiles of every spot.
     overwrite
@@ -87,16 +107,21 @@ def extract_features(
         Compute region features once per tile of a slide-aligned grid and share them between spots (each region
         tile is replaced by the nearest grid tile; the spot patch stays exact): encoder passes grow with the
         tissue, not with 26 x spots. A departure from the reference that cost about 0.016 PCC on the her2st
-        benchmark, so off by default (see ``dkan.tl._tiling.shared_tiles``). ``None`` (default) keeps stored features
-        of either kind and computes new ones spot by spot.
+        benchmark, so off by default (see ``dkan.tl._tiling.shared_tiles``). Stored once per tile, not per spot:
+        ``uns["dkan_region_tiles"]`` float32 ``(n_tiles, D)`` plus ``obsm["dkan_region_index"]`` int32
+        ``(n, G*G)``, the row of each spot's region tile in it (-1 where the mask is 0); training and prediction
+        gather them a batch of spots at a time (``dkan.tl._tiling.shared_tiles.gather`` does it for given
+        rows). ``None`` (default) keeps stored features of either kind and computes new ones spot by spot.
     progress
         Show a progress bar.
 
     Returns
     -------
-    None; writes ``obsm`` arrays (float32 ``(n, D)`` and ``(n, G*G, D)``, the bool mask) and the provenance
-    (encoder name, weights hash, dimension, geometry, dtype) to the panel-sized results table
-    ``f"{table_key}_dkan"`` (:mod:`dkan._results`), never to the count table.
+    None; writes ``obsm`` arrays (float32 ``(n, D)`` and ``(n, G*G, D)``, the bool mask; with shared tiles the
+    ``(n_tiles, D)`` ``uns`` array and the ``(n, G*G)`` index instead of the per-spot region array) and the
+    provenance (encoder name, weights hash, dimension, geometry, dtype, ``region_storage`` ``"spots"`` or
+    ``"tiles"``, ``keys``) to the panel-sized results table ``f"{table_key}_dkan"`` (:mod:`dkan._results`), never
+    to the count table.
     """
     from dkan.nn.image_encoders import create_image_encoder
     from dkan.tl._tiling.crops import SpotCrops
@@ -136,19 +161,13 @@ def extract_features(
     if shared:
         from dkan.tl._tiling.shared_tiles import shared_region_features
 
-        reg, mask, tiles = shared_region_features(
+        tiles, index, mask, run = shared_region_features(
             sdata, adata, enc, table_key=tkey, tile_key=tile_key, patch_size=crops.patch_size, device=device,
             batch_size=batch_size, progress=progress,
         )  # fmt: skip
-        info = {**info, **tiles}
+        info = {**info, **run}
     adata.obsm[keys["spot"]] = spot
-    if region:
-        adata.obsm[keys["region"]] = reg
-        adata.obsm[keys["mask"]] = mask
-    else:  # region features of an earlier run no longer match the recorded provenance
-        stale = [keys["region"]] + ([keys["mask"]] if key_added is not None else [])
-        for k in stale:
-            adata.obsm.pop(k, None)
+    _store_region(adata, keys, key_added, reg, mask, tiles if shared else None, index if shared else None)
     record = {
         **settings,
         "dim": int(enc.num_features),
@@ -159,11 +178,54 @@ def extract_features(
         "resized": bool(enc.fixed_size) and int(crops.patch_size) != int(enc.input_size),
         "region": bool(region),
         "shared_tiles": shared,
+        "region_storage": ("tiles" if shared else "spots") if region else None,
         "dtype": "float32",
-        "keys": {k: v for k, v in keys.items() if k != "uns" and (region or k == "spot")},
+        "keys": {k: keys[k] for k in _stored(region, shared)},
         **info,
     }
     uns_set(adata, keys["uns"], record)
+
+
+def _stored(region: bool, shared: bool) -> tuple[str, ...]:
+    """Names (of :func:`feature_keys`) of what a run stores."""
+    if not region:
+        return ("spot",)
+    return ("spot", "mask", "tiles", "index") if shared else ("spot", "region", "mask")
+
+
+def _store_region(
+    adata: Any,
+    keys: dict[str, str],
+    key_added: str | None,
+    reg: np.ndarray | None,
+    mask: np.ndarray | None,
+    tiles: np.ndarray | None,
+    index: np.ndarray | None,
+) -> None:
+    """Write region features in one layout and drop those of the other (or all, without region features).
+
+    Spot by spot: ``obsm[region]`` ``(n, G*G, D)``. Shared tiles: ``uns[tiles]`` ``(n_tiles, D)`` and
+    ``obsm[index]`` ``(n, G*G)`` int32. The default mask key is also written by :func:`dkan.tl.tile`, so it is
+    kept when no region features are stored.
+    """
+    stale = [keys["region"], keys["index"]]
+    if reg is None and tiles is None and key_added is not None:
+        stale.append(keys["mask"])
+    for k in stale:
+        adata.obsm.pop(k, None)
+    adata.uns.pop(keys["tiles"], None)
+    if reg is not None:
+        adata.obsm[keys["region"]] = reg
+    if tiles is not None:
+        adata.uns[keys["tiles"]] = np.asarray(tiles, dtype=np.float32)
+        adata.obsm[keys["index"]] = np.asarray(index, dtype=np.int32)
+    if mask is not None:
+        adata.obsm[keys["mask"]] = mask
+
+
+def has_region(adata: Any, keys: dict[str, str]) -> bool:
+    """Whether ``adata`` holds region features in either layout (spot by spot, or shared tiles + index)."""
+    return keys["region"] in adata.obsm or (keys["index"] in adata.obsm and keys["tiles"] in adata.uns)
 
 
 def _plain(obj: Any) -> Any:
@@ -185,7 +247,7 @@ def _up_to_date(adata: Any, old: dict, settings: dict, keys: dict, region: bool)
     """Whether stored features were made with the same encoder and geometry and cover what is asked."""
     same = _identity(old) == _identity(settings) and _plain(old.get("tile")) == settings["tile"]
     same = same and old.get("tile_key") == settings["tile_key"]
-    present = keys["spot"] in adata.obsm and (not region or (old.get("region") and keys["region"] in adata.obsm))
+    present = keys["spot"] in adata.obsm and (not region or (old.get("region") and has_region(adata, keys)))
     return bool(same and present)
 
 

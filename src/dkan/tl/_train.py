@@ -291,9 +291,8 @@ def build_inputs(
                 _require_finite(y, f"layers[{K.TARGET!r}]", adata, rows, s.name, genes)
                 target = torch.as_tensor(y)
             spot = _take_rows(adata.obsm[K.SPOT_FEATURES], rows, np.float32)
-            region = _take_rows(adata.obsm[K.REGION_FEATURES], rows, np.float32)  # (n, G*G, D): no copy if whole
             _require_finite(spot, f"obsm[{K.SPOT_FEATURES!r}]", adata, rows, s.name)
-            _require_finite(region, f"obsm[{K.REGION_FEATURES!r}]", adata, rows, s.name)
+            region, index = region_inputs(adata, rows, s.name)
             samples.append(
                 SampleInputs(
                     name=s.name,
@@ -302,11 +301,46 @@ def build_inputs(
                     mask=torch.as_tensor(np.asarray(adata.obsm[K.REGION_MASK][rows], dtype=bool)),
                     grid=torch.as_tensor(np.asarray(adata.obsm[K.GRID][rows], dtype=np.int64)),
                     target=target,
+                    region_index=None if index is None else torch.as_tensor(index),
                 )
             )
             crop_sets.append((sd, s))
     reader = _patch_reader(crop_sets, cfg, table_key=table_key) if cfg.patch_trainable else None
     return samples, reader
+
+
+def region_inputs(adata: Any, rows: np.ndarray, sample: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Region features of ``rows``: ``((n, G*G, D), None)`` spot by spot, ``((m, D), (n, G*G))`` for shared tiles.
+
+    Shared tiles (``uns["dkan_region_tiles"]`` + ``obsm["dkan_region_index"]``, see
+    :func:`dkan.tl.extract_features`) stay one row per tile: the sample gets a view of the tiles its spots use and
+    an int64 index into it (-1 kept), gathered per batch; no ``(n, G*G, D)`` array is made.
+    """
+    if K.REGION_FEATURES in adata.obsm or K.REGION_INDEX not in adata.obsm:
+        region = _take_rows(adata.obsm[K.REGION_FEATURES], rows, np.float32)  # (n, G*G, D): no copy if whole
+        _require_finite(region, f"obsm[{K.REGION_FEATURES!r}]", adata, rows, sample)
+        return region, None
+    if K.REGION_TILES not in adata.uns:
+        raise KeyError(
+            f"`obsm[{K.REGION_INDEX!r}]` indexes shared-tile region features, but `uns[{K.REGION_TILES!r}]` is "
+            "missing; rerun `dkan.tl.extract_features(..., shared_tiles=True, force=True)`."
+        )
+    tiles = np.asarray(adata.uns[K.REGION_TILES], dtype=np.float32)
+    index = np.asarray(adata.obsm[K.REGION_INDEX][rows], dtype=np.int64)
+    used = index[index >= 0]
+    lo, hi = (int(used.min()), int(used.max()) + 1) if used.size else (0, 0)
+    if hi > len(tiles) or index.ndim != 2:
+        raise ValueError(
+            f"`obsm[{K.REGION_INDEX!r}]` of sample {sample!r} points at tile {hi - 1}, but "
+            f"`uns[{K.REGION_TILES!r}]` holds {len(tiles)}; rerun `dkan.tl.extract_features(..., force=True)`."
+        )
+    part = tiles[lo:hi]  # a view: the tiles this sample's spots use (contiguous when extract_features wrote them)
+    if not all(np.isfinite(part[i : i + 4096]).all() for i in range(0, len(part), 4096)):
+        raise ValueError(
+            f"`uns[{K.REGION_TILES!r}]` used by sample {sample!r} holds non-finite values; training on them gives "
+            "a NaN model. Recompute them with `dkan.tl.extract_features(..., shared_tiles=True, force=True)`."
+        )
+    return part, np.where(index >= 0, index - lo, -1)
 
 
 def _take_rows(values: Any, rows: np.ndarray, dtype: Any) -> np.ndarray:

@@ -17,6 +17,10 @@ class SampleInputs:
     ``spot`` holds the frozen features of every spot (the slide encoder's input and, when the patch trunk is
     frozen, the single patch token); ``region``/``mask`` the 5x5 region features; ``grid`` the spot-grid
     positions; ``target`` the normalised expression of the panel genes (``None`` at prediction time).
+
+    Region features come in one of two layouts: spot by spot, ``region`` is ``(n, G*G, D)``; shared tiles,
+    ``region`` is ``(n_tiles, D)`` (one row per grid tile) and ``region_index`` ``(n, G*G)`` int64 the row of each
+    region tile (-1: outside the image), gathered per batch by :func:`batch_inputs`.
     """
 
     name: str
@@ -26,6 +30,7 @@ class SampleInputs:
     grid: Tensor
     target: Tensor | None = None
     crop_offset: int = 0  #: index of the sample's first spot in the crop dataset
+    region_index: Tensor | None = None  #: shared tiles: row of ``region`` per region tile, -1 = none
 
     def __len__(self) -> int:
         return self.spot.shape[0]
@@ -44,6 +49,7 @@ class SampleInputs:
             mv(self.grid),
             mv(self.target),
             self.crop_offset,
+            mv(self.region_index),
         )
 
 
@@ -60,7 +66,7 @@ def batch_inputs(
     if genes is not None:
         batch["genes"] = genes
     if sample.region is not None:
-        batch["region"] = sample.region[rows]
+        batch["region"] = region_rows(sample, rows)
         batch["region_mask"] = sample.mask[rows]
     if slide_tokens is not None:
         batch["slide_tokens"] = slide_tokens
@@ -71,6 +77,18 @@ def batch_inputs(
     if sample.target is not None:
         batch["target"] = sample.target[rows]
     return batch
+
+
+def region_rows(sample: SampleInputs, rows: Tensor) -> Tensor:
+    """Region features ``(B, G*G, D)`` of ``rows``, gathered from the shared tiles when the sample has them.
+
+    Region tiles with index -1 get zeros, as spot-by-spot features do where the mask is 0.
+    """
+    if sample.region_index is None:
+        return sample.region[rows]
+    index = sample.region_index[rows]
+    out = sample.region[index.clamp(min=0)]
+    return out.masked_fill_((index < 0).unsqueeze(-1), 0.0)
 
 
 def plan_batches(

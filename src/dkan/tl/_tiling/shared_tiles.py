@@ -4,8 +4,11 @@ Spot-by-spot, every spot pays ``1 + G * G`` encoder passes (26 for the 5 x 5 reg
 neighbouring spots overlap almost entirely. Here, per sample, the image level the tile geometry chose is cut
 into a grid of patch-sized tiles anchored at pixel ``(0, 0)``; each region tile of each spot is replaced by the
 grid tile nearest to it (its origin rounded to the grid, so at most half a tile away in x and y), every grid
-tile that some valid region tile maps to is encoded once, and the features are gathered back per spot. The
-spot-centred patch itself stays exact (encoded per spot), and so does the validity mask.
+tile that some valid region tile maps to is encoded once, and the features are stored once per tile: a
+``(n_tiles, D)`` array plus a per-spot ``(n, G*G)`` index into it (-1 where the mask is 0), never a per-spot
+``(n, G*G, D)`` array. Consumers gather ``tiles[index]`` a batch of spots at a time (:func:`gather`,
+:func:`dkan.train.data.batch_inputs`). The spot-centred patch itself stays exact (encoded per spot), and so does
+the validity mask.
 
 Encoder passes per slide: spots + distinct grid tiles, instead of spots x (1 + valid region tiles). Where a
 spot's region happens to lie on the grid the features equal the spot-by-spot ones; elsewhere they are of a
@@ -70,10 +73,15 @@ def shared_region_features(
     device: Any,
     batch_size: int,
     progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Region features ``(n, G*G, D)`` and mask ``(n, G*G)`` from shared grid tiles (see the module docstring).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Region features stored once per grid tile (see the module docstring).
 
-    Returns the arrays and run information (tiles encoded, region tiles served, the ratio).
+    Returns
+    -------
+    ``tiles`` float32 ``(n_tiles, D)`` (the distinct grid tiles of every sample, sample after sample, each
+    sample's in row-major grid order), ``index`` int32 ``(n, G*G)`` (the row of ``tiles`` serving each region
+    tile; -1 where the mask is 0), the mask ``(n, G*G)`` and run information (tiles encoded, region tiles served).
+    :func:`gather` turns ``tiles[index]`` back into per-spot ``(n, G*G, D)`` features for some rows.
     """
     import torch
     from tqdm.auto import tqdm
@@ -91,7 +99,8 @@ def shared_region_features(
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
     enc = enc.eval().to(dev).to(memory_format=torch.channels_last)  # as in _encode_all (faster on CPU and CUDA)
     prep = Preprocess(enc, dev)
-    reg = np.zeros((adata.n_obs, grid * grid, enc.num_features), dtype=np.float32)
+    index = np.full((adata.n_obs, grid * grid), -1, dtype=np.int32)
+    parts: list[np.ndarray] = []
     n_tiles = 0
     samples = iter_samples(sdata, table_key=table_key)
     with torch.inference_mode(), tqdm(desc=f"shared tiles ({enc.name})", unit="tile", disable=not progress) as bar:
@@ -102,23 +111,30 @@ def shared_region_features(
             idx = snapped_tiles(spot_px[sample.obs_idx], tile_side=side, region_side=int(rec["region_side"]), grid=grid)
             valid = mask[sample.obs_idx]
             tiles, inverse = np.unique(idx[valid], axis=0, return_inverse=True)  # row-major grid order
-            feats = _encode_tiles(level, tiles, side, patch_size, enc, prep, amp, 26 * batch_size, dev, bar)
-            _scatter(reg, sample.obs_idx, valid, feats, inverse.ravel())
+            parts.append(_encode_tiles(level, tiles, side, patch_size, enc, prep, amp, 26 * batch_size, dev, bar))
+            block = np.full(valid.shape, -1, dtype=np.int32)
+            block[valid] = n_tiles + inverse.ravel()  # ``idx[valid]`` is row-major, as ``block[valid]``
+            index[sample.obs_idx] = block
             n_tiles += len(tiles)
+    feats = np.concatenate(parts) if parts else np.zeros((0, enc.num_features), dtype=np.float32)
     served = int(mask.sum())
     logger.info(
         "Shared-tile region features: %d grid tiles encoded for %d region tiles of %d spots (%.1fx fewer).",
         n_tiles, served, adata.n_obs, served / max(n_tiles, 1),
     )  # fmt: skip
-    return reg, mask.copy(), {"region_tiles_encoded": n_tiles, "region_tiles_served": served}
+    return feats, index, mask.copy(), {"region_tiles_encoded": n_tiles, "region_tiles_served": served}
 
 
-def _scatter(reg: np.ndarray, obs_idx: np.ndarray, valid: np.ndarray, feats: np.ndarray, inverse: np.ndarray) -> None:
-    """``reg[obs_idx][valid] = feats[inverse]`` in place, a block at a time (no second ``(n, G*G, D)`` array)."""
-    rows, cols = np.nonzero(valid)  # row-major, the order of ``idx[valid]`` that ``inverse`` refers to
-    step = 1 << 16
-    for s in range(0, len(rows), step):
-        reg[obs_idx[rows[s : s + step]], cols[s : s + step]] = feats[inverse[s : s + step]]
+def gather(tiles: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Per-spot region features ``(m, G*G, D)`` float32 from ``tiles`` ``(n_tiles, D)`` and ``index`` ``(m, G*G)``.
+
+    Entries with ``index == -1`` (region tiles outside the image) are zeros, as in spot-by-spot features. Pass
+    the index rows of the spots wanted (a batch), never the whole slide's index for a whole-slide table.
+    """
+    index = np.asarray(index)
+    out = np.asarray(tiles, dtype=np.float32)[np.maximum(index, 0)]
+    out[index < 0] = 0.0
+    return out
 
 
 def _encode_tiles(
