@@ -115,3 +115,18 @@ def test_an_index_without_its_tiles_is_a_clear_error():
     del t.uns[K.REGION_TILES]
     with pytest.raises(KeyError, match="shared_tiles=True, force=True"):
         region_inputs(t, rows, "s0")
+
+
+def test_region_features_reads_either_layout_for_the_spots_asked():
+    tiles, spots = _pair()
+    rows = [3, 0, 7]
+    got = dkan.tl.region_features(tiles, rows)
+    t = results(tiles)
+    assert got.shape == (3, G * G, t.uns[K.REGION_TILES].shape[1]) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, gather(t.uns[K.REGION_TILES], t.obsm[K.REGION_INDEX][rows]))
+    np.testing.assert_array_equal(dkan.tl.region_features(spots, rows), got)  # same values stored per spot
+    assert dkan.tl.region_features(spots).shape[0] == results(spots).n_obs
+    bare = dkan.datasets.toy(n_samples=1, grid_size=4, seed=0)
+    dkan.tl.extract_features(bare, "dummy", region=False, device="cpu", progress=False)
+    with pytest.raises(KeyError, match="region=True"):
+        dkan.tl.region_features(bare)

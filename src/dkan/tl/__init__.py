@@ -10,6 +10,7 @@ __getattr__, __dir__, __all__ = lazy_module(
         "SpotCrops": "_tiling.crops",
         "BatchBySample": "_tiling.crops",
         "extract_features": "_features",
+        "region_features": "_region",
         "describe_genes": "_genes.describe",
         "embed_genes": "_genes.embed",
         "train": "_train",

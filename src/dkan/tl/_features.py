@@ -110,7 +110,7 @@ def extract_features(
         benchmark, so off by default (see ``dkan.tl._tiling.shared_tiles``). Stored once per tile, not per spot:
         ``uns["dkan_region_tiles"]`` float32 ``(n_tiles, D)`` plus ``obsm["dkan_region_index"]`` int32
         ``(n, G*G)``, the row of each spot's region tile in it (-1 where the mask is 0); training and prediction
-        gather them a batch of spots at a time (``dkan.tl._tiling.shared_tiles.gather`` does it for given
+        gather them a batch of spots at a time (:func:`dkan.tl.region_features` does it for given
         rows). ``None`` (default) keeps stored features of either kind and computes new ones spot by spot.
     progress
         Show a progress bar.
