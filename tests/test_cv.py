@@ -71,3 +71,25 @@ def test_cross_validate_runs_the_shuffled_text_control(toy_master):
     )
     assert set(res.predictions) == {"DKAN", "shuffled_text"}
     assert not np.allclose(res.predictions["DKAN"], res.predictions["shuffled_text"])
+
+
+def test_cross_validate_takes_gene_info_and_warns_on_ensembl_ids(toy_master, caplog, monkeypatch):
+    """cross_validate prepares its inputs as train does: `gene_info=` reaches the descriptions, Ensembl ids warn."""
+    import logging
+
+    from dkan.tl import _prepare as prep
+
+    seen = {}
+
+    def fake_prepare(*args, describe_kwargs=None, **kwargs):
+        seen["describe_kwargs"] = describe_kwargs
+        raise RuntimeError("stop after the preparation")
+
+    monkeypatch.setattr(prep, "prepare_training", fake_prepare)
+    sdata = copy_sdata(toy_master)
+    table = sdata.tables["table"]
+    table.var_names = [f"ENSG{i:011d}" for i in range(table.n_vars)]
+    with caplog.at_level(logging.WARNING, logger="dkan"), pytest.raises(RuntimeError, match="stop after"):
+        dkan.tl.cross_validate(sdata, groupby="sample", gene_info="gi.gz", progress=False, feature_encoder="dummy")
+    assert seen["describe_kwargs"] == {"gene_info": "gi.gz"}
+    assert "Ensembl ids" in caplog.text

@@ -117,21 +117,10 @@ def train(
             )
     cfg = DKANConfig.resolve(config, **overrides)
     dev = resolve_device(device if device is not None else init_distributed())
-    sdatas = prep.as_list(sdata)
-    tables = [get_table(sd, table_key)[1] for sd in sdatas]
-    _warn_ensembl(tables[0])
-    genes, emb, feats, emb_rec = prep.prepare_training(
-        sdatas,
-        tables,
-        cfg,
-        table_key=table_key,
-        image_key=image_key,
-        descriptions=descriptions,
-        device=dev,
+    sdatas, _, genes, emb, feats, emb_rec, samples, reader = training_inputs(
+        sdata, cfg, dev, table_key=table_key, image_key=image_key, descriptions=descriptions, gene_info=gene_info,
         progress=progress,
-        describe_kwargs={"gene_info": gene_info} if gene_info is not None else None,
-    )
-    samples, reader = build_inputs(sdatas, tables, genes, cfg, table_key=table_key, with_target=True)
+    )  # fmt: skip
     module, result = fit_inputs(
         samples, emb, cfg, dev, reader=reader, progress=progress, checkpoint=checkpoint, resume=resume, genes=genes
     )
@@ -146,6 +135,33 @@ def train(
         "device": str(dev),
     }
     return DKANModel(module.cpu(), cfg, genes, emb, meta, result.history)
+
+
+def training_inputs(
+    sdata: SpatialData | Sequence[SpatialData],
+    cfg: DKANConfig,
+    dev: torch.device,
+    *,
+    table_key: str | None,
+    image_key: Any,
+    descriptions: Any,
+    gene_info: Any,
+    progress: bool,
+) -> tuple[list[Any], list[Any], list[str], np.ndarray, dict[str, Any], dict[str, Any], list[Any], Any]:
+    """Every missing input step, then the model inputs: shared by :func:`train` and :func:`cross_validate`.
+
+    Returns ``(sdatas, count tables, panel genes, gene embeddings, feature record, embedding record, per-sample
+    inputs, patch reader)``.
+    """
+    sdatas = prep.as_list(sdata)
+    tables = [get_table(sd, table_key)[1] for sd in sdatas]
+    _warn_ensembl(tables[0])
+    genes, emb, feats, emb_rec = prep.prepare_training(
+        sdatas, tables, cfg, table_key=table_key, image_key=image_key, descriptions=descriptions, device=dev,
+        progress=progress, describe_kwargs={"gene_info": gene_info} if gene_info is not None else None,
+    )  # fmt: skip
+    samples, reader = build_inputs(sdatas, tables, genes, cfg, table_key=table_key, with_target=True)
+    return sdatas, tables, genes, emb, feats, emb_rec, samples, reader
 
 
 def _warn_ensembl(adata: Any) -> None:

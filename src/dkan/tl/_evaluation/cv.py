@@ -11,8 +11,7 @@ import numpy as np
 import pandas as pd
 
 from dkan import _keys as K
-from dkan._utils import get_table, iter_samples
-from dkan.tl import _prepare as prep
+from dkan._utils import iter_samples
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -96,6 +95,7 @@ def cross_validate(
     table_key: str | None = None,
     image_key: str | Mapping[str, str] | None = None,
     descriptions: Any = None,
+    gene_info: Any = None,
     device: str | None = None,
     progress: bool = True,
     **overrides: Any,
@@ -126,7 +126,7 @@ def cross_validate(
         embeddings permuted across genes: the text-content control).
     seed
         Seed of the fold assignment (``n_folds``) and of the ridge PCA.
-    table_key, image_key, descriptions, device, progress
+    table_key, image_key, descriptions, gene_info, device, progress
         As in :func:`dkan.tl.train`.
     **overrides
         Configuration fields to override.
@@ -135,7 +135,7 @@ def cross_validate(
     -------
     The per-method, per-fold metrics and the out-of-fold predictions.
     """
-    from dkan.tl._train import build_inputs, resolve_device
+    from dkan.tl._train import resolve_device, training_inputs
     from dkan.train.config import DKANConfig
 
     unknown = sorted(set(ablations) - set(ABLATIONS)) + sorted(set(baselines) - set(BASELINES))
@@ -143,19 +143,10 @@ def cross_validate(
         raise ValueError(f"Unknown ablations/baselines {unknown}; choose from {list(ABLATIONS)} and {list(BASELINES)}.")
     cfg = DKANConfig.resolve(config, **overrides)
     dev = resolve_device(device)
-    sdatas = prep.as_list(sdata)
-    tables = [get_table(sd, table_key)[1] for sd in sdatas]
-    genes, emb, _, _ = prep.prepare_training(
-        sdatas,
-        tables,
-        cfg,
-        table_key=table_key,
-        image_key=image_key,
-        descriptions=descriptions,
-        device=dev,
+    sdatas, tables, genes, emb, _, _, samples, reader = training_inputs(
+        sdata, cfg, dev, table_key=table_key, image_key=image_key, descriptions=descriptions, gene_info=gene_info,
         progress=progress,
-    )
-    samples, reader = build_inputs(sdatas, tables, genes, cfg, table_key=table_key, with_target=True)
+    )  # fmt: skip
     groups = _sample_groups(sdatas, tables, groupby, table_key)
     folds = make_folds(groups, n_folds=n_folds, seed=seed)
     methods = {"DKAN": cfg, **{a: cfg.replace(**ABLATIONS[a]) for a in ablations}}
