@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     cfg = dkan.DKANConfig.resolve("small", **parse_overrides(args.overrides))
-    sdata, key, table, desc, genes = load_prepared(args.data, args.cache, cfg.n_genes)
+    sdata, key, _, desc, genes = load_prepared(args.data, args.cache, cfg.n_genes)
     emb, _ = gene_embeddings(sdata, genes, table_key=key, text_encoder=cfg.text_encoder, descriptions=desc)
-    samples, _ = build_inputs([sdata], [table], genes, cfg, table_key=key, with_target=True)
+    samples, _ = build_inputs([sdata], genes, cfg, table_key=key, with_target=True)
     names = [s.name for s in samples]
     folds = names if args.folds == "all" else args.folds.split(",")
     dev = torch.device("cpu")

@@ -79,7 +79,7 @@ def prepare(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     genes, emb, _, _ = prep.prepare_training(
         [sdata], [table], cfg, table_key=key, image_key=None, descriptions=desc, device=dev, progress=False
     )
-    samples, reader = build_inputs([sdata], [table], genes, cfg, table_key=key, with_target=True)
+    samples, reader = build_inputs([sdata], genes, cfg, table_key=key, with_target=True)
     if reader is not None:
         raise SystemExit("This benchmark needs a frozen patch trunk (the small preset); found a trainable one.")
     return {"samples": samples, "emb": np.asarray(emb, np.float32), "genes": list(genes)}

@@ -160,8 +160,7 @@ def _constant_gene_error(sdata, gene: str, gene_output: str) -> float:
         feature_encoder="dummy",
         gene_output=gene_output,
     )
-    table = sdata.tables[K.TABLE]
-    samples, _ = build_inputs([sdata], [table], model.genes, model.config, table_key=None, with_target=True)
+    samples, _ = build_inputs([sdata], model.genes, model.config, table_key=None, with_target=True)
     genes = torch.as_tensor(model.gene_embeddings)
     cpu = torch.device("cpu")
     pred = np.concatenate(

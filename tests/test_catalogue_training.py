@@ -141,12 +141,12 @@ def test_build_inputs_refuses_a_non_finite_target(toy):
     adata.obsm[K.GRID] = np.zeros((n, 2), np.int64)
     adata.layers[K.TARGET][2, 1] = np.inf
     with pytest.raises(ValueError, match="non-finite") as info:
-        build_inputs([toy], [adata], genes, FAST, table_key=None, with_target=True)
+        build_inputs([toy], genes, FAST, table_key=None, with_target=True)
     assert repr(adata.obs_names[2]) in str(info.value) and repr(genes[1]) in str(info.value)
     adata.layers[K.TARGET][2, 1] = 0.0
     adata.obsm[K.SPOT_FEATURES][5, 0] = np.nan
     with pytest.raises(ValueError, match="dkan_spot_features"):
-        build_inputs([toy], [adata], genes, FAST, table_key=None, with_target=True)
+        build_inputs([toy], genes, FAST, table_key=None, with_target=True)
 
 
 def test_non_finite_target_stops_training_at_epoch_0():

@@ -53,7 +53,5 @@ def test_model_inputs_share_the_whole_slide_features_instead_of_copying_them():
     sdata = dkan.datasets.toy(n_samples=1, grid_size=4, seed=0)
     dkan.tl.extract_features(sdata, "dummy", progress=False)
     adata = sdata.tables[K.TABLE]
-    (inputs,), _ = build_inputs(
-        [sdata], [adata], list(adata.var_names[:5]), DKANConfig(), table_key=None, with_target=False
-    )
+    (inputs,), _ = build_inputs([sdata], list(adata.var_names[:5]), DKANConfig(), table_key=None, with_target=False)
     assert np.shares_memory(inputs.region.numpy(), results(sdata).obsm[K.REGION_FEATURES])  # (n, 25, D) held once

@@ -182,7 +182,7 @@ def _predict_table(
     )
     adata = sdata.tables[rkey]  # normalize may have grown it
 
-    samples, reader = build_inputs([sdata], [counts], model.genes, cfg, table_key=tkey, with_target=False)
+    samples, reader = build_inputs([sdata], model.genes, cfg, table_key=tkey, with_target=False)
     import torch
 
     from dkan.nn.inference import Predictor

@@ -160,7 +160,7 @@ def training_inputs(
         sdatas, tables, cfg, table_key=table_key, image_key=image_key, descriptions=descriptions, device=dev,
         progress=progress, describe_kwargs={"gene_info": gene_info} if gene_info is not None else None,
     )  # fmt: skip
-    samples, reader = build_inputs(sdatas, tables, genes, cfg, table_key=table_key, with_target=True)
+    samples, reader = build_inputs(sdatas, genes, cfg, table_key=table_key, with_target=True)
     return sdatas, tables, genes, emb, feats, emb_rec, samples, reader
 
 
@@ -280,7 +280,6 @@ def model_meta(adata: Any, features: dict[str, Any], gene_rec: dict[str, Any], c
 
 def build_inputs(
     sdatas: list[SpatialData],
-    tables: list[Any],
     genes: list[str],
     cfg: DKANConfig,
     *,
