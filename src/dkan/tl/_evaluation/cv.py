@@ -48,7 +48,8 @@ def shuffle_gene_text(emb: np.ndarray, seed: int = 0) -> np.ndarray:
     return emb[source]
 
 
-BASELINES = ("mean", "ridge")
+#: Baselines: the training mean, the HEST-Benchmark fixed-alpha ridge and the tuned probes (:mod:`.probes`).
+BASELINES = ("mean", "ridge_hest", "ridge", "ridge_ctx", "knn")
 
 
 @dataclass
@@ -69,6 +70,9 @@ class CVResult:
         The gene panel (prediction columns).
     histories
         Training history of each DKAN variant per fold.
+    baseline_params
+        Per baseline, what was fitted in each fold (the tuned probes: the chosen ``alpha`` or ``k`` and the
+        inner score of every candidate).
     """
 
     summary: CVSummary
@@ -77,6 +81,7 @@ class CVResult:
     obs: pd.DataFrame
     genes: list[str]
     histories: dict[str, list[list[dict[str, float]]]] = field(default_factory=dict)
+    baseline_params: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def table(self, *, digits: int = 3) -> pd.DataFrame:
         """Method x metric table of ``"mean ± std"`` strings."""
@@ -118,8 +123,11 @@ def cross_validate(
     config
         DKAN configuration (preset name, :class:`dkan.DKANConfig` or overrides).
     baselines
-        Any of ``"mean"`` (training mean per gene) and ``"ridge"`` (HEST-Benchmark ridge on frozen spot
-        features).
+        Any of ``"mean"`` (training mean per gene), ``"ridge_hest"`` (HEST-Benchmark ridge on the frozen spot
+        features, fixed alpha), and the tuned probes ``"ridge"`` (spot features), ``"ridge_ctx"`` (spot features
+        and the masked mean of the region tiles) and ``"knn"`` (cosine kNN on the latter). Each probe picks its
+        parameter by an inner split of the fold's training samples only (:mod:`dkan.tl._evaluation.probes`);
+        the choice per fold is in ``CVResult.baseline_params``.
     ablations
         Any of ``"no_text"``, ``"no_contrastive"``, ``"no_multiscale"``, ``"fixed_weights"``, ``"no_distill"``,
         ``"gene_tokens"`` (gene queries attend over patch and region tokens), ``"shuffled_text"`` (gene
@@ -153,6 +161,8 @@ def cross_validate(
     offsets = np.cumsum([0] + [len(s) for s in samples])
     preds = {m: np.full((offsets[-1], len(genes)), np.nan, np.float32) for m in [*methods, *baselines]}
     histories: dict[str, list] = {m: [] for m in methods}
+    params: dict[str, list] = {b: [] for b in baselines}
+    context: dict[int, np.ndarray] = {}
     for f, test_groups in enumerate(folds):
         test = [i for i, g in enumerate(groups) if g in test_groups]
         train = [i for i, g in enumerate(groups) if g not in test_groups]
@@ -166,7 +176,9 @@ def cross_validate(
             for i, p in zip(test, out, strict=True):
                 preds[name][offsets[i] : offsets[i + 1]] = p
         for name in baselines:
-            for i, p in zip(test, _baseline_fold(name, samples, train, test, seed), strict=True):
+            outs, fitted = baseline_fold(name, samples, train, test, seed=seed, cache=context)
+            params[name].append(fitted)
+            for i, p in zip(test, outs, strict=True):
                 preds[name][offsets[i] : offsets[i + 1]] = p
     obs = pd.DataFrame(
         {
@@ -177,7 +189,7 @@ def cross_validate(
     )
     target = np.concatenate([s.target.numpy() for s in samples])
     summary = _summarise(preds, target, obs, genes)
-    return CVResult(summary, [list(f) for f in folds], preds, obs, genes, histories)
+    return CVResult(summary, [list(f) for f in folds], preds, obs, genes, histories, params)
 
 
 def make_folds(groups: Sequence[str], *, n_folds: int | None, seed: int) -> list[list[str]]:
@@ -231,15 +243,59 @@ def _dkan_fold(samples, train, test, emb, cfg, dev, reader, progress) -> tuple[l
     return outs, result.history
 
 
-def _baseline_fold(name: str, samples, train, test, seed: int) -> list[np.ndarray]:
-    from dkan.tl._evaluation.baselines import fit_mean, fit_ridge
+def baseline_fold(
+    name: str,
+    samples: list[Any],
+    train: list[int],
+    test: list[int],
+    *,
+    seed: int,
+    cache: dict[int, np.ndarray] | None = None,
+) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Fit baseline ``name`` on the ``train`` samples only; predict the ``test`` samples. Returns predictions, params.
 
-    y = np.concatenate([samples[i].target.numpy() for i in train])
+    ``cache`` keeps the context inputs (spot and region mean) of each sample between folds and probes.
+    """
+    from dkan.tl._evaluation.baselines import fit_mean, fit_ridge
+    from dkan.tl._evaluation.probes import fit_probe
+
+    y = [samples[i].target.numpy() for i in train]
     if name == "mean":
-        model = fit_mean(y)
+        model = fit_mean(np.concatenate(y))
+    elif name == "ridge_hest":
+        model = fit_ridge(np.concatenate([samples[i].spot.numpy() for i in train]), np.concatenate(y), seed=seed)
     else:
-        model = fit_ridge(np.concatenate([samples[i].spot.numpy() for i in train]), y, seed=seed)
-    return [np.asarray(model.predict(samples[i].spot.numpy()), dtype=np.float32) for i in test]
+        cache = {} if cache is None else cache
+
+        def inputs(i: int) -> np.ndarray:
+            return samples[i].spot.numpy() if name == "ridge" else _context_input(samples, i, cache)
+
+        grids = [samples[i].grid.numpy() for i in train]
+        model = fit_probe(name, [inputs(i) for i in train], y, grids, seed=seed)
+        outs = [np.asarray(model.predict(inputs(i)), dtype=np.float32) for i in test]
+        return outs, dict(model.params)
+    return [np.asarray(model.predict(samples[i].spot.numpy()), dtype=np.float32) for i in test], dict(model.params)
+
+
+def _context_input(samples: list[Any], i: int, cache: dict[int, np.ndarray]) -> np.ndarray:
+    """``[spot features, masked mean of the region tiles]`` of sample ``i`` (cached)."""
+    if i not in cache:
+        import torch
+
+        from dkan.train.data import region_rows
+
+        s = samples[i]
+        if s.region is None:
+            raise ValueError(
+                f"Sample {s.name!r} has no region features; the `ridge_ctx` and `knn` baselines need them "
+                "(use a configuration with `use_region=True`, or the baselines `mean`, `ridge`, `ridge_hest`)."
+            )
+        means = []
+        for rows in torch.arange(len(s)).split(512):
+            reg, m = region_rows(s, rows).float(), s.mask[rows].float()
+            means.append(((reg * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1.0)).numpy())
+        cache[i] = np.concatenate([s.spot.numpy(), np.concatenate(means)], axis=1).astype(np.float64)
+    return cache[i]
 
 
 def _summarise(preds: dict[str, np.ndarray], target: np.ndarray, obs: pd.DataFrame, genes: list[str]) -> CVSummary:
