@@ -58,11 +58,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+PROBES = ("ridge", "ridge_ctx", "knn")
+
+
+def best_probe(res: Any) -> str | None:
+    """The tuned probe with the highest mean PCC-ALL (None when no probe ran)."""
+    s = res.summary.summary
+    ran = [p for p in PROBES if p in s.index]
+    return max(ran, key=lambda p: s.loc[p, "pcc_all_mean"]) if ran else None
+
+
 def target_check(res: Any) -> list[str]:
     pf = res.summary.per_fold
     s = res.summary.summary
+    if "DKAN" not in s.index:
+        return []
     lines = []
-    for other in ("ridge", "no_text"):
+    best = best_probe(res)
+    for other in dict.fromkeys([best, "ridge_hest", "no_text"]):
+        if other is None:
+            continue
         if other not in s.index:
             continue
         for metric, label in (("pcc_all", "PCC-ALL"), ("pcc_heg", "PCC-HEG")):
@@ -71,8 +86,9 @@ def target_check(res: Any) -> list[str]:
             fb = pf[pf["method"] == other].set_index("fold")[metric].reindex(fa.index)
             wins = int((fa > fb).sum())
             verdict = "beats" if a > b else "does NOT beat"
+            tag = " (best tuned probe)" if other == best else ""
             lines.append(
-                f"- DKAN {verdict} {other} on {label}: {a:.3f} vs {b:.3f} (difference {a - b:+.3f}; "
+                f"- DKAN {verdict} {other}{tag} on {label}: {a:.3f} vs {b:.3f} (difference {a - b:+.3f}; "
                 f"DKAN higher in {wins}/{len(fa)} folds)"
             )
     return lines
@@ -83,6 +99,17 @@ def per_fold_table(res: Any, metric: str) -> pd.DataFrame:
     t = pf.pivot(index="method", columns="fold", values=metric).reindex(res.summary.methods)
     t.columns = [f"test {res.folds[int(f)][0]}" if str(f).isdigit() else str(f) for f in t.columns]
     return t.round(3)
+
+
+def probe_table(res: Any) -> pd.DataFrame:
+    """Parameter each tuned probe chose per fold (by its inner split of the training sections)."""
+    rows = {}
+    for name in PROBES:
+        fitted = getattr(res, "baseline_params", {}).get(name)
+        if fitted:
+            key = "k" if name == "knn" else "alpha"
+            rows[f"{name} ({key})"] = {f"test {f[0]}": f"{p[key]:g}" for f, p in zip(res.folds, fitted, strict=True)}
+    return pd.DataFrame(rows).T
 
 
 def epochs_table(res: Any) -> pd.DataFrame:
@@ -105,6 +132,22 @@ def _selected(history: list[dict]) -> int:
         return -1
     flagged = [i for i, r in enumerate(history) if r.get("selected")]
     return flagged[0] if flagged else int(np.nanargmax([r["val_pcc"] for r in history]))
+
+
+def panel_rule(res: Any, n_genes: int) -> str:
+    """The panel and HEG/HVG rule of this run, as one phrase."""
+    if getattr(res, "fold_genes", None):
+        sizes = sorted({len(p) for p in res.fold_genes})
+        return (
+            f": {'/'.join(map(str, sizes))} genes per fold, chosen on the fold's training sections only (reference "
+            "rule: detected in >= 10 % of the training spots, top by total counts over them; never the test "
+            f"section), {len(res.genes)} genes over all folds; HEG and HVG chosen per fold on the training spots' "
+            "targets"
+        )
+    return (
+        f": one panel of {n_genes} genes for all folds, reference rule on all sections (test sections included); "
+        "HEG/HVG on the pooled labels of all folds"
+    )
 
 
 def md_table(df: pd.DataFrame, index_name: str = "method") -> str:
@@ -143,9 +186,9 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         "- **Serial sections of one patient make leave-one-section-out optimistic**: train and test share the "
         "patient, the tumour and the staining batch. These numbers are not comparable to the paper's "
         "leave-one-patient-out over 8 patients, which also uses other encoders (UNI, ResNet18, BioBERT).",
-        f"- Panel: {cfg.n_genes} genes, reference rule (detected in >= 10 % of all spots of the five sections, top "
-        "by total counts); targets: library size 1e4 over the panel, log10(1+x), 3x3 grid smoothing. HEG/HVG are "
-        "chosen on the pooled labels, HPG on each method's own fold results (reference protocol).",
+        f"- Panel and gene sets{panel_rule(res, cfg.n_genes)}; targets: library size 1e4 over the fold's panel, "
+        "log10(1+x), 3x3 grid smoothing. HPG is chosen on each method's own fold results (reference protocol, "
+        "test-selected).",
         f"- Inputs shared by every method and fold: frozen `{cfg.feature_encoder}` features of each spot "
         f"({cfg.patch_size} px crops at {cfg.target_mpp} µm/px) and of its {cfg.region_grid}x{cfg.region_grid} "
         f"region; `{cfg.text_encoder}` embeddings of the gene descriptions (sources: {out['text_sources']}).",
@@ -155,8 +198,14 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         f"trainable patch trunk {cfg.patch_trainable}, NT-Xent over {cfg.contrastive_genes or 'all'} random genes per "
         f"step, grad clip {cfg.grad_clip}. Early stopping and checkpoint choice use a random "
         f"{cfg.val_fraction:.0%} of the training spots (never the test section).",
-        "- Baselines: `mean` = training mean per gene; `ridge` = HEST-Benchmark protocol on the frozen spot "
-        "features (standardise, PCA to 256, ridge alpha = 100 / (n_features x n_targets)).",
+        "- Baselines (same features, same targets): `mean` = training mean per gene; `ridge_hest` = "
+        "HEST-Benchmark protocol on the frozen spot features (standardise, PCA to 256, fixed ridge alpha = "
+        "100 / (n_features x n_targets)); tuned probes (standardise, PCA to min(256, ...) fitted on the training "
+        "spots): `ridge` on the spot features and `ridge_ctx` on [spot features, masked mean of the region "
+        "tiles], alpha from {1e-3, ..., 1e4}; `knn` = cosine kNN on the standardised PCA of the `ridge_ctx` "
+        "input, distance-weighted, k from {5, 10, 20, 50, 100}. Each probe's parameter is the one with the best "
+        "mean per-gene PCC on an inner leave-one-training-section-out (the test section is never used); the "
+        "choice per fold is listed below.",
         "",
         "## Results (mean ± population std over the 5 folds)",
         "",
@@ -167,7 +216,7 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         md_table(pd.DataFrame([PAPER], index=["DKAN (paper)"])),
         "",
-        "## Target: DKAN vs ridge and vs the no-text ablation (same folds, same features)",
+        "## Target: DKAN vs the best tuned probe, the HEST ridge and the no-text ablation (same folds, features)",
         "",
         *target_check(res),
         "",
@@ -180,6 +229,10 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         "PCC-HEG:",
         "",
         md_table(per_fold_table(res, "pcc_heg")),
+        "",
+        "## Tuned probes: parameter chosen per fold",
+        "",
+        md_table(probe_table(res), "probe") if len(probe_table(res)) else "(no tuned probe in this run)",
         "",
         "## Training (per fold, test section order " + ", ".join(f[0] for f in res.folds) + ")",
         "",
@@ -203,5 +256,7 @@ def dump_json(path: Path, res: Any) -> None:
         "per_fold": res.summary.per_fold.to_dict(orient="records"),
         "histories": res.histories,
         "gene_sets": {k: v for k, v in res.summary.gene_sets.items() if k != "hpg"},
+        "baseline_params": getattr(res, "baseline_params", {}),
+        "fold_genes": getattr(res, "fold_genes", None),
     }
     path.write_text(json.dumps(payload, indent=1, default=float))

@@ -77,6 +77,9 @@ class CVResult:
     fold_genes
         With a panel per fold, each fold's panel (``genes`` is their union; predictions and metrics of a fold
         cover its own panel, NaN elsewhere); None with one panel.
+    target
+        The targets the predictions are scored against, ``(n_spots, n_genes)`` like ``predictions`` (with a panel
+        per fold: normalised over each fold's panel, NaN outside it).
     """
 
     summary: CVSummary
@@ -87,6 +90,7 @@ class CVResult:
     histories: dict[str, list[list[dict[str, float]]]] = field(default_factory=dict)
     baseline_params: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     fold_genes: list[list[str]] | None = None
+    target: np.ndarray | None = None
 
     def table(self, *, digits: int = 3) -> pd.DataFrame:
         """Method x metric table of ``"mean ± std"`` strings."""
@@ -215,7 +219,7 @@ def cross_validate(
         summary = _summarise(preds, target, obs, genes)
     else:
         summary = summarise_folds(preds, target, obs, genes, fold_genes, fold_sets)
-    return CVResult(summary, [list(f) for f in folds], preds, obs, genes, histories, params, fold_genes or None)
+    return CVResult(summary, [list(f) for f in folds], preds, obs, genes, histories, params, fold_genes or None, target)
 
 
 def _fold_panels(sdata, cfg, groupby, n_folds, seed, table_key, per_fold) -> dict[str, Any] | None:
