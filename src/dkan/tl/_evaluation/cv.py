@@ -244,7 +244,7 @@ def _fold_panels(sdata, cfg, groupby, n_folds, seed, table_key, per_fold) -> dic
             training_panel(tables, [np.concatenate(p) if p else np.zeros(0, int) for p in picked], cfg.n_genes)
         )
     union = list(dict.fromkeys(g for p in panels for g in p))
-    if any(K.PANEL in t.var for t in tables):
+    if any(K.PANEL in t.var and set(t.var_names[t.var[K.PANEL].to_numpy(bool)]) != set(union) for t in tables):
         logger.warning("cross_validate: panel per fold; `var[%r]` now flags the union of the fold panels.", K.PANEL)
     for t in tables:
         t.var[K.PANEL] = t.var_names.isin(union)
