@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from _machine import cpu_model
 
+from dkan.tl._evaluation.probes import PROBES
+
 if TYPE_CHECKING:
     import argparse
 
@@ -56,9 +58,6 @@ def git_commit() -> str:
         return out.stdout.strip() + (" (+ uncommitted changes)" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"
-
-
-PROBES = ("ridge", "ridge_ctx", "knn")
 
 
 def best_probe(res: Any) -> str | None:

@@ -96,3 +96,9 @@ def test_report_states_the_per_fold_rule_and_the_probe_choices(bench, toy_cv, tm
     rep.dump_json(tmp_path / "r.json", toy_cv)
     payload = json.loads((tmp_path / "r.json").read_text())
     assert len(payload["baseline_params"]["knn"]) == 3 and len(payload["fold_genes"]) == 3
+
+
+def test_per_fold_summary_plots(toy_cv):
+    fig = dkan.pl.metrics(toy_cv.summary, return_fig=True)
+    assert fig is not None
+    assert dkan.pl.metrics(toy_cv.summary, kind="bar", metric="pcc_heg", return_fig=True) is not None
