@@ -134,7 +134,10 @@ def train(
         "selection": result.selection,
         "device": str(dev),
     }
-    return DKANModel(module.cpu(), cfg, genes, emb, meta, result.history)
+    from dkan.tl._trust import fit_trust
+
+    meta[K.UNS_TRUST], trust = fit_trust(module, samples, emb, cfg, dev, reader=reader)  # intervals, PCC, novelty
+    return DKANModel(module.cpu(), cfg, genes, emb, meta, result.history, trust)
 
 
 def training_inputs(
