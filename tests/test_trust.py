@@ -98,7 +98,7 @@ def _recolour(sdata, fn):
     for key in list(sdata.images):
         old = sdata.images[key]
         base = old["scale0"].image if hasattr(old, "children") else old
-        data = fn(np.asarray(base.values)).astype(np.uint8)
+        data = np.clip(fn(np.asarray(base.values)), 0, 255).astype(np.uint8)
         scales = [2] * (len(old.children) - 1) if hasattr(old, "children") else None
         sdata.images[key] = Image2DModel.parse(
             data, dims=("c", "y", "x"), scale_factors=scales, transformations=get_transformation(base, get_all=True)
@@ -192,7 +192,7 @@ def test_training_slides_are_familiar_and_blank_or_shifted_slides_novel(model, s
     held = copy_sdata(split[1])  # another toy slide from the same generator
     assert held.tables[dkan.tl.predict(held, model, progress=False)].obs[K.NOVEL].mean() < 0.2
     shift = np.array([90, -60, 40])[:, None, None]  # a strong colour cast: another stain or scanner
-    for change in (lambda a: np.full_like(a, 255), lambda a: np.clip(a.astype(int) + shift, 0, 255)):
+    for change in (lambda a: np.full_like(a, 255), lambda a: a.astype(int) + shift):
         odd = _recolour(copy_sdata(split[1]), change)
         with caplog.at_level(logging.WARNING, logger="dkan"):
             caplog.clear()
@@ -222,3 +222,28 @@ def test_no_validation_data_gives_novelty_but_no_calibration(split):
     m = dkan.tl.train(copy_sdata(split[0]), config="small", progress=False, **{**FAST, "val_fraction": 0.0})
     assert "val_pcc" not in m.trust and "calibration" not in m.meta[K.UNS_TRUST]
     assert "novelty.reference" in m.trust
+
+
+@pytest.mark.slow
+def test_her2st_model_flags_the_mouse_bulb_and_a_stain_shift_but_not_its_own_patient():
+    """Real data: a small her2st model (C2, C3) against C4 (same patient), C4 colour-shifted, and mouse bulb MOB1."""
+    from conftest import data_path
+
+    her2st, mob = data_path("her2st"), data_path("stutility_mob")
+    model = dkan.tl.train(
+        dkan.datasets.her2st(her2st, sections=["C2", "C3"], progress=False),
+        config="small", progress=False, max_epochs=1, n_genes=20,
+    )  # fmt: skip
+
+    def novel_fraction(sdata):
+        tkey = dkan.tl.predict(sdata, model, progress=False)
+        return float(sdata.tables[tkey].obs[K.NOVEL].mean())
+
+    assert novel_fraction(dkan.datasets.her2st(her2st, sections=["C4"], progress=False)) < 0.2
+    shift = np.array([70, -50, 40])[:, None, None]
+    shifted = _recolour(dkan.datasets.her2st(her2st, sections=["C4"], progress=False), lambda a: a.astype(int) + shift)
+    assert novel_fraction(shifted) > 0.5
+    mouse = dkan.io.read_st(mob / "MOB1.tsv", mob / "alignment_table_MOB1.tsv", mob / "MOB1.jpg", sample_id="MOB1")
+    table = mouse.tables[K.TABLE]
+    table.X = np.zeros(table.shape, dtype=np.float32)  # mouse Ensembl ids share no gene with the model: image only
+    assert novel_fraction(mouse) > 0.5
