@@ -155,6 +155,44 @@ def test_interval_is_refused_for_models_without_calibration(model, split, tmp_pa
         dkan.tl.reliable_genes(loaded)
 
 
+def test_a_later_prediction_without_the_signals_drops_the_earlier_ones(model, split):
+    from dkan.train.model import DKANModel
+
+    new = copy_sdata(split[1])
+    tkey = dkan.tl.predict(new, model, interval=0.9, progress=False)
+    old = DKANModel(model.module, model.config, model.genes, model.gene_embeddings, model.meta, model.history)
+    dkan.tl.predict(new, old, overwrite=True, progress=False)
+    table = new.tables[tkey]
+    assert K.VAL_PCC not in table.var and K.NOVEL not in table.obs  # they belonged to the other model
+    assert LOWER not in table.layers and UPPER not in table.layers
+
+
+def test_genes_outside_the_panel_get_no_interval(model, split):
+    outside = [g for g in split[0].tables[K.TABLE].var_names if g not in model.genes][:1]
+    new = copy_sdata(split[1])
+    texts = {g: f"{g} is a gene expressed in breast tissue." for g in outside}
+    tkey = dkan.tl.predict(new, model, interval=0.9, genes=outside, descriptions=texts, progress=False)
+    table = new.tables[tkey]
+    col = table.var_names.get_indexer(outside)
+    assert np.isnan(table.layers[LOWER][:, col]).all() and np.isfinite(table.layers[STD][:, col]).all()
+    assert np.isnan(table.var[K.VAL_PCC].to_numpy()[col]).all()
+
+
+def test_training_features_are_a_capped_draw_over_all_samples():
+    import torch
+
+    from dkan.tl._trust import _training_features
+    from dkan.train.data import SampleInputs
+
+    samples = [
+        SampleInputs(f"s{i}", torch.full((n, 2), float(i)), None, None, torch.zeros(n, 2, dtype=torch.long))
+        for i, n in enumerate((30, 50, 20))
+    ]
+    assert _training_features(samples, 1000, 0).shape == (100, 2)
+    few = _training_features(samples, 40, 0)
+    assert few.shape == (40, 2) and set(np.unique(few[:, 0])) == {0.0, 1.0, 2.0}
+
+
 def test_interval_arguments_are_checked(model, split):
     new = copy_sdata(split[1])
     with pytest.raises(ValueError, match="coverage level"):

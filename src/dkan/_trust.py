@@ -20,6 +20,8 @@ import numpy as np
 
 #: Quantile levels at which the normalised scores are stored (401 levels, steps of 0.25 %).
 LEVELS = np.linspace(0.0, 1.0, 401)
+#: Most training spots kept as the novelty reference (a random subset).
+MAX_REFERENCE = 2000
 #: Floor of the reported spread, relative to each gene's median spread on the validation spots.
 SIGMA_FLOOR = 1e-3
 
@@ -91,7 +93,7 @@ def calibrated_sigma(sigma: np.ndarray, calibration: dict[str, np.ndarray]) -> n
 def fit_novelty(
     features: np.ndarray,
     *,
-    max_reference: int = 2000,
+    max_reference: int = MAX_REFERENCE,
     n_components: int = 32,
     k: int = 10,
     quantile: float = 0.99,
@@ -105,12 +107,14 @@ def fit_novelty(
     plus their residual norm), ``k`` ``(1,)``, ``threshold`` ``(1,)`` (the ``quantile`` of the reference's
     leave-one-out novelty) and ``quantile`` ``(1,)``.
     """
-    x = np.asarray(features, dtype=np.float64)
-    if x.ndim != 2 or len(x) < 3 or not np.isfinite(x).all():
-        raise ValueError(f"Need finite training features (n >= 3, d); found shape {x.shape}.")
-    rng = np.random.default_rng(seed)
-    if len(x) > max_reference:
-        x = x[np.sort(rng.choice(len(x), max_reference, replace=False))]
+    x = np.asarray(features)
+    if x.ndim != 2 or len(x) < 3:
+        raise ValueError(f"Need training features of shape (n >= 3, d); found shape {x.shape}.")
+    if len(x) > max_reference:  # subsample before any copy
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), max_reference, replace=False))]
+    x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError("The training features hold non-finite values; recompute them (dkan.tl.extract_features).")
     mean = x.mean(0)
     scale = x.std(0)
     scale = np.where(scale > 1e-8 * max(float(scale.max()), 1e-30), scale, 1.0)

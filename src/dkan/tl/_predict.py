@@ -105,10 +105,12 @@ def predict(
         draws (10 by default, unless ``n_samples > 1``): 11 forward passes per spot instead of 1; a model without
         dropout uses a per-gene residual scale at no extra cost. Needs one model trained by this dkan version
         (an older model, one trained with ``val_fraction=0`` or an ensemble is refused with a ValueError). Genes
-        outside the panel get no interval (NaN). Whatever ``interval``, the results table gets
+        outside the panel get no interval (NaN) and their spread is scaled by the panel's median factor.
+        Whatever ``interval``, the results table gets
         ``var["dkan_val_pcc"]`` (each panel gene's validation PCC) and ``obs["dkan_novelty"]``/
         ``obs["dkan_novel"]`` (frozen-feature distance to the training spots and whether it is above the model's
-        threshold) when the model records them; a warning names the samples where most spots are novel.
+        threshold) when the model records them (they describe the latest prediction into the table, as
+        ``uns["dkan"]["predict"]`` does); a warning names the samples where most spots are novel.
     progress
         Show a progress bar.
 

@@ -53,8 +53,7 @@ def fit_trust(
         [s.name for s in samples], [s.grid.numpy() for s in samples], cfg.val_fraction,
         strategy=cfg.val_split, seed=cfg.seed,
     )  # fmt: skip
-    spot = np.concatenate([s.spot.cpu().numpy() for s in samples])
-    novelty = T.fit_novelty(spot, seed=cfg.seed)
+    novelty = T.fit_novelty(_training_features(samples, T.MAX_REFERENCE, cfg.seed), seed=cfg.seed)
     arrays = {f"novelty.{k}": v for k, v in novelty.items()}
     settings: dict[str, Any] = {"novelty": {"k": int(novelty["k"][0]), "quantile": float(novelty["quantile"][0])}}
     settings["novelty"]["threshold"] = float(novelty["threshold"][0])
@@ -70,6 +69,18 @@ def fit_trust(
     settings["calibration"] = {"sigma": kind, "draws": draws, "n_spots": len(mu), "validation": split.description}
     logger.info("Calibrated the predictive spread (%s) on %d validation spots (%s).", kind, len(mu), split.description)
     return settings, arrays
+
+
+def _training_features(samples: list[Any], cap: int, seed: int) -> np.ndarray:
+    """Frozen spot features of at most ``cap`` training spots drawn at random over all samples (float32)."""
+    sizes = np.array([len(s) for s in samples])
+    pick = np.arange(sizes.sum())
+    if len(pick) > cap:
+        pick = np.sort(np.random.default_rng(seed).choice(len(pick), cap, replace=False))
+    owner = np.searchsorted(np.cumsum(sizes), pick, side="right")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    parts = [samples[i].spot[pick[owner == i] - starts[i]].cpu().numpy() for i in np.unique(owner)]
+    return np.concatenate(parts).astype(np.float32)
 
 
 def _validation_predictions(
@@ -107,8 +118,10 @@ def _validation_predictions(
         pccs.append(T.pearson_per_gene(mu, target))
     if not mus:
         return None
-    with np.errstate(all="ignore"):
-        pcc = np.nanmean(np.stack(pccs), axis=0) if np.isfinite(np.stack(pccs)).any() else np.stack(pccs)[0]
+    r = np.stack(pccs)
+    ok = np.isfinite(r)
+    n_ok = ok.sum(0)
+    pcc = np.where(n_ok > 0, np.where(ok, r, 0.0).sum(0) / np.maximum(n_ok, 1), np.nan)  # NaN: undefined everywhere
     return np.concatenate(mus), np.concatenate(sigmas), np.concatenate(targets), pcc, kind
 
 
@@ -171,7 +184,9 @@ class TrustPredict:
         self._write_pcc(adata, cols[:n_panel])
         novel = self._write_novelty(adata)
         record: dict[str, Any] = {"interval": self.interval, "std_calibrated": False, "novel_fraction": novel}
-        if self.calib is None:
+        if self.calib is None:  # intervals of an earlier prediction into this key no longer match it
+            for key in self.keys.values():
+                adata.layers.pop(key, None)
             return record
         panel, extra = cols[:n_panel], cols[n_panel:]
         raw = np.ones((len(pred), len(panel)), np.float32) if self.residual or std is None else std[:, panel]
@@ -200,7 +215,8 @@ class TrustPredict:
 
     def _write_pcc(self, adata: AnnData, panel_cols: np.ndarray) -> None:
         pcc = self.model.trust.get("val_pcc")
-        if pcc is None:
+        if pcc is None:  # a model without the record: drop an earlier model's, which would mislabel these genes
+            adata.var.drop(columns=[K.VAL_PCC], errors="ignore", inplace=True)
             return
         col = np.full(adata.n_vars, np.nan, dtype=np.float32)
         col[panel_cols] = pcc
@@ -209,6 +225,7 @@ class TrustPredict:
     def _write_novelty(self, adata: AnnData) -> dict[str, float] | None:
         if self.novelty is None:
             logger.info("The model has no novelty reference (saved before dkan recorded one): no `obs[%r]`.", K.NOVEL)
+            adata.obs.drop(columns=[K.NOVELTY, K.NOVEL], errors="ignore", inplace=True)  # an earlier model's
             return None
         score = np.full(adata.n_obs, np.nan, dtype=np.float32)
         for _, idx, s in self.scores:
