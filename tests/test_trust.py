@@ -285,3 +285,19 @@ def test_her2st_model_flags_the_mouse_bulb_and_a_stain_shift_but_not_its_own_pat
     table = mouse.tables[K.TABLE]
     table.X = np.zeros(table.shape, dtype=np.float32)  # mouse Ensembl ids share no gene with the model: image only
     assert novel_fraction(mouse) > 0.5
+
+
+def test_a_model_without_dropout_is_calibrated_with_a_per_gene_residual_scale(split):
+    no_dropout = {f"{m}_dropout": 0.0 for m in ("fusion", "slide", "region", "img_cross", "exp_cross", "text")}
+    m = dkan.tl.train(
+        copy_sdata(split[0]), config="small", progress=False, **FAST, **no_dropout, dropout_expr=0.0
+    )  # fmt: skip
+    assert m.meta[K.UNS_TRUST]["calibration"]["sigma"] == "residual"
+    new = copy_sdata(split[1])
+    tkey = dkan.tl.predict(new, m, interval=0.9, progress=False)
+    table = new.tables[tkey]
+    assert table.uns[K.UNS][K.UNS_PREDICT]["n_samples"] == 1  # no extra forward passes
+    sd = table.layers[STD]
+    np.testing.assert_allclose(sd, np.broadcast_to(m.trust["calibration.rms"], sd.shape), rtol=1e-6)
+    half = (table.layers[UPPER] - table.layers[LOWER]) / 2
+    assert np.allclose(half, half[:1]) and (half > 0).all()  # one width per gene
