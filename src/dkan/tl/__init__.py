@@ -15,6 +15,7 @@ __getattr__, __dir__, __all__ = lazy_module(
         "embed_genes": "_genes.embed",
         "train": "_train",
         "predict": "_predict",
+        "reliable_genes": "_trust",
         "predict_slides": "_slides",
         "evaluate": "_evaluation.evaluate",
         "combine_folds": "_evaluation.combine",

@@ -65,6 +65,10 @@ class DKANModel:
         region grid, target µm/px), ``normalize`` (parameters), ``gene_embedding`` (text encoder, pooling).
     history
         Per-epoch training record (losses, loss weights, validation score).
+    trust
+        Arrays of the trust signals (:mod:`dkan.tl._trust`): ``calibration.*`` (conformal calibration of the
+        spread), ``val_pcc`` (per-gene validation PCC), ``novelty.*`` (novelty reference); settings in
+        ``meta["trust"]``. Empty for models saved before dkan recorded them.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class DKANModel:
         gene_embeddings: np.ndarray,
         meta: dict[str, Any],
         history: list[dict[str, float]] | None = None,
+        trust: dict[str, np.ndarray] | None = None,
     ) -> None:
         if len(genes) != len(gene_embeddings):
             raise ValueError(f"{len(genes)} genes but {len(gene_embeddings)} gene embeddings.")
@@ -84,6 +89,7 @@ class DKANModel:
         self.gene_embeddings = np.asarray(gene_embeddings, dtype=np.float32)
         self.meta = dict(meta)
         self.history = list(history or [])
+        self.trust = {k: np.asarray(v) for k, v in (trust or {}).items()}
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.module.parameters())
@@ -140,7 +146,8 @@ class DKANModel:
         tok = _store.token()
         files = {"weights": f"model.{tok}.safetensors", "genes": f"genes.{tok}.safetensors"}
         save_model(self.module, str(folder / files["weights"]))
-        save_file({"gene_embeddings": torch.from_numpy(self.gene_embeddings)}, str(folder / files["genes"]))
+        trust = {f"trust.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.trust.items()}
+        save_file({"gene_embeddings": torch.from_numpy(self.gene_embeddings), **trust}, str(folder / files["genes"]))
         for name in files.values():
             _store.follow_umask(folder / name)
             _fsync(folder / name)
@@ -207,7 +214,8 @@ class DKANModel:
         _check_tensors(path / files["weights"], module)
         load_model(module, str(path / files["weights"]), strict=True)
         module.to(target).eval()
-        return cls(module, config, genes, emb, meta["meta"], meta.get("history", []))
+        trust = _read_trust(path / files["genes"])
+        return cls(module, config, genes, emb, meta["meta"], meta.get("history", []), trust)
 
 
 def _fsync(file: Path) -> None:
@@ -281,6 +289,14 @@ def _read_tensor(file: Path, key: str, *, ndim: int, rows: int) -> np.ndarray:
     if t.ndim != ndim or t.shape[0] != rows:
         raise ValueError(f"{file}: tensor `{key}` has shape {tuple(t.shape)}, expected {rows} rows ({ndim}-d).")
     return t.numpy()
+
+
+def _read_trust(file: Path) -> dict[str, np.ndarray]:
+    """The ``trust.*`` tensors stored beside the gene embeddings (none in folders saved before they existed)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return {k.split(".", 1)[1]: f.get_tensor(k).numpy() for k in f.keys() if k.startswith("trust.")}
 
 
 def _check_tensors(file: Path, module: torch.nn.Module) -> None:
