@@ -7,6 +7,7 @@ __getattr__, __dir__, __all__ = lazy_module(
     {
         "toy": "_toy",
         "copy_sdata": "_toy",
+        "toy_gene_descriptions": "_toy_genes",
         "her2st": "_her2st",
         "synthetic_wsi": "_wsi",
         "synthetic_visium": "_visium",
