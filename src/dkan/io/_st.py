@@ -89,7 +89,8 @@ def read_st(
     max_unmatched
         Largest fraction (0 to 1) of count rows that the spot file may not list at all (selected or not); above
         it a ValueError names both files. Raise it (e.g. ``1.0``) to keep the matched spots of a spot file you
-        know is partial. No her2st section and no STUtility MOB section misses any spot of its own spot file.
+        know is partial. With their own spot files, her2st sections miss no count row, STUtility's MOB sections
+        under 1 % (11 of 1,934 and 8 of 1,933).
     scale_factors
         Downsampling factors of the image pyramid; ``None`` for a single-scale image.
     chunks
