@@ -11,5 +11,6 @@ __getattr__, __dir__, __all__ = lazy_module(
         "her2st": "_her2st",
         "synthetic_wsi": "_wsi",
         "synthetic_visium": "_visium",
+        "synthetic_hest": "_hest",
     },
 )
