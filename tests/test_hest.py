@@ -68,6 +68,8 @@ def test_train_and_predict_on_a_hest_cohort(hest_root):
     key = dkan.tl.predict(held, model, progress=False)
     pred = held.tables[key][:, model.genes].layers[K.PRED]
     assert pred.shape == (36, len(model.genes)) and np.isfinite(pred).all()
+    scalefactors = held.tables[key].uns["spatial"]["SYNTH2"]["scalefactors"]  # scanpy-ready, slide pixels
+    assert scalefactors["spot_diameter_fullres"] == pytest.approx(2 * held.shapes["SYNTH2_spots"]["radius"].iloc[0])
 
 
 def test_missing_pixel_size_is_a_clear_error(hest_root, tmp_path):
