@@ -105,3 +105,21 @@ def test_small_images_never_read_the_full_resolution_level():
     assert (w, h) == (4000, 6000)
     assert images["hires"].shape == (750, 500, 3) and images["lowres"].shape[0] <= MAX_SIDE["lowres"]
     assert (images["hires"] == 200).all()
+
+
+def test_results_without_an_image_still_plot_at_the_right_size(predicted):
+    import scanpy as sc
+
+    from dkan._scanpy_spatial import add_spatial_uns
+
+    sd, model, key = predicted
+    bare = copy_sdata(sd)
+    del bare.images["s0_image"], bare.images["s1_image"]
+    add_spatial_uns(bare, K.TABLE, key)
+    lib = bare.tables[key].uns[K.UNS_SPATIAL]["s0"]
+    assert (lib["images"]["hires"] == 255).all() and lib["scalefactors"]["spot_diameter_fullres"] > 0
+    one = bare.tables[key][bare.tables[key].obs[K.LIBRARY_ID] == "s0"].copy()
+    one.uns[K.UNS_SPATIAL] = {"s0": lib}
+    axes = sc.pl.spatial(one, color=model.genes[0], layer=K.PRED, show=False)
+    assert len(axes[0].collections) >= 1
+    plt.close("all")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,25 +45,61 @@ def add_spatial_uns(
     image_key
         The image per sample, as for :func:`dkan.tl.predict` (``None``: the highest-resolution one).
     """
-    from dkan._utils import iter_samples, spot_pixels
+    from dkan._utils import find_image, iter_samples
 
     res = sdata.tables[results_key]
     xy = np.full((res.n_obs, 2), np.nan)
     library = np.empty(res.n_obs, dtype=object)
     spatial: dict[str, Any] = {}
-    for smp in iter_samples(sdata, table_key=table_key, image_key=image_key):
-        sxy, r = spot_pixels(sdata, smp)
+    for smp in iter_samples(sdata, table_key=table_key, image_key=image_key, need_image=False):
+        try:
+            smp = replace(smp, image_key=find_image(sdata, smp.spots_key, smp.image_key))
+        except (KeyError, ValueError):  # features computed earlier, image gone: spots only, no backdrop
+            smp = replace(smp, image_key=None)
+        sxy, r = _spot_geometry(sdata, smp)
         xy[smp.obs_idx] = sxy
         library[smp.obs_idx] = smp.name
-        images, full_wh = small_images(sdata.images[smp.image_key])
+        if smp.image_key is not None:
+            images, full_wh = small_images(sdata.images[smp.image_key])
+            meta = {"image": smp.image_key}
+        else:  # a white canvas over the spots, so the plots still find their scale and spot size
+            images, full_wh = _blank_images(sxy, r), _extent(sxy, r)
+            meta = {"image": ""}
         scalefactors = {f"tissue_{k}_scalef": img.shape[1] / full_wh[0] for k, img in images.items()}
         scalefactors["spot_diameter_fullres"] = float(2 * np.median(r))
-        spatial[smp.name] = {"images": images, "scalefactors": scalefactors, "metadata": {"image": smp.image_key}}
+        spatial[smp.name] = {"images": images, "scalefactors": scalefactors, "metadata": meta}
     res.obsm[K.SPATIAL] = xy
     res.obs[K.LIBRARY_ID] = library.astype(str)
     res.obs[K.LIBRARY_ID] = res.obs[K.LIBRARY_ID].astype("category")
     res.uns[K.UNS_SPATIAL] = spatial
     logger.debug("Wrote uns['spatial'] for %d samples on `%s`.", len(spatial), results_key)
+
+
+def _spot_geometry(sdata: SpatialData, smp: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Spot centres and radii in the image's full-resolution pixels, or in the spots' own units without an image."""
+    from dkan._utils import _align_to_table, spot_pixels
+
+    if smp.image_key is not None:
+        return spot_pixels(sdata, smp)
+    shapes = sdata.shapes[smp.spots_key]
+    c = shapes.geometry.centroid
+    r = shapes["radius"].to_numpy(float) if "radius" in shapes else np.sqrt(shapes.geometry.area.to_numpy() / np.pi)
+    return _align_to_table(sdata, smp, shapes.index, np.c_[c.x.to_numpy(), c.y.to_numpy()], r)
+
+
+def _extent(xy: np.ndarray, r: np.ndarray) -> tuple[int, int]:
+    """``(width, height)`` of a canvas from the origin that holds every spot."""
+    top = np.nanmax(xy + r[:, None], axis=0) if len(xy) else np.ones(2)
+    return math.ceil(max(float(top[0]), 1.0)), math.ceil(max(float(top[1]), 1.0))
+
+
+def _blank_images(xy: np.ndarray, r: np.ndarray) -> dict[str, np.ndarray]:
+    w, h = _extent(xy, r)
+    out = {}
+    for name, cap in MAX_SIDE.items():
+        f = min(1.0, cap / max(w, h))
+        out[name] = np.full((max(1, round(h * f)), max(1, round(w * f)), 3), 255, np.uint8)
+    return out
 
 
 def small_images(image: Any) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
