@@ -166,6 +166,7 @@ def _predict_table(
     from tqdm.auto import tqdm
 
     from dkan._results import ensure_genes, find_results, results_table
+    from dkan._scanpy_spatial import add_spatial_uns
     from dkan.tl._query import draws, new_gene_embeddings
     from dkan.tl._train import build_inputs, resolve_device
     from dkan.tl._trust import TrustPredict
@@ -260,6 +261,7 @@ def _predict_table(
             **_identity(model),
         },
     )
+    add_spatial_uns(sdata, tkey, rkey, image_key=image_key)  # scanpy / squidpy spatial plots draw the results
     logger.info("Wrote predictions of %d genes to `%s.layers[%r]`.", int(keep.sum()), rkey, key_added)
     return rkey
 
