@@ -229,6 +229,7 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         md_table(per_fold_table(res, "pcc_heg")),
         "",
+        *trust_section(res),
         "## Tuned probes: parameter chosen per fold",
         "",
         md_table(probe_table(res), "probe") if len(probe_table(res)) else "(no tuned probe in this run)",
@@ -257,5 +258,82 @@ def dump_json(path: Path, res: Any) -> None:
         "gene_sets": {k: v for k, v in res.summary.gene_sets.items() if k != "hpg"},
         "baseline_params": getattr(res, "baseline_params", {}),
         "fold_genes": getattr(res, "fold_genes", None),
+        "trust": [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in t.items()} for t in res.trust or []],
     }
     path.write_text(json.dumps(payload, indent=1, default=float))
+
+
+# ---------------------------------------------------------------------- trust figures (issue 23)
+#: Issue-23 targets on the trust figures: (label, test on the per-fold table) -> met / not met, never hard-coded.
+NOVEL_FEW = 0.10  # "few" novel spots on a held-out her2st section: at most this share, in every fold
+
+
+def trust_frame(res: Any) -> pd.DataFrame:
+    """Per-fold trust figures of the DKAN row (and their mean), from ``res.trust``."""
+    from dkan.tl._evaluation.trust import trust_table
+
+    return trust_table(res.trust, res.folds)
+
+
+def trust_lines(res: Any) -> list[str]:
+    """The issue-23 targets, each ``met`` or ``not met`` from the per-fold figures."""
+    t = trust_frame(res)
+    folds, mean = t.drop(index="mean"), t.loc["mean"]
+    n = len(folds)
+    wins = int((folds["reliable_pcc"] > folds["rest_pcc"]).sum())  # NaN (no gene on a side) counts as a loss
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    return [
+        f"- 68 % interval covers {mean['coverage_68']:.1%} of held-out values (target 63-73 %): "
+        + verdict(0.63 <= mean["coverage_68"] <= 0.73),
+        f"- 95 % interval covers {mean['coverage_95']:.1%} (target 90-97 %): "
+        + verdict(0.90 <= mean["coverage_95"] <= 0.97),
+        f"- Spearman (validation PCC vs held-out PCC, across genes) {mean['spearman']:.3f} mean (target >= 0.5): "
+        + verdict(mean["spearman"] >= 0.5),
+        f"- genes with validation PCC >= 0.3 have a higher held-out mean PCC than the rest in {wins}/{n} folds "
+        f"(target {n}/{n}): " + verdict(wins == n),
+        f"- held-out her2st spots flagged novel: {mean['novel_fraction']:.1%} mean, at most "
+        f"{folds['novel_fraction'].max():.1%} in a fold (target: few, i.e. <= {NOVEL_FEW:.0%} in every fold): "
+        + verdict(bool((folds["novel_fraction"] <= NOVEL_FEW).all())),
+    ]
+
+
+def trust_section(res: Any) -> list[str]:
+    """Markdown section of the trust figures, or nothing when the run did not measure them."""
+    if not getattr(res, "trust", None):
+        return []
+    t = trust_frame(res)
+    shown = pd.DataFrame(
+        {
+            "cover 68 %": t["coverage_68"].map("{:.1%}".format),
+            "cover 95 %": t["coverage_95"].map("{:.1%}".format),
+            "Spearman val/held-out PCC": t["spearman"].map("{:.3f}".format),
+            "held-out PCC, reliable (n)": [
+                f"{p:.3f} ({n:.0f})" for p, n in zip(t["reliable_pcc"], t["n_reliable"], strict=True)
+            ],
+            "held-out PCC, rest": t["rest_pcc"].map("{:.3f}".format),
+            "novel spots": t["novel_fraction"].map("{:.1%}".format),
+        },
+        index=t.index,
+    )
+    split = next((x.get("validation") for x in res.trust if x.get("validation")), "the training validation split")
+    sigma = next((x.get("sigma") for x in res.trust if x.get("sigma")), "none")
+    return [
+        "## Can I trust this map? (issue 23; DKAN row, per fold)",
+        "",
+        "Each fold's model records its trust signals on its training sections only, as `dkan.tl.train` does: the "
+        f"spread ({sigma}) is calibrated (split conformal, per gene) and each gene's validation PCC recorded on "
+        f"{split}; the novelty reference is a draw of the training spots' frozen features (threshold: 99th "
+        "percentile of their own leave-one-out kNN distance). The figures below are measured on the test section "
+        "only: coverage of the nominal 68 % and 95 % intervals over its spots x panel genes; Spearman across genes "
+        "between validation and held-out PCC; mean held-out PCC of the genes with validation PCC >= 0.3 (the "
+        "default of `dkan.tl.reliable_genes`, fixed before any test data) and of the rest; share of its spots "
+        "flagged novel.",
+        "",
+        md_table(shown, "fold"),
+        "",
+        *trust_lines(res),
+        "",
+    ]

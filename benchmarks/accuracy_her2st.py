@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from _her2st_report import dump_json, fmt_time, load, machine, report, target_check, usable_cores
+from _her2st_report import dump_json, fmt_time, load, machine, report, target_check, trust_lines, usable_cores
 
 from dkan.tl._evaluation.cv import BASELINES
 
@@ -77,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache", type=Path, default=None, help="h5ad of the prepared table: reused if present, else written"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-trust", dest="trust", action="store_false",
+        help="skip the issue-23 trust figures (per fold: calibration, val PCC and novelty of the DKAN row)",
+    )  # fmt: skip
     p.add_argument(
         "--shared-tiles", action="store_true", help="region features from shared grid tiles (extract_features option)"
     )
@@ -220,6 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             device=device,
             progress=not args.no_progress,
             panel_per_fold=True,
+            trust=args.trust,
         )
         train_times = None
     t1 = time.perf_counter()
@@ -346,6 +351,7 @@ def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
         device=task["device"],
         progress=False,
         panel_per_fold=True,
+        trust=task.get("trust", False),
     )
     preds = {(task["name"] if m == "DKAN" else m): p for m, p in res.predictions.items()}
     return {
@@ -359,6 +365,7 @@ def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
         "fold_genes": res.fold_genes,
         "gene_sets": res.summary.gene_sets,
         "baseline_params": res.baseline_params,
+        "trust": res.trust,
         "train_times": training_times(watch.events, time.perf_counter()),
         "seconds": time.perf_counter() - t0,
     }
@@ -383,7 +390,7 @@ def run_parallel(args, cfg, sdata, desc, device, ablations, baselines) -> tuple[
         table.write_h5ad(path)
         tasks = [
             {"name": name, "cfg": vcfg, "baselines": baselines if i == 0 else (), "her2st": args.data / "her2st",
-             "table": path, "desc": desc, "device": device, "threads": threads}
+             "table": path, "desc": desc, "device": device, "threads": threads, "trust": args.trust and i == 0}
             for i, (name, vcfg) in enumerate(variants)
         ]  # fmt: skip
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
@@ -414,9 +421,11 @@ def merge_outputs(outs: list[dict[str, Any]], baselines: tuple[str, ...]) -> Any
         summary = summarise_folds(preds, target, first["obs"], first["genes"], first["fold_genes"], fold_sets)
     histories = {o["name"]: o["history"] for o in outs}
     params = {m: p for o in outs for m, p in o["baseline_params"].items()}
+    trust = next((o.get("trust") for o in outs if o["name"] == "DKAN"), None)
     return CVResult(
-        summary, first["folds"], preds, first["obs"], first["genes"], histories, params, first["fold_genes"], target
-    )
+        summary, first["folds"], preds, first["obs"], first["genes"], histories, params, first["fold_genes"], target,
+        trust,
+    )  # fmt: skip
 
 
 def training_times(events: list[tuple[float, str]], end: float) -> list[float]:
@@ -444,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         dump_json(args.json, out["res"])
     print("\n" + out["res"].table().to_string())
     print("\n" + "\n".join(target_check(out["res"])))
+    if out["res"].trust:
+        print("\n" + "\n".join(trust_lines(out["res"])))
     print(f"\nTotal run time {fmt_time(out['times']['total'])}; machine: {machine()}; load {out['load']}")
     print(f"Results written to {path}")
 

@@ -54,6 +54,7 @@ def fold_trust(
     targets = [s.target.cpu().numpy().astype(np.float32) for s in tests]
     heldout = _mean_pcc([T.pearson_per_gene(p, y) for p, y in zip(preds, targets, strict=True)])
     out: dict[str, Any] = {"heldout_pcc": heldout.astype(np.float32)}
+    out["validation"] = (settings.get("calibration") or {}).get("validation")  # the split that calibrated
     out.update(_coverage(module, settings, arrays, tests, preds, targets, emb, cfg, dev, read))
     val = arrays.get("val_pcc")
     out["val_pcc"] = np.full_like(out["heldout_pcc"], np.nan) if val is None else np.asarray(val, np.float32)
