@@ -46,3 +46,15 @@ def test_benchmark_measures_trust_unless_told_not_to(rep):
     _, acc = rep
     parser_default = acc.parse_args([])
     assert parser_default.trust is True and acc.parse_args(["--no-trust"]).trust is False
+
+
+def test_novelty_script_runs_on_toy_slides_and_flags_the_altered_ones():
+    sys.path.insert(0, str(BENCH))
+    try:
+        novelty = importlib.import_module("novelty_her2st")
+        rows = novelty.main(["--toy", "--max-epochs", "1"])
+    finally:
+        sys.path.remove(str(BENCH))
+    share = {name.split(", ")[-1]: f for name, _, f, _ in rows}
+    assert len(rows) == 3 and share["toy held-out slide"] < 0.2
+    assert share["blank (white)"] > 0.9 and share["colour shift 70,-50,40 (R,G,B)"] > 0.5
