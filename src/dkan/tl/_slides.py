@@ -5,13 +5,22 @@ store), *spots* (tissue detection on a low pyramid level and pseudo-spots, :func
 slide has no table), *predict* (tiles, frozen features and the model, :func:`dkan.tl.predict`) and *write* (a
 new zarr store written to a temporary sibling and renamed into place). A store at the output path therefore
 means a finished slide: a rerun skips it, and a crash loses at most the slide in progress.
+
+Which errors are a slide's own failure (reported per slide by ``errors="skip"``, raised as :class:`SlideError`
+naming the slide by ``errors="raise"``): any error raised while a slide is processed that is an ``OSError``,
+``EOFError``, ``KeyError``, ``ValueError`` or ``TypeError``, or that comes from a library reading or decoding
+image files (``imagecodecs``, ``tifffile``, ``tiffslide``, ``openslide``, ``PIL``, ``zarr``, ``numcodecs``,
+``zlib``, ...), wherever it surfaces (decoding is lazy: a truncated JPEG tile fails only when features are
+computed). Any other error (a ``RuntimeError`` of torch, an ``AttributeError``, an invalid model) is a fault of
+the program or the environment rather than of the slide and stops the batch with its own traceback.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +41,69 @@ REPORT_COLUMNS = (
     "slide", "out", "status", "n_spots", "read_s", "spots_s", "features_s", "predict_s", "write_s",
     "encoder_passes", "error",
 )  # fmt: skip
+
+
+#: Top-level modules whose exceptions mean that a slide's file could not be read or decoded.
+READER_MODULES = frozenset(
+    {"imagecodecs", "tifffile", "tiffslide", "openslide", "PIL", "zarr", "numcodecs", "zlib", "ome_types", "xml"}
+)
+#: Exception types that are a slide's failure wherever they come from (bad or unreadable input).
+SLIDE_ERRORS = (OSError, EOFError, KeyError, ValueError, TypeError)
+
+
+class SlideError(ValueError):
+    """One slide could not be read, decoded or predicted; the original error is its ``__cause__``.
+
+    Attributes
+    ----------
+    slide
+        The slide's path.
+    stage
+        Where it failed (``read``, ``spots``, ``features``, ``predict``, ``write``).
+    """
+
+    def __init__(self, slide: str | PathLike[str], stage: str, err: BaseException) -> None:
+        self.slide, self.stage = str(slide), stage
+        text = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+        super().__init__(f"Slide `{slide}` failed ({stage}): {type(err).__name__}: {text or '(no message)'}")
+
+
+def is_slide_error(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) means that the slide, not the program, is at fault."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, SLIDE_ERRORS):
+            return True
+        if any(cls.__module__.split(".")[0] in READER_MODULES for cls in type(cur).__mro__):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+@contextmanager
+def slide_stage(slide: str | PathLike[str], stage: str, *, user_errors_as_is: bool = False) -> Iterator[None]:
+    """Turn the slide errors (:func:`is_slide_error`) raised inside the block into a :class:`SlideError`.
+
+    Parameters
+    ----------
+    slide
+        The slide being processed.
+    stage
+        Its stage, for the message.
+    user_errors_as_is
+        Leave the plain user errors (:data:`SLIDE_ERRORS`) as they are and convert only decoder errors (the
+        command line, whose messages already name their parameter).
+    """
+    try:
+        yield
+    except SlideError:
+        raise
+    except Exception as err:
+        if not is_slide_error(err) or (user_errors_as_is and isinstance(err, SLIDE_ERRORS)):
+            raise
+        raise SlideError(slide, stage, err) from err
 
 
 def is_store(path: str | PathLike[str]) -> bool:
@@ -148,28 +220,36 @@ def predict_slide(
     One row of the report of :func:`predict_slides` (stage times in seconds).
     """
     import dkan
-    from dkan.cli import write_new_store
+    from dkan.io._store_write import recover_store, write_new_store
 
     slide, out = Path(slide), Path(out)
+    recover_store(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"`out={out}` exists; pass `overwrite=True` to replace it or choose another path.")
     if out.resolve() == slide.resolve() or slide.resolve() in out.resolve().parents:
         raise ValueError(f"`out={out}` would be written into the input `{slide}`; choose another path.")
     row: dict[str, Any] = {"slide": str(slide), "out": str(out), "status": "written", "error": ""}
     t = time.perf_counter()
-    sdata = read_slide(slide, um_per_px=um_per_px)
+    with slide_stage(slide, "read"):
+        sdata = read_slide(slide, um_per_px=um_per_px)
     row["read_s"], t = time.perf_counter() - t, time.perf_counter()
     if not len(sdata.tables):
         logger.info("%s: detecting tissue and laying pseudo-spots", slide.name)
-        dkan.tl.make_spots(sdata, um_per_px=um_per_px)
+        with slide_stage(slide, "spots"):
+            dkan.tl.make_spots(sdata, um_per_px=um_per_px)
     row["spots_s"], t = time.perf_counter() - t, time.perf_counter()
-    row["encoder_passes"] = _features(sdata, model, device=device, shared_tiles=shared_tiles, progress=progress)
+    with slide_stage(slide, "features"):
+        row["encoder_passes"] = _features(sdata, model, device=device, shared_tiles=shared_tiles, progress=progress)
     row["features_s"], t = time.perf_counter() - t, time.perf_counter()
-    tkey = dkan.tl.predict(sdata, model, device=device, batch_size=batch_size, um_per_px=um_per_px, progress=progress)
+    with slide_stage(slide, "predict"):
+        tkey = dkan.tl.predict(
+            sdata, model, device=device, batch_size=batch_size, um_per_px=um_per_px, progress=progress
+        )
     row["n_spots"] = int(sdata.tables[tkey].n_obs)
     row["predict_s"], t = time.perf_counter() - t, time.perf_counter()
-    record_source(sdata, slide, tkey, with_image=with_image)
-    write_new_store(sdata, out, overwrite=overwrite)
+    with slide_stage(slide, "write"):
+        record_source(sdata, slide, tkey, with_image=with_image)
+        write_new_store(sdata, out, overwrite=overwrite)
     row["write_s"] = time.perf_counter() - t
     logger.info("%s: %d spots predicted, written to %s", slide.name, row["n_spots"], out)
     return row
@@ -207,7 +287,9 @@ def predict_slides(
     overwrite
         Recompute slides whose output store exists (default: skip them).
     errors
-        ``"raise"``: stop at the first slide that fails; ``"skip"``: log the error, report it and go on.
+        ``"raise"``: stop at the first slide that fails with a :class:`SlideError` naming it (the original error
+        chained); ``"skip"``: log the error, report it and go on. A slide fails on any error that is about its
+        file or its content, at any stage (see the module notes); other errors stop the batch.
     device
         Torch device (default CUDA when available).
     batch_size
@@ -228,6 +310,7 @@ def predict_slides(
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from dkan.io._store_write import recover_store
     from dkan.train.model import DKANModel
 
     if errors not in ("raise", "skip"):
@@ -248,6 +331,7 @@ def predict_slides(
     bar = tqdm(list(zip(paths, outs, strict=True)), desc="dkan slides", unit="slide", disable=not progress)
     for path, out in bar:
         bar.set_postfix_str(path.name)
+        recover_store(out)  # a store a killed run set aside is back before deciding to skip
         if out.exists() and not overwrite:
             logger.info("%s: %s exists, skipped (pass overwrite=True to recompute)", path.name, out)
             rows.append({"slide": str(path), "out": str(out), "status": "skipped", "error": ""})
@@ -267,7 +351,7 @@ def predict_slides(
                     progress=progress,
                 )
             )
-        except (KeyError, ValueError, TypeError, OSError) as err:
+        except SlideError as err:
             if errors == "raise":
                 raise
             logger.error("%s: failed, skipped: %s", path.name, err)
