@@ -20,7 +20,7 @@ import pytest
 
 import dkan
 from dkan.io import _store_write as sw
-from dkan.tl._slides import SlideError, is_slide_error
+from dkan.tl._slides import SlideError, is_slide_error  # SlideError is also dkan.tl.SlideError
 
 FAST = ["--device", "cpu", "--no-progress", "-q"]
 
@@ -90,6 +90,24 @@ def test_cli_predict_truncated_slide_is_one_line(slides, model_dir, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dkan: error: Slide") and "truncated.tif" in lines[0], proc.stderr
     assert not out.exists() and not _hidden(tmp_path)
+
+
+def test_reruns_recover_a_store_set_aside_by_a_killed_swap(slides, model_dir, tmp_path):
+    """``predict_slides`` puts a set-aside store back before deciding to skip; ``dkan predict`` before replacing."""
+    from dkan.cli import main
+
+    good, _ = slides
+    out_dir = tmp_path / "preds"
+    dkan.tl.predict_slides([good], model_dir, out_dir=out_dir, progress=False, device="cpu")
+    store = out_dir / "good.zarr"
+    store.rename(out_dir / ".good.zarr.old-0123abcd")  # a killed swap of an earlier dkan (no host and pid)
+    (out_dir / ".good.zarr.tmp-0123abcd").mkdir()  # and the store it was writing
+    again = dkan.tl.predict_slides([good], model_dir, out_dir=out_dir, progress=False, device="cpu")
+    assert list(again["status"]) == ["skipped"] and store.is_dir() and not _hidden(out_dir)
+    store.rename(out_dir / ".good.zarr.old-0123abcd")
+    args = ["predict", str(good), "--model", str(model_dir), "--out", str(store), "--overwrite", *FAST]
+    assert main(args) == 0
+    assert store.is_dir() and not _hidden(out_dir)
 
 
 def test_program_errors_still_stop_the_batch(slides, model_dir, tmp_path, monkeypatch):
