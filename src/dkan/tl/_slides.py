@@ -62,10 +62,16 @@ class SlideError(ValueError):
         Where it failed (``read``, ``spots``, ``features``, ``predict``, ``write``).
     """
 
-    def __init__(self, slide: str | PathLike[str], stage: str, err: BaseException) -> None:
+    def __init__(self, slide: str | PathLike[str], stage: str, err: BaseException | str) -> None:
         self.slide, self.stage = str(slide), stage
+        if isinstance(err, str):  # rebuilt from its message (pickled between processes)
+            super().__init__(err)
+            return
         text = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
         super().__init__(f"Slide `{slide}` failed ({stage}): {type(err).__name__}: {text or '(no message)'}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (SlideError, (self.slide, self.stage, str(self)))
 
 
 def is_slide_error(err: BaseException) -> bool:
@@ -268,6 +274,7 @@ def predict_slides(
     with_image: bool | None = None,
     shared_tiles: bool = False,
     progress: bool = True,
+    client: Any = None,
 ) -> pd.DataFrame:
     """Predict a cohort of slides, writing each slide's store as soon as it is finished.
 
@@ -300,6 +307,12 @@ def predict_slides(
         Region features from shared grid tiles (see :func:`predict_slide`).
     progress
         Show progress bars (slides, features, prediction).
+    client
+        A ``dask.distributed.Client``: one task per slide on its workers (any Dask cluster whose workers see
+        the slides, ``out_dir`` and the model folder, e.g. a ``LocalCluster`` or a dask-jobqueue cluster). Each
+        worker loads the model once (from its folder, or from one broadcast copy of a model object) and writes
+        its slides' stores with the same atomic rule; ``errors="raise"`` raises at the first failure seen
+        (slides already running still finish). Default: one slide after the other in this process.
 
     Returns
     -------
@@ -310,7 +323,6 @@ def predict_slides(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from dkan.io._store_write import recover_store
     from dkan.train.model import DKANModel
 
     if errors not in ("raise", "skip"):
@@ -325,38 +337,59 @@ def predict_slides(
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"`slides` not found: {missing}.")
+    opts = {
+        "um_per_px": um_per_px, "overwrite": overwrite, "device": device, "batch_size": batch_size,
+        "with_image": with_image, "shared_tiles": shared_tiles,
+    }  # fmt: skip
+    pairs = list(zip(paths, outs, strict=True))
+    if client is not None:
+        from dkan.tl._cohort import predict_on_client
+
+        rows = predict_on_client(client, pairs, model, opts, errors=errors, progress=progress)
+        return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
     if not isinstance(model, DKANModel):
         model = DKANModel.load(model)
     rows = []
-    bar = tqdm(list(zip(paths, outs, strict=True)), desc="dkan slides", unit="slide", disable=not progress)
+    bar = tqdm(pairs, desc="dkan slides", unit="slide", disable=not progress)
     for path, out in bar:
         bar.set_postfix_str(path.name)
-        recover_store(out)  # a store a killed run set aside is back before deciding to skip
-        if out.exists() and not overwrite:
-            logger.info("%s: %s exists, skipped (pass overwrite=True to recompute)", path.name, out)
-            rows.append({"slide": str(path), "out": str(out), "status": "skipped", "error": ""})
-            continue
-        try:
-            rows.append(
-                predict_slide(
-                    path,
-                    model,
-                    out=out,
-                    um_per_px=um_per_px,
-                    overwrite=overwrite,
-                    device=device,
-                    batch_size=batch_size,
-                    with_image=with_image,
-                    shared_tiles=shared_tiles,
-                    progress=progress,
-                )
-            )
-        except SlideError as err:
-            if errors == "raise":
-                raise
-            logger.error("%s: failed, skipped: %s", path.name, err)
-            rows.append({"slide": str(path), "out": str(out), "status": "failed", "error": str(err)})
+        row = slide_row(path, out, model, opts, progress=progress)
+        if row["status"] == "failed" and errors == "raise":
+            raise row.pop("exception")
+        row.pop("exception", None)
+        rows.append(row)
     return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
+
+
+def slide_row(path: Path, out: Path, model: DKANModel, opts: dict[str, Any], *, progress: bool) -> dict[str, Any]:
+    """Skip a finished slide, else predict it; a :class:`SlideError` becomes a ``failed`` row (``exception`` key).
+
+    Parameters
+    ----------
+    path, out
+        The slide and its output store.
+    model
+        The model.
+    opts
+        Keyword arguments of :func:`predict_slide` (``overwrite`` among them).
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    One row of the report.
+    """
+    from dkan.io._store_write import recover_store
+
+    recover_store(out)  # a store a killed run set aside is back before deciding to skip
+    if out.exists() and not opts["overwrite"]:
+        logger.info("%s: %s exists, skipped (pass overwrite=True to recompute)", path.name, out)
+        return {"slide": str(path), "out": str(out), "status": "skipped", "error": ""}
+    try:
+        return predict_slide(path, model, out=out, progress=progress, **opts)
+    except SlideError as err:
+        logger.error("%s: failed, skipped: %s", path.name, err)
+        return {"slide": str(path), "out": str(out), "status": "failed", "error": str(err), "exception": err}
 
 
 def _features(sdata: SpatialData, model: DKANModel, *, device: Any, shared_tiles: bool, progress: bool) -> int:
