@@ -68,3 +68,30 @@ def test_cohort_with_a_model_object_matches_the_local_run(cohort, model_dir, cli
     (a,) = sd.read_zarr(tmp_path / "r" / "s0.zarr").tables.values()
     (b,) = sd.read_zarr(tmp_path / "l" / "s0.zarr").tables.values()
     np.testing.assert_allclose(a.layers[K.PRED], b.layers[K.PRED], rtol=1e-5, atol=1e-6)
+
+
+_KILL_ON_RENAME = """
+import os, signal
+from dkan.io import _store_write as sw
+
+def _move(src, dst, _real=sw._move):
+    try:  # the first worker to rename a finished store into place dies there (once per test)
+        os.close(os.open(MARKER, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return _real(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+sw._move = _move
+"""
+
+
+def test_worker_killed_mid_cohort_leaves_no_half_store(cohort, model_dir, client, tmp_path):
+    """A worker SIGKILLed before renaming its store: Dask reruns the slide elsewhere, the leftover is removed."""
+    marker = tmp_path / "killed"
+    client.run(exec, _KILL_ON_RENAME, {"MARKER": str(marker)})
+    out_dir = tmp_path / "preds"
+    good = [cohort[0], cohort[1], cohort[3]]
+    report = dkan.tl.predict_slides(good, model_dir, out_dir=out_dir, errors="skip", device="cpu", client=client)
+    assert marker.exists()  # a worker was killed
+    assert list(report["status"]) == ["written"] * 3
+    assert sorted(p.name for p in out_dir.iterdir()) == ["s0.zarr", "s1.zarr", "s2.zarr"]  # no hidden leftover
