@@ -20,7 +20,7 @@ import pytest
 
 import dkan
 from dkan.io import _store_write as sw
-from dkan.tl._slides import SlideError, is_slide_error  # SlideError is also dkan.tl.SlideError
+from dkan.tl._slide_errors import SlideError, is_slide_error  # SlideError is also dkan.tl.SlideError
 
 FAST = ["--device", "cpu", "--no-progress", "-q"]
 
@@ -233,6 +233,20 @@ def test_killed_in_place_update_is_finished_by_the_next_run(old_store, tmp_path)
     assert sw.restore_backups(old_store) == ["table"]
     table = sd.read_zarr(old_store).tables["table"]
     assert table.n_obs == 16 and (table.obs["marker"] == 1).all() and _hidden(tmp_path) == []
+
+
+def test_cli_in_place_run_finishes_a_killed_update_first(tmp_path, model_dir):
+    import spatialdata as sd
+
+    from dkan.cli import main
+
+    store = tmp_path / "S.zarr"
+    dkan.datasets.toy(seed=0, n_samples=1, grid_size=4).write(store)
+    _killed(tmp_path, store, "in_place")
+    assert main(["predict", str(store), "--model", str(model_dir), "--in-place", *FAST]) == 0
+    back = sd.read_zarr(store)
+    assert (back.tables["table"].obs["marker"] == 1).all()  # the killed update, finished
+    assert any(key.endswith("_dkan") for key in back.tables) and _hidden(tmp_path) == []
 
 
 def test_exchange_swaps_two_folders(tmp_path):

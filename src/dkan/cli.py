@@ -304,7 +304,8 @@ def _predict(args: argparse.Namespace) -> int:
     store = args.store.resolve()
     if args.out is not None:
         _check_out(store, args.out.resolve(), overwrite=args.overwrite)
-    from dkan.tl._slides import is_store, read_slide, record_source, slide_stage
+    from dkan.tl._slide_errors import slide_stage
+    from dkan.tl._slides import is_store, read_slide, record_source
 
     if args.in_place and args.store.exists() and not is_store(args.store):
         raise ValueError(f"`--in-place` needs a zarr store; `{args.store}` is a slide file. Use `--out OUT.zarr`.")

@@ -3,7 +3,7 @@
 :func:`dkan.tl.predict_slides` with ``client=`` comes here. Each task runs :func:`dkan.tl._slides.slide_row` on
 a worker: recover what a killed run left at the slide's output, skip a finished store, else predict and write the
 store atomically. A slide that fails comes back as a ``failed`` row; an error that is not the slide's (see
-:func:`dkan.tl._slides.is_slide_error`) fails its task and is raised here. A task whose worker died (killed,
+:func:`dkan.tl._slide_errors.is_slide_error`) fails its task and is raised here. A task whose worker died (killed,
 out of memory) is retried by Dask on another worker; when Dask gives up (``KilledWorker``) the slide is reported
 as failed.
 """
@@ -90,7 +90,7 @@ def predict_on_client(
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    from dkan.tl._slides import SlideError
+    from dkan.tl._slide_errors import SlideError
     from dkan.train.model import DKANModel
 
     if isinstance(model, DKANModel):
