@@ -122,6 +122,14 @@ def test_program_errors_still_stop_the_batch(slides, model_dir, tmp_path, monkey
         dkan.tl.predict_slides([good], model_dir, out_dir=tmp_path, errors="skip", progress=False, device="cpu")
 
 
+def test_an_invalid_model_stops_the_batch(slides, tmp_path):
+    """Not a slide's failure: ``errors="skip"`` does not turn a bad model into one failed row per slide."""
+    good, _ = slides
+    (tmp_path / "not_a_model").mkdir()
+    with pytest.raises(FileNotFoundError, match="no saved dkan model"):
+        dkan.tl.predict_slides([good], tmp_path / "not_a_model", out_dir=tmp_path / "o", errors="skip")
+
+
 def _chained() -> BaseException:
     import zlib
 

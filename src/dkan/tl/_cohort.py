@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,8 +102,9 @@ def predict_on_client(
             raise FileNotFoundError(f"`model={model}` is not a model folder; pass a folder saved with DKANModel.save.")
     else:
         raise TypeError(f"`model` must be a DKANModel or the folder it was saved to; got {type(model).__name__}.")
+    run = uuid.uuid4().hex[:8]  # task keys unique per call: a key still held by the scheduler returns old results
     futures = {
-        client.submit(slide_task, str(path), str(out), ref, opts, pure=False, key=f"dkan-slide-{i}-{path.name}"): i
+        client.submit(slide_task, str(path), str(out), ref, opts, key=f"dkan-slide-{path.name}-{run}-{i}"): i
         for i, (path, out) in enumerate(pairs)
     }
     rows: list[dict[str, Any] | None] = [None] * len(pairs)
