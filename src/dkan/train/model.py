@@ -124,6 +124,7 @@ class DKANModel:
         path = _store.check_target(path, overwrite=overwrite)
         if path.exists():
             _store.clean_stale(path)
+            _store.clean_writer_temps(path)
             files = self._write(path)
             _store.remove_unreferenced(path, set(files.values()))
             return path
