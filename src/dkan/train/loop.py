@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dkan.train._checkpoint import load_checkpoint, run_identity, save_checkpoint
-from dkan.train._selection import finish_selection, smoothed_score, update_best
+from dkan.train._selection import finish_selection, should_stop, smoothed_score, update_best
 from dkan.train.config import DKANConfig
 from dkan.train.data import MIN_VAL_SPOTS, SampleInputs, batch_inputs, plan_batches
 
@@ -177,7 +177,7 @@ def fit(
         )
         if ckpt is not None and rank == 0:
             save_checkpoint(ckpt, module, opt, sched, result, epoch + 1, bad, ident)
-        if has_val and bad > config.patience and epoch + 1 >= config.min_epochs:
+        if has_val and should_stop(bad, epoch, config):
             stopped = epoch
             logger.info(
                 "Early stopping at epoch %d (best epoch %d, smoothed validation %s %.4f).",
