@@ -183,9 +183,11 @@ class DKAN(nn.Module):
         target_mean
             Mean training target per gene ``(G,)``. With ``gene_output`` ``"bias"`` or ``"affine"`` it becomes the
             initial per-gene output bias and the initial bias of the intermediate heads (the shared output layer's
-            bias starts at zero), so that every output starts near the training mean instead of near zero
-            (ignored with ``"shared"``, the reference's initialisation). A zero-initialised shared layer, tried
-            too, fitted a constant gene more exactly but halved the held-out PCC of a short synthetic run.
+            bias starts at zero; ignored with ``"shared"``, the reference's initialisation). The randomly initialised
+            shared layer still adds a per-gene offset; training removes it from the per-gene bias with one forward
+            pass over training spots (:func:`dkan.train.loop.start_at_mean`), so that the first prediction's mean
+            over those spots is the training mean. A zero-initialised shared layer would do that without a forward
+            pass, but halved the held-out PCC of a short synthetic run.
         """
         if genes is not None and self.config.use_text and self.config.standardize_genes:
             self.set_gene_statistics(genes)
@@ -204,6 +206,19 @@ class DKAN(nn.Module):
             head = getattr(self, name, None)
             if head is not None:
                 head.bias.copy_(mean.to(head.bias))
+
+    @torch.no_grad()
+    def shift_output(self, offset: Tensor) -> None:
+        """Subtract ``offset`` ``(G,)`` from every gene's output (its per-gene bias); see :func:`start_at_mean`.
+
+        With ``gene_output="shared"`` (no per-gene bias: the reference) nothing changes.
+        """
+        if not hasattr(self, "gene_bias"):
+            return
+        offset = torch.as_tensor(offset, dtype=torch.float32).reshape(-1)
+        if offset.shape != (self.n_genes,) or not torch.isfinite(offset).all():
+            raise ValueError(f"Expected a finite `offset` of shape ({self.n_genes},), found {tuple(offset.shape)}.")
+        self.gene_bias.sub_(offset.to(self.gene_bias))
 
     # ------------------------------------------------------------------ encoders
     def encode_patch(self, x: Tensor) -> Tensor:
