@@ -34,3 +34,49 @@ def test_start_at_mean_is_a_no_op_for_the_shared_output():
     before = {k: v.clone() for k, v in module.state_dict().items()}
     start_at_mean(module, [], [], None, torch.zeros(3), cfg, torch.device("cpu"))
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_output_heads_run_in_float32_under_bf16_autocast():
+    """Under autocast (bf16 on CUDA in validation and prediction; here CPU bf16) the outputs are float32."""
+    from test_nn_model import make_batch, make_model
+
+    model = make_model().eval()
+    batch = make_batch()
+    with torch.no_grad():
+        ref = model(batch)["pred"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(batch)
+    assert out["z_img"].dtype == torch.bfloat16  # autocast is really on for the rest of the network
+    for key in ("pred", "pred_fusion", "pred_patch", "pred_region", "pred_slide"):
+        assert out[key].dtype == torch.float32, key
+    torch.testing.assert_close(out["pred"], ref, atol=0.1, rtol=0.05)
+
+
+class _OnDevice(torch.nn.Module):
+    """A module whose parameters claim to live on ``device`` (no accelerator is needed to inspect it)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self._device = torch.device(device)
+
+    def parameters(self, recurse: bool = True):
+        yield type("P", (), {"device": self._device})()
+
+
+def test_mc_dropout_forks_the_generator_of_the_models_device(monkeypatch):
+    import contextlib
+
+    from dkan.tl._query import draws, rng_devices
+
+    assert rng_devices([torch.nn.Linear(2, 2)]) == ([], "cuda")  # CPU: only the CPU generator
+    assert rng_devices([_OnDevice("cuda:1"), _OnDevice("cuda:1")]) == ([1], "cuda")
+    calls = []
+
+    @contextlib.contextmanager
+    def fork(devices=None, enabled=True, device_type="cuda", **kwargs):
+        calls.append((list(devices), device_type))
+        yield
+
+    monkeypatch.setattr(torch.random, "fork_rng", fork)
+    mean, std = draws(lambda m, mc: np.random.default_rng().normal(size=(3, 2)), [_OnDevice("cuda:1")], 3, 0)
+    assert calls == [([1], "cuda")] and std is not None

@@ -19,6 +19,8 @@ these documented departures:
 * The gene-query output has a per-gene gain and bias (``gene_output="affine"``), the bias and the intermediate heads'
   biases initialised to the training mean (:meth:`DKAN.init_from_data`); the reference has one output layer and
   bias shared by all genes.
+* The output heads (the gene output and the intermediate heads) run in float32 with autocast off, so predictions and
+  validation scores under bf16/fp16 autocast are not rounded to half precision.
 * ``use_text=False`` replaces the text embeddings with a learned gene embedding table (the "w/o text" ablation);
   ``use_region=use_slide=False`` keeps the patch branch only ("w/o multi-scale"), the fusion query then being the
   mean patch token.
@@ -150,6 +152,15 @@ class DKAN(nn.Module):
     def _float(self, x: Tensor) -> Tensor:
         dtype = self.head_gene.weight.dtype
         return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+
+    @staticmethod
+    def _head(layer: nn.Linear, x: Tensor) -> Tensor:
+        """``layer(x)`` in the layer's own precision (float32) with autocast off, so outputs are never bf16/fp16."""
+        kind = x.device.type
+        if not torch.amp.is_autocast_available(kind):
+            return layer(x.to(layer.weight.dtype))
+        with torch.autocast(kind, enabled=False):
+            return layer(x.to(layer.weight.dtype))
 
     # ------------------------------------------------------------------ data-dependent initialisation
     @torch.no_grad()
@@ -292,7 +303,7 @@ class DKAN(nn.Module):
 
     def _gene_output(self, z: Tensor, *, new: bool = False) -> Tensor:
         """Per-gene output of gene tokens ``z`` (B, G, d); ``new``: tokens of genes outside the panel (averages)."""
-        pred = self.head_gene(z)[..., 0]
+        pred = self._head(self.head_gene, z)[..., 0]  # float32 even under autocast; gain and bias stay float32
         cfg = self.config
         if cfg.gene_output == "affine":
             gain = self.gene_gain if not new else self.gene_gain.mean().expand(z.shape[1])
@@ -381,12 +392,12 @@ class DKAN(nn.Module):
         query = self._slide_token(batch) if cfg.use_slide else patch.mean(dim=1)
         fused = self._fuse(query, scales)
 
-        out["pred_fusion"] = self.head_fusion(fused)
-        out["pred_patch"] = self.head_patch(patch.mean(dim=1))
+        out["pred_fusion"] = self._head(self.head_fusion, fused)
+        out["pred_patch"] = self._head(self.head_patch, patch.mean(dim=1))
         if region is not None:
-            out["pred_region"] = self.head_region(region.mean(dim=1))
+            out["pred_region"] = self._head(self.head_region, region.mean(dim=1))
         if cfg.use_slide:
-            out["pred_slide"] = self.head_slide(query)
+            out["pred_slide"] = self._head(self.head_slide, query)
 
         genes = self.encode_genes(batch.get("genes"))
         context, context_mask = self._gene_context(fused, patch, region, mask)
