@@ -78,5 +78,5 @@ def test_mc_dropout_forks_the_generator_of_the_models_device(monkeypatch):
         yield
 
     monkeypatch.setattr(torch.random, "fork_rng", fork)
-    mean, std = draws(lambda m, mc: np.random.default_rng().normal(size=(3, 2)), [_OnDevice("cuda:1")], 3, 0)
+    _, std = draws(lambda m, mc: np.random.default_rng().normal(size=(3, 2)), [_OnDevice("cuda:1")], 3, 0)
     assert calls == [([1], "cuda")] and std is not None
