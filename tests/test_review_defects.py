@@ -80,3 +80,33 @@ def test_mc_dropout_forks_the_generator_of_the_models_device(monkeypatch):
     monkeypatch.setattr(torch.random, "fork_rng", fork)
     _, std = draws(lambda m, mc: np.random.default_rng().normal(size=(3, 2)), [_OnDevice("cuda:1")], 3, 0)
     assert calls == [([1], "cuda")] and std is not None
+
+
+def _texts(genes, word):
+    return {g: f"{g} is a {word} gene of breast tissue." for g in genes}
+
+
+def test_train_with_new_descriptions_embeds_them_again(toy, toy_master, caplog):
+    """Stored embeddings of the same encoder are reused only for the texts they were made from."""
+    genes = list(toy.tables[K.TABLE].var_names)
+    first = dkan.tl.train(
+        toy, config="small", progress=False, max_epochs=1, descriptions=_texts(genes, "stromal"), **FAST
+    )
+    again = dkan.tl.train(
+        toy, config="small", progress=False, max_epochs=1, descriptions=_texts(genes, "stromal"), **FAST
+    )
+    np.testing.assert_array_equal(first.gene_embeddings, again.gene_embeddings)  # same texts: reused
+    with caplog.at_level("WARNING", logger="dkan"):
+        new = dkan.tl.train(
+            toy, config="small", progress=False, max_epochs=1, descriptions=_texts(genes, "immune"), **FAST
+        )
+    assert "other texts" in caplog.text
+    assert not np.allclose(first.gene_embeddings, new.gene_embeddings)
+    fresh = copy_sdata(toy_master)  # nothing stored yet
+    ref = dkan.tl.train(
+        fresh, config="small", progress=False, max_epochs=1, descriptions=_texts(genes, "immune"), **FAST
+    )
+    np.testing.assert_allclose(new.gene_embeddings, ref.gene_embeddings, rtol=1e-5, atol=1e-6)
+    # no texts given: whatever is stored (the user's own `embed_genes`) is used
+    kept = dkan.tl.train(toy, config="small", progress=False, max_epochs=1, **FAST)
+    np.testing.assert_array_equal(kept.gene_embeddings, new.gene_embeddings)
