@@ -110,3 +110,21 @@ def test_train_with_new_descriptions_embeds_them_again(toy, toy_master, caplog):
     # no texts given: whatever is stored (the user's own `embed_genes`) is used
     kept = dkan.tl.train(toy, config="small", progress=False, max_epochs=1, **FAST)
     np.testing.assert_array_equal(kept.gene_embeddings, new.gene_embeddings)
+
+
+def test_ensemble_members_use_their_own_gene_embeddings(toy):
+    import copy
+
+    from dkan.train.model import DKANModel
+
+    a = dkan.tl.train(toy, config="small", progress=False, max_epochs=1, **FAST)
+    other = a.gene_embeddings[::-1].copy()  # the same panel embedded from other texts
+    b = DKANModel(copy.deepcopy(a.module), a.config, a.genes, other, a.meta, a.history)
+    new = copy_sdata(toy)
+    dkan.tl.predict(new, a, key_added="a", progress=False)
+    dkan.tl.predict(new, b, key_added="b", progress=False)
+    dkan.tl.predict(new, [a, b], progress=False)
+    table = results(new)[:, a.genes]
+    pa, pb = np.asarray(table.layers["a"]), np.asarray(table.layers["b"])
+    assert not np.allclose(pa, pb, atol=1e-3)
+    np.testing.assert_allclose(table.layers[K.PRED], (pa + pb) / 2, rtol=1e-5, atol=1e-5)
