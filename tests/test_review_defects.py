@@ -128,3 +128,34 @@ def test_ensemble_members_use_their_own_gene_embeddings(toy):
     pa, pb = np.asarray(table.layers["a"]), np.asarray(table.layers["b"])
     assert not np.allclose(pa, pb, atol=1e-3)
     np.testing.assert_allclose(table.layers[K.PRED], (pa + pb) / 2, rtol=1e-5, atol=1e-5)
+
+
+def _her2st_report():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module("_her2st_report")
+    finally:
+        sys.path.remove(bench)
+
+
+def test_her2st_report_states_the_validation_split_that_training_used():
+    from dkan.train.config import DKANConfig
+
+    rep = _her2st_report()
+    names = ["C2", "C3", "C4", "C5", "C6"]
+    grids = [np.stack(np.meshgrid(np.arange(12), np.arange(12)), -1).reshape(-1, 2) for _ in names]
+    folds = [[n] for n in names]
+    cfg = DKANConfig.resolve("small")  # val_split="auto": whole training sections with 4 training sections
+    splits = rep.validation_splits(cfg, names, grids, folds)
+    assert list(splits) == names
+    for test, text in splits.items():
+        assert text.startswith("held-out training sections") and test not in text
+    sentence = rep.validation_protocol(cfg, splits)
+    assert "random" not in sentence and "val_split='auto'" in sentence and "test C2: held-out" in sentence
+    rnd = cfg.replace(val_split="random")
+    assert "a random 10% of the spots" in rep.validation_protocol(rnd, rep.validation_splits(rnd, names, grids, folds))
