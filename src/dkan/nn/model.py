@@ -17,8 +17,9 @@ these documented departures:
 * Gene embeddings are centred and scaled per dimension over the training panel before the text projection
   (``standardize_genes``; the statistics are buffers, so prediction and genes queried later use the training panel's).
 * The gene-query output has a per-gene gain and bias (``gene_output="affine"``), the bias and the intermediate heads'
-  biases initialised to the training mean (:meth:`DKAN.init_from_data`); the reference has one output layer and
-  bias shared by all genes.
+  biases initialised to the training mean (:meth:`DKAN.init_from_data`; training then removes the shared layer's
+  random per-gene offset, :func:`dkan.train.loop.start_at_mean`); the reference has one output layer and bias shared
+  by all genes.
 * The output heads (the gene output and the intermediate heads) run in float32 with autocast off, so predictions and
   validation scores under bf16/fp16 autocast are not rounded to half precision.
 * ``use_text=False`` replaces the text embeddings with a learned gene embedding table (the "w/o text" ablation);
