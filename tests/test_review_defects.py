@@ -159,3 +159,22 @@ def test_her2st_report_states_the_validation_split_that_training_used():
     assert "random" not in sentence and "val_split='auto'" in sentence and "test C2: held-out" in sentence
     rnd = cfg.replace(val_split="random")
     assert "a random 10% of the spots" in rep.validation_protocol(rnd, rep.validation_splits(rnd, names, grids, folds))
+
+
+def test_shuffled_texts_give_the_shuffled_embeddings_over_stored_ones(toy):
+    """The parallel `shuffled_text` benchmark path: stored embeddings, then the same panel with permuted texts."""
+    import pandas as pd
+
+    from dkan.tl import _prepare as prep
+    from dkan.tl._evaluation.cv import shuffle_gene_text
+
+    genes = list(toy.tables[K.TABLE].var_names[:12])
+    desc = pd.DataFrame({"text": [f"{g} marks cell type number {i}." for i, g in enumerate(genes)]}, index=genes)
+    kw = {"table_key": None, "text_encoder": "minilm", "progress": False}
+    emb, _ = prep.gene_embeddings(toy, genes, descriptions=desc, **kw)
+    shuffled = desc.copy()
+    shuffled["text"] = shuffle_gene_text(desc["text"].to_numpy())
+    got, _ = prep.gene_embeddings(toy, genes, descriptions=shuffled, **kw)
+    order = [list(desc["text"]).index(t) for t in shuffled["text"]]
+    assert order != list(range(len(genes)))
+    np.testing.assert_allclose(got, emb[order], rtol=1e-4, atol=1e-5)
