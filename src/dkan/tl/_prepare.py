@@ -179,22 +179,36 @@ def gene_embeddings(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Gene-semantic embeddings of ``genes`` (from the results table's ``varm`` when present, else computed there).
 
-    Only ``genes`` (the panel) are embedded, never every gene of the count table.
+    Only ``genes`` (the panel) are embedded, never every gene of the count table. Stored embeddings of the same
+    encoder are reused when no texts are given (``descriptions`` and ``describe_kwargs`` both ``None``), or when the
+    given texts are those they were made from (the per-gene ``text_sha1`` that :func:`dkan.tl.embed_genes` records);
+    otherwise the genes are embedded again from the given texts, with a warning.
     """
     import dkan
     from dkan._results import results_table
+    from dkan.tl._genes.embed import gene_texts, text_sha1
 
+    texts = None
+    if descriptions is not None or describe_kwargs:
+        texts = gene_texts(genes, descriptions, describe_kwargs=describe_kwargs or {})
     res = _stored(sdata, table_key)
     rec = uns_get(res, K.UNS_GENE_EMBEDDING) if res is not None else None
     if res is not None and K.GENE_EMBEDDING in res.varm and rec is not None and rec.get("encoder") == text_encoder:
         if set(genes) <= set(res.var_names):
             emb = np.asarray(res[:, genes].varm[K.GENE_EMBEDDING], dtype=np.float32)
-            if np.isfinite(emb).all():
+            changed = [] if texts is None else _changed_texts(rec, res, genes, [text_sha1(t) for t in texts["text"]])
+            if np.isfinite(emb).all() and not changed:
                 return emb, dict(rec)
+            if changed:
+                logger.warning(
+                    "The stored gene embeddings (`varm[%r]`) were made from other texts than `descriptions` gives "
+                    "for %d of %d genes (e.g. %s); embedding them again from the given texts.",
+                    K.GENE_EMBEDDING, len(changed), len(genes), changed[:5],
+                )  # fmt: skip
     logger.info("Embedding the texts of the %d panel genes with %r (`dkan.tl.embed_genes`).", len(genes), text_encoder)
     dkan.tl.embed_genes(
         sdata,
-        descriptions=descriptions,
+        descriptions=texts if texts is not None else descriptions,
         text_encoder=text_encoder,
         table_key=table_key,
         genes=list(genes),
@@ -204,6 +218,13 @@ def gene_embeddings(
     _, res = results_table(sdata, table_key)
     emb = np.asarray(res[:, genes].varm[K.GENE_EMBEDDING], dtype=np.float32)
     return emb, dict(uns_get(res, K.UNS_GENE_EMBEDDING))
+
+
+def _changed_texts(rec: Mapping[str, Any], res: AnnData, genes: list[str], sha: list[str]) -> list[str]:
+    """Genes whose text hash ``sha`` differs from the one recorded by ``embed_genes`` (or that has none)."""
+    names = list(rec.get("genes", [str(g) for g in res.var_names]))
+    stored = dict(zip(names, rec.get("text_sha1", []), strict=False))
+    return [g for g, h in zip(genes, sha, strict=True) if stored.get(g) != h]
 
 
 def prepare_training(

@@ -141,7 +141,8 @@ def draws(
         samples = means
     else:
         samples = []
-        with torch.random.fork_rng(devices=[]):
+        devices, device_type = rng_devices(modules)
+        with torch.random.fork_rng(devices=devices, device_type=device_type):
             for j, m in enumerate(modules):
                 for i in range(n_samples):
                     torch.manual_seed(seed + j * n_samples + i)
@@ -150,6 +151,23 @@ def draws(
     if len(samples) < 2:
         return mean, None
     return mean, np.std(samples, axis=0, ddof=1).astype(np.float32)
+
+
+def rng_devices(modules: list[Any]) -> tuple[list[int], str]:
+    """``(devices, device_type)`` for ``torch.random.fork_rng``: the accelerator the modules run on, if any.
+
+    Dropout on CUDA draws from the CUDA generator, which ``manual_seed`` reseeds too; forking only the CPU one would
+    leave the caller's CUDA generator changed (and draws not reproducible from ``seed`` after other CUDA work).
+    """
+    import torch
+
+    params = (next(iter(m.parameters()), None) for m in modules)
+    devs = {p.device for p in params if p is not None and p.device.type not in ("cpu", "meta")}
+    if not devs:
+        return [], "cuda"
+    kind = next(iter(devs)).type
+    mod = getattr(torch, kind)
+    return sorted({d.index if d.index is not None else mod.current_device() for d in devs}), kind
 
 
 def has_dropout(module: torch.nn.Module) -> bool:
