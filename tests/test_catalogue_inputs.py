@@ -139,3 +139,36 @@ def test_bad_config_json_is_one_line_naming_the_file(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert str(cfg) in lines[0] and "line 2, column" in lines[0] and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ item 5: 16-bit slides
+def _tiff(path, img):
+    import tifffile
+
+    tifffile.imwrite(path, img, tile=(128, 128), photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    return path
+
+
+def test_16_bit_slide_is_served_as_stated_uint8(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 65536, size=(300, 400, 3), dtype=np.uint16)
+    img[0, :4, 0] = [0, 128, 129, 65535]  # the rounding edges of round(v * 255 / 65535)
+    with caplog.at_level("WARNING", logger="dkan"):
+        sd = dkan.io.read_wsi(_tiff(tmp_path / "u16.tif", img))
+    assert "16-bit" in caplog.text and "round(v * 255 / 65535)" in caplog.text
+    from dkan.tl._tiling.tile import image_levels
+
+    level = image_levels(sd.images["u16_image"])[0]
+    got = np.asarray(level.data[:, :100, :150])
+    assert level.dtype == np.uint8 and got.dtype == np.uint8  # the declared dtype is the served one
+    want = np.rint(img[:100, :150].astype(np.float64) * 255 / 65535).astype(np.uint8).transpose(2, 0, 1)
+    np.testing.assert_array_equal(got, want)
+    assert got[0, 0, :4].tolist() == [0, 0, 1, 255]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint32])
+def test_other_sample_types_are_refused(tmp_path, dtype):
+    path = _tiff(tmp_path / "odd.tif", np.zeros((300, 400, 3), dtype=dtype))
+    with pytest.raises(ValueError, match=rf"stores {np.dtype(dtype).name} samples") as info:
+        dkan.io.read_wsi(path)
+    assert str(path) in str(info.value)
