@@ -172,3 +172,54 @@ def test_other_sample_types_are_refused(tmp_path, dtype):
     with pytest.raises(ValueError, match=rf"stores {np.dtype(dtype).name} samples") as info:
         dkan.io.read_wsi(path)
     assert str(path) in str(info.value)
+
+
+# ------------------------------------------------------------------------------ item 6: dropout draws without dropout
+def _model(module, genes):
+    from dkan.train.config import DKANConfig
+    from dkan.train.model import DKANModel
+
+    return DKANModel(module, DKANConfig(), list(genes), np.zeros((len(genes), 4), np.float32), {})
+
+
+def _dkan(**dropouts):
+    from dkan.train.config import DKANConfig
+    from dkan.train.model import build_module
+
+    cfg = DKANConfig(**dropouts)
+    return build_module(cfg, n_genes=5, gene_dim=8, feature_dim=16, pretrained=False)
+
+
+NO_DROPOUT = {f"{m}_dropout": 0.0 for m in ("fusion", "slide", "region", "img_cross", "text")}
+
+
+def test_dropout_draws_from_a_model_without_dropout_are_refused(sdata):
+    import torch
+
+    genes = sdata.tables["table"].var_names
+    with pytest.raises(ValueError, match=r"`n_samples=5` asks for test-time dropout draws, but the model has no"):
+        dkan.tl.predict(sdata, _model(torch.nn.Identity(), genes), n_samples=5)
+    ensemble = [_model(torch.nn.Linear(2, 2), genes), _model(torch.nn.Identity(), genes)]
+    with pytest.raises(ValueError, match=r"none of the 2 models has .* the ensemble's spread alone"):
+        dkan.tl.predict(sdata, ensemble, n_samples=3)
+    assert "table_dkan" not in sdata.tables  # refused before anything is written
+
+
+def test_dropout_only_on_the_training_path_counts_as_none():
+    from dkan.tl._query import check_dropout
+
+    genes = [f"g{i}" for i in range(5)]
+    only_training = _model(_dkan(**NO_DROPOUT, dropout_expr=0.3, exp_cross_dropout=0.2), genes)
+    with pytest.raises(ValueError, match="on its prediction path"):
+        check_dropout([only_training], 4)
+    check_dropout([only_training], 1)  # one draw: nothing to sample, nothing to refuse
+    check_dropout([_model(_dkan(), genes)], 4)  # the default config has dropout
+
+
+def test_ensemble_members_without_dropout_are_named(caplog):
+    from dkan.tl._query import check_dropout
+
+    genes = [f"g{i}" for i in range(5)]
+    with caplog.at_level("WARNING", logger="dkan"):
+        check_dropout([_model(_dkan(), genes), _model(_dkan(**NO_DROPOUT), genes)], 4)
+    assert "model(s) [1] of the ensemble have no dropout" in caplog.text
