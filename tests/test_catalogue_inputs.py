@@ -223,3 +223,71 @@ def test_ensemble_members_without_dropout_are_named(caplog):
     with caplog.at_level("WARNING", logger="dkan"):
         check_dropout([_model(_dkan(), genes), _model(_dkan(**NO_DROPOUT), genes)], 4)
     assert "model(s) [1] of the ensemble have no dropout" in caplog.text
+
+
+# ------------------------------------------------------------------------------ item 7: a target from old counts
+@pytest.fixture(scope="module")
+def tiny_model(small):
+    from dkan.datasets import copy_sdata
+
+    return dkan.tl.train(
+        copy_sdata(small),
+        config="small",
+        max_epochs=1,
+        feature_encoder="dummy",
+        device="cpu",
+        progress=False,
+        val_fraction=0,
+    )
+
+
+def _bump_counts(sd):
+    """Change the counts the way a user fixing a table would (integers stay integers; the target changes)."""
+    adata = sd.tables["table"]
+    x = adata.X.toarray()
+    x[:, 0] += np.arange(adata.n_obs) % 7
+    adata.X = sparse.csr_matrix(x)
+
+
+def test_predict_overwrite_recomputes_a_target_from_changed_counts(small, tiny_model, caplog):
+    from dkan.datasets import copy_sdata
+
+    sd = copy_sdata(small)
+    tkey = dkan.tl.predict(sd, tiny_model, device="cpu", progress=False)
+    old = sd.tables[tkey].layers["dkan_target"].copy()
+    _bump_counts(sd)
+    fresh = copy_sdata(small)  # the same changed slide, never predicted on
+    _bump_counts(fresh)
+    dkan.tl.predict(fresh, tiny_model, device="cpu", progress=False)
+    with caplog.at_level("WARNING", logger="dkan"):
+        dkan.tl.predict(sd, tiny_model, device="cpu", progress=False, overwrite=True)
+    target = sd.tables[tkey].layers["dkan_target"]
+    assert not np.allclose(target, old)
+    np.testing.assert_array_equal(target, fresh.tables[tkey].layers["dkan_target"])
+    assert "not those `layers['dkan_target']` was computed from" in caplog.text
+    got, want = dkan.tl.evaluate(sd), dkan.tl.evaluate(fresh)
+    assert got.summary["mae"] == pytest.approx(want.summary["mae"])  # scored against the new counts
+    np.testing.assert_allclose(got.labels, want.labels)
+
+
+def test_train_recomputes_a_stale_target_with_its_own_settings(sdata, caplog):
+    from dkan.pp._normalize import FINGERPRINT
+    from dkan.tl._prepare import ensure_target
+
+    genes = list(sdata.tables["table"].var_names)
+    dkan.pp.normalize(sdata, genes=genes, log="log1p", smooth=False)
+    res = sdata.tables["table_dkan"]
+    ensure_target(sdata, genes, table_key=None)  # unchanged counts: kept as it is
+    assert "not those" not in caplog.text
+    _bump_counts(sdata)
+    with caplog.at_level("WARNING", logger="dkan"):
+        ensure_target(sdata, genes, table_key=None)
+    assert "fingerprint differs" in caplog.text
+    want = dkan.pp.normalize(sdata, genes=genes, log="log1p", smooth=False, inplace=False)
+    np.testing.assert_allclose(res.layers["dkan_target"], want)  # recomputed with log1p, not the default log10
+    del res.uns["dkan"]["normalize"][FINGERPRINT]  # a target written before fingerprints: recomputed once
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dkan"):
+        ensure_target(sdata, genes, table_key=None)
+    assert "no fingerprint recorded" in caplog.text
+    assert FINGERPRINT in res.uns["dkan"]["normalize"]

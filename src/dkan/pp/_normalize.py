@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dkan")
 
 _LOGS = ("log10", "log1p", None)
+#: Field of ``uns["dkan"]["normalize"]``: SHA-256 of what the target was computed from (see :func:`counts_fingerprint`).
+FINGERPRINT = "counts_sha256"
 
 
 def _panel_genes(adata: AnnData, genes: Sequence[str] | None) -> list[str]:
@@ -129,6 +131,7 @@ def normalize(
     rc_all = grid_coords(adata.obs, table_key=_table_name(data, table_key)) if smooth else None
     out = np.zeros((adata.n_obs, len(panel)), dtype=np.float32)
     labels = _sample_labels(adata)
+    fingerprint = _fingerprint(x, adata, labels, rc_all)
     grids: dict[str, str] = {}
     n_zero = 0
     for lab in pd.unique(labels):
@@ -156,9 +159,48 @@ def normalize(
         "key_added": key_added,
         "per_sample": True,
         "n_zero_library": int(n_zero),
+        FINGERPRINT: fingerprint,
     }
     _write(data, adata, table_key, panel, out, key_added=key_added, params=params)
     return None
+
+
+def counts_fingerprint(
+    data: SpatialData | AnnData,
+    genes: Sequence[str],
+    *,
+    layer: str | None = None,
+    smooth: bool = True,
+    table_key: str | None = None,
+) -> str:
+    """SHA-256 of what :func:`normalize` reads from a table.
+
+    That is the counts of ``genes`` (in order), the spot names and samples and, with ``smooth``, the grid
+    positions. :func:`normalize` records it in ``uns["dkan"]["normalize"]["counts_sha256"]``; a target whose fingerprint
+    differs from the table's current one was computed from other counts and is recomputed by ``train`` and
+    ``predict``.
+    """
+    adata = _as_table(data, table_key)
+    gidx = adata.var_names.get_indexer([str(g) for g in genes])
+    if (gidx < 0).any():
+        return "genes missing"
+    rc = grid_coords(adata.obs, table_key=None) if smooth else None
+    return _fingerprint(_counts(adata, layer)[:, gidx], adata, _sample_labels(adata), rc)
+
+
+def _fingerprint(x: sparse.csr_matrix, adata: AnnData, labels: np.ndarray, rc: np.ndarray | None) -> str:
+    import hashlib
+
+    x = sparse.csr_matrix(x)
+    h = hashlib.sha256()
+    h.update(np.asarray(x.shape, dtype=np.int64).tobytes())
+    for part in (x.indptr, x.indices):
+        h.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(x.data, dtype=np.float64).tobytes())
+    for names in (adata.obs_names, labels):
+        h.update("\x1f".join(map(str, names)).encode())
+    h.update(b"no grid" if rc is None else np.ascontiguousarray(rc, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def _write(
