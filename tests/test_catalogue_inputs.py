@@ -8,6 +8,8 @@ was edited back to 1. Everything runs on tiny synthetic data, on the CPU, withou
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy import sparse
@@ -291,3 +293,74 @@ def test_train_recomputes_a_stale_target_with_its_own_settings(sdata, caplog):
         ensure_target(sdata, genes, table_key=None)
     assert "no fingerprint recorded" in caplog.text
     assert FINGERPRINT in res.uns["dkan"]["normalize"]
+
+
+# ------------------------------------------------------------------------------ item 9: a format field edited back to 1
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from dkan.train.config import DKANConfig
+    from dkan.train.model import DKANModel, build_module
+
+    config = DKANConfig.resolve("small", d=16, feature_encoder="dummy")
+    module = build_module(config, n_genes=4, gene_dim=8, feature_dim=16, pretrained=False)
+    emb = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    model = DKANModel(module, config, ["G1", "G2", "G3", "G4"], emb, {"features": {"encoder": "dummy", "dim": 16}})
+    return model.save(tmp_path_factory.mktemp("model") / "m")
+
+
+def _as_format_1(src, dst, *, rename: bool, drop: tuple[str, ...] = ("sha256",)):
+    """Copy a saved model and edit it back to format 1 with its gene names swapped, as an attacker would."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "dkan.json").read_text())
+    m["format"] = 1
+    m["genes"][0], m["genes"][1] = m["genes"][1], m["genes"][0]
+    if rename:  # the fixed names format 1 used
+        for role, name in m["files"].items():
+            (dst / name).rename(dst / ("model.safetensors" if role == "weights" else "genes.safetensors"))
+    for key in drop:
+        m.pop(key, None)
+    (dst / "dkan.json").write_text(json.dumps(m))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("rename", "drop", "phrase"),
+    [
+        (False, ("sha256",), "field `files`"),  # checksums removed, the rest left as format 2 wrote it
+        (False, ("sha256", "files"), "file genes."),  # tensor files with format 2's random suffix
+        (True, ("sha256",), "field `files`"),
+    ],
+)
+def test_format_1_holding_format_2_files_is_refused(saved, tmp_path, rename, drop, phrase):
+    from dkan.train.model import DKANModel
+
+    path = _as_format_1(saved, tmp_path / "edited", rename=rename, drop=drop)
+    for kwargs in ({}, {"allow_unchecked": True}):
+        with pytest.raises(ValueError, match="says format 1, but the folder holds what only format 2 writes") as info:
+            DKANModel.load(path, **kwargs)
+        assert phrase in str(info.value) and str(path) in str(info.value)
+
+
+def test_format_1_needs_allow_unchecked(saved, tmp_path):
+    from dkan.train.model import DKANModel
+
+    path = _as_format_1(saved, tmp_path / "old", rename=True, drop=("sha256", "files"))  # exactly format 1's layout
+    with pytest.raises(ValueError, match=r"format-1 model, saved without checksums.*allow_unchecked=True"):
+        DKANModel.load(path)
+    with pytest.raises(ValueError, match="allow_unchecked=True"):
+        dkan.tl.predict(dkan.datasets.toy(seed=0, n_samples=1, grid_size=2, n_genes=4), str(path))
+    model = DKANModel.load(path, allow_unchecked=True)  # trusted by the caller: loaded, then saved with checksums
+    assert model.genes[:2] == ["G2", "G1"]
+    model.save(path, overwrite=True)
+    assert DKANModel.load(path).genes[:2] == ["G2", "G1"]
+
+
+def test_cli_refuses_a_format_1_model_in_one_line(saved, tmp_path, capsys):
+    path = _as_format_1(saved, tmp_path / "old", rename=True, drop=("sha256", "files"))
+    store = tmp_path / "in.zarr"
+    store.mkdir()
+    assert main(["predict", str(store), "--model", str(path), "--out", str(tmp_path / "o.zarr"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "allow_unchecked=True" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
