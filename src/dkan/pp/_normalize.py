@@ -131,7 +131,6 @@ def normalize(
     rc_all = grid_coords(adata.obs, table_key=_table_name(data, table_key)) if smooth else None
     out = np.zeros((adata.n_obs, len(panel)), dtype=np.float32)
     labels = _sample_labels(adata)
-    fingerprint = _fingerprint(x, adata, labels, rc_all)
     grids: dict[str, str] = {}
     n_zero = 0
     for lab in pd.unique(labels):
@@ -159,7 +158,7 @@ def normalize(
         "key_added": key_added,
         "per_sample": True,
         "n_zero_library": int(n_zero),
-        FINGERPRINT: fingerprint,
+        FINGERPRINT: _fingerprint(x, adata, labels, rc_all),
     }
     _write(data, adata, table_key, panel, out, key_added=key_added, params=params)
     return None
