@@ -10,9 +10,9 @@ once and shared by every method and fold) and the gene-text embeddings of the Re
 for synonyms and full names) of the union of the fold panels. The baselines are the training mean, the
 HEST-Benchmark ridge (fixed alpha, ``ridge_hest``) and three probes whose parameter is tuned by an inner
 leave-one-training-section-out: ``ridge`` (spot features), ``ridge_ctx`` (spot features and the mean of the
-region tiles) and ``knn``. Each DKAN variant stops early and picks its checkpoint on validation data held out of the training sections
-as the preset's ``val_split`` says (the report names each fold's split); the test section is never seen during
-training.
+region tiles) and ``knn``. Each DKAN variant stops early and picks its checkpoint on validation data held out
+of the training sections as the preset's ``val_split`` says (the report names each fold's split); the test
+section is never seen during training.
 
 Prints one table (MAE, MSE, PCC ALL/HPG/HEG/HVG, mean ± population std over the five folds), the run time
 and the machine, and writes them to ``benchmarks/results/accuracy_her2st_<preset>.md``.
@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from _her2st_report import (
     dump_json,

@@ -234,7 +234,15 @@ def _config(value: str | None) -> Any:
     path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"`--config {value}` looks like a JSON file but does not exist.")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"`--config {value}` is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix the "
+            "file or pass a preset name."
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"`--config {value}` is not UTF-8 text; pass a JSON file of configuration fields.") from None
     if not isinstance(data, dict):
         raise ValueError(
             f"`--config {value}` must hold a JSON object of configuration fields; found {type(data).__name__}."
@@ -278,10 +286,11 @@ def _train(args: argparse.Namespace) -> int:
     check_target(args.out, overwrite=True)  # before training: refuse a folder that is not a dkan model up front
     overrides = parse_overrides(args.overrides)
     check_override_keys(overrides)  # before reading the store
+    config = _config(args.config)  # likewise: a bad JSON file fails at once
     sdata = _read(args.store)
     model = dkan.tl.train(
         sdata,
-        config=_config(args.config),
+        config=config,
         device=args.device,
         table_key=args.table_key,
         image_key=args.image_key,

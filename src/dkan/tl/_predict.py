@@ -95,7 +95,8 @@ def predict(
         Test-time dropout draws per model (``> 1``: Monte Carlo dropout). With several draws (or an ensemble),
         the per-spot standard deviation across draws goes to ``layers[key_added + "_std"]`` (``NaN`` where the
         prediction is ``NaN``); the prediction itself stays the deterministic (eval-mode) one, averaged over
-        the models.
+        the models. A model without dropout (every ``*_dropout`` at 0) has nothing to sample: ``n_samples > 1``
+        is then a ValueError (a warning for the members of an ensemble that lack it).
     interval
         Coverage level of a prediction interval, e.g. ``0.9``: ``layers[key_added + "_lower"]`` and
         ``layers[key_added + "_upper"]`` get its ends, and ``layers[key_added + "_std"]`` the *calibrated*
@@ -119,13 +120,14 @@ def predict(
     The name of the (results) table holding the predictions.
     """
     from dkan._genes import use_symbols
-    from dkan.tl._query import as_models, new_genes
+    from dkan.tl._query import as_models, check_dropout, new_genes
 
     models = as_models([_as_model(m) for m in model] if isinstance(model, list | tuple) else [_as_model(model)])
     model = models[0]
     extra = new_genes(model, genes)
     batch_size = check_int(batch_size, "batch_size")
     n_samples = check_int(n_samples, "n_samples")
+    check_dropout(models, n_samples)
     device = resolve_device(device)  # a bad name fails here, before any work
     tkey = _table_for(sdata, model, table_key=table_key, image_key=image_key, um_per_px=um_per_px, extra=extra)
     with use_symbols(sdata.tables[tkey], gene_symbols):

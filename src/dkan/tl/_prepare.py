@@ -64,18 +64,40 @@ def _stored(sdata: SpatialData, table_key: str | None) -> AnnData | None:
 def ensure_target(
     sdata: SpatialData, genes: list[str], normalize: Mapping[str, Any] | None = None, *, table_key: str | None
 ) -> None:
-    """Write ``layers["dkan_target"]`` of the results table over ``genes`` unless it is there with the same settings."""
+    """Write ``layers["dkan_target"]`` of the results table over ``genes`` unless it is there, current.
+
+    Current means: the same genes and settings (``normalize``; none given: any), and computed from the counts
+    the table holds now (the fingerprint recorded by :func:`dkan.pp.normalize`). A target computed from other
+    counts (the table was changed since, or the fingerprint is missing) is recomputed with its own settings.
+    """
     import dkan
+    from dkan.pp._normalize import FINGERPRINT, counts_fingerprint
 
     params = dict(normalize or {})
     res = _stored(sdata, table_key)
     old = uns_get(res, K.UNS_NORMALIZE) if res is not None else None
     if res is not None and K.TARGET in res.layers and old is not None and list(old.get("genes", genes)) == list(genes):
-        if not params or all(old.get(k) == v for k, v in params.items() if k != "genes"):
-            return
+        data_fields = ("genes", "n_zero_library", FINGERPRINT)  # describe the data, not settings: never compared
+        if not params or all(old.get(k) == v for k, v in params.items() if k not in data_fields):
+            now = counts_fingerprint(
+                sdata, genes, layer=old.get("layer"), smooth=bool(old.get("smooth", True)), table_key=table_key
+            )
+            if old.get(FINGERPRINT) == now:
+                return
+            logger.warning(
+                "The counts of table `%s` are not those `layers[%r]` was computed from (%s); normalising again.",
+                get_table(sdata, table_key)[0],
+                K.TARGET,
+                "no fingerprint recorded" if old.get(FINGERPRINT) is None else "fingerprint differs",
+            )
+            params = {**{k: old[k] for k in _SETTINGS if k in old}, **params}
     logger.info("Normalising expression of %d genes into `layers[%r]` of the results table.", len(genes), K.TARGET)
-    kwargs = {k: v for k, v in params.items() if k in ("target_sum", "log", "smooth", "grid", "layer")}
+    kwargs = {k: v for k, v in params.items() if k in _SETTINGS or (k == "grid" and not isinstance(v, Mapping))}
     dkan.pp.normalize(sdata, genes=list(genes), table_key=table_key, **kwargs)
+
+
+#: Fields of ``uns["dkan"]["normalize"]`` that are normalisation settings (passed back to :func:`dkan.pp.normalize`).
+_SETTINGS = ("target_sum", "log", "smooth", "layer")
 
 
 def ensure_model_target(
