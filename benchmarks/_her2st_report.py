@@ -162,6 +162,35 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
 
 
+def validation_splits(cfg: Any, names: list[str], grids: list[np.ndarray], folds: list[list[str]]) -> dict[str, str]:
+    """Per fold (test sections joined by ", "), the description of the validation split its DKAN training used.
+
+    Made by the function training calls (:func:`dkan.train.data.make_validation_split`) on the same inputs: the fold's
+    training sections in sample order, their spot grids, and ``cfg``'s ``val_fraction``, ``val_split`` and ``seed``.
+    """
+    from dkan.train.data import make_validation_split
+
+    out = {}
+    for test in folds:
+        keep = [i for i, n in enumerate(names) if n not in set(test)]
+        split = make_validation_split(
+            [names[i] for i in keep], [grids[i] for i in keep], cfg.val_fraction, strategy=cfg.val_split, seed=cfg.seed
+        )
+        out[", ".join(test)] = split.description
+    return out
+
+
+def validation_protocol(cfg: Any, splits: dict[str, str]) -> str:
+    """One sentence of the protocol: how early stopping and the checkpoint choice held data out, fold by fold."""
+    if cfg.val_fraction <= 0:
+        return f"No validation data (`val_fraction=0`): every run lasts {cfg.max_epochs} epochs and keeps the last."
+    folds = "; ".join(f"test {k}: {v}" for k, v in splits.items())
+    return (
+        f"Early stopping and checkpoint choice use validation data held out of the training sections only "
+        f"(`val_split={cfg.val_split!r}`, `val_fraction={cfg.val_fraction}`), never the test section: {folds}."
+    )
+
+
 def report(out: dict[str, Any], args: argparse.Namespace) -> str:
     res, cfg = out["res"], out["cfg"]
     table = res.table()
@@ -195,8 +224,7 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         + (f" with overrides {out['overrides']}" if out["overrides"] else "")
         + f": d={cfg.d}, lr={cfg.lr}, batch {cfg.batch_size}, <= {cfg.max_epochs} epochs, patience {cfg.patience}, "
         f"trainable patch trunk {cfg.patch_trainable}, NT-Xent over {cfg.contrastive_genes or 'all'} random genes per "
-        f"step, grad clip {cfg.grad_clip}. Early stopping and checkpoint choice use a random "
-        f"{cfg.val_fraction:.0%} of the training spots (never the test section).",
+        f"step, grad clip {cfg.grad_clip}. " + validation_protocol(cfg, out["validation"]),
         "- Baselines (same features, same targets): `mean` = training mean per gene; `ridge_hest` = "
         "HEST-Benchmark protocol on the frozen spot features (standardise, PCA to 256, fixed ridge alpha = "
         "100 / (n_features x n_targets)); tuned probes (standardise, PCA to min(256, ...) fitted on the training "

@@ -10,8 +10,9 @@ once and shared by every method and fold) and the gene-text embeddings of the Re
 for synonyms and full names) of the union of the fold panels. The baselines are the training mean, the
 HEST-Benchmark ridge (fixed alpha, ``ridge_hest``) and three probes whose parameter is tuned by an inner
 leave-one-training-section-out: ``ridge`` (spot features), ``ridge_ctx`` (spot features and the mean of the
-region tiles) and ``knn``. Each DKAN variant stops early and picks its checkpoint on a random 10 % of the
-training spots; the test section is never seen during training.
+region tiles) and ``knn``. Each DKAN variant stops early and picks its checkpoint on validation data held out
+of the training sections as the preset's ``val_split`` says (the report names each fold's split); the test
+section is never seen during training.
 
 Prints one table (MAE, MSE, PCC ALL/HPG/HEG/HVG, mean ± population std over the five folds), the run time
 and the machine, and writes them to ``benchmarks/results/accuracy_her2st_<preset>.md``. Unless ``--no-trust``,
@@ -47,8 +48,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from _her2st_report import dump_json, fmt_time, load, machine, report, target_check, trust_lines, usable_cores
+from _her2st_report import (
+    dump_json,
+    fmt_time,
+    load,
+    machine,
+    report,
+    target_check,
+    trust_lines,
+    usable_cores,
+    validation_splits,
+)
 
 from dkan.tl._evaluation.cv import BASELINES
 
@@ -254,7 +266,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train_times": train_times if train_times is not None else training_times(watch.events, t1),
         "load": (start_load, load()),
         "sections": res.obs["sample"].value_counts(sort=False).to_dict(),
+        "validation": fold_validation(sdata, cfg, res.folds),
     }
+
+
+def fold_validation(sdata: Any, cfg: Any, folds: list[list[str]]) -> dict[str, str]:
+    """Per fold, the validation split its DKAN training used (see :func:`_her2st_report.validation_splits`)."""
+    from dkan import _keys as K
+    from dkan._results import results_table
+    from dkan._utils import iter_samples
+
+    _, res = results_table(sdata, None)
+    samples = list(iter_samples(sdata, need_image=False))
+    grids = [np.asarray(res.obsm[K.GRID][s.obs_idx]) for s in samples]
+    return validation_splits(cfg, [s.name for s in samples], grids, folds)
 
 
 # ---------------------------------------------------------------------- inputs once, methods in parallel

@@ -17,7 +17,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 #: import name -> distribution name where they differ
 _DIST = {"PIL": "pillow", "sklearn": "scikit-learn", "skimage": "scikit-image", "yaml": "pyyaml"}
 #: imports inside a try/except ImportError that raise a message naming the extra
-_OPTIONAL = {"squidpy": "svg", "openai": "llm"}
+_OPTIONAL = {"squidpy": "svg", "openai": "llm", "distributed": "dask"}
 
 
 def _requirement_names(reqs: list[str]) -> set[str]:

@@ -10,9 +10,11 @@ Examples
 
 Writing is never half-done where it can be avoided: ``train`` leaves its input store untouched and saves the
 model folder atomically; ``predict --out`` writes the whole store to a temporary sibling path and renames it
-into place; ``predict --in-place`` first writes a backup copy of the updated table next to the store, then
-replaces the table element (``delete_element_from_disk`` + ``write_element``, spatialdata's pattern) and
-finally removes the backup.
+into place (an existing store is swapped in one step, see :mod:`dkan.io._store_write`); ``predict --in-place``
+first writes a backup copy of the updated table next to the store, then replaces the table element
+(``delete_element_from_disk`` + ``write_element``, spatialdata's pattern) and finally removes the backup. What a
+killed run leaves (temporary stores, a store set aside, a backup) is cleaned up or finished by the next run on
+the same path.
 """
 
 from __future__ import annotations
@@ -20,15 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dkan import _keys as K
+from dkan.io._store_write import (
+    backup_path,
+    check_replaceable_store,
+    recover_store,
+    restore_backups,
+    write_backup,
+    write_new_store,
+)
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -76,7 +84,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
     p.add_argument("-q", "--quiet", action="store_true", help="Log warnings and errors only.")
-    p.add_argument("--debug", action="store_true", help="Debug logging, and full tracebacks on errors.")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="Debug logging (with the messages of tifffile), and full tracebacks on errors.",
+    )
 
 
 def _add_train(sub: Any) -> None:
@@ -222,7 +234,15 @@ def _config(value: str | None) -> Any:
     path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"`--config {value}` looks like a JSON file but does not exist.")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"`--config {value}` is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix the "
+            "file or pass a preset name."
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"`--config {value}` is not UTF-8 text; pass a JSON file of configuration fields.") from None
     if not isinstance(data, dict):
         raise ValueError(
             f"`--config {value}` must hold a JSON object of configuration fields; found {type(data).__name__}."
@@ -248,6 +268,8 @@ def _read(store: Path) -> SpatialData:
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logger.setLevel(level)
+    # tifffile logs what it cannot parse in a damaged file as errors; the failure is reported by dkan as one line
+    logging.getLogger("tifffile").setLevel(logging.DEBUG if args.debug else logging.CRITICAL)
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
@@ -264,10 +286,11 @@ def _train(args: argparse.Namespace) -> int:
     check_target(args.out, overwrite=True)  # before training: refuse a folder that is not a dkan model up front
     overrides = parse_overrides(args.overrides)
     check_override_keys(overrides)  # before reading the store
+    config = _config(args.config)  # likewise: a bad JSON file fails at once
     sdata = _read(args.store)
     model = dkan.tl.train(
         sdata,
-        config=_config(args.config),
+        config=config,
         device=args.device,
         table_key=args.table_key,
         image_key=args.image_key,
@@ -290,28 +313,34 @@ def _predict(args: argparse.Namespace) -> int:
     store = args.store.resolve()
     if args.out is not None:
         _check_out(store, args.out.resolve(), overwrite=args.overwrite)
+    from dkan.tl._slide_errors import slide_stage
     from dkan.tl._slides import is_store, read_slide, record_source
 
     if args.in_place and args.store.exists() and not is_store(args.store):
         raise ValueError(f"`--in-place` needs a zarr store; `{args.store}` is a slide file. Use `--out OUT.zarr`.")
     model = _load_model(args.model)
-    sdata = read_slide(args.store, um_per_px=args.um_per_px)
+    if args.in_place:
+        recover_store(args.store)
+        restore_backups(args.store)
+    with slide_stage(args.store, "read", user_errors_as_is=True):
+        sdata = read_slide(args.store, um_per_px=args.um_per_px)
     before = {name: id(el) for _, name, el in sdata.gen_elements()}
-    if args.shared_tiles:
-        _shared_tile_features(sdata, model, args)
-    tkey = dkan.tl.predict(
-        sdata,
-        model,
-        key_added=args.key_added,
-        device=args.device,
-        table_key=args.table_key,
-        image_key=args.image_key,
-        batch_size=args.batch_size,
-        overwrite=args.overwrite,
-        um_per_px=args.um_per_px,
-        gene_symbols=args.gene_symbols,
-        progress=not args.no_progress,
-    )
+    with slide_stage(args.store, "predict", user_errors_as_is=True):  # pixels are decoded here (lazily read)
+        if args.shared_tiles:
+            _shared_tile_features(sdata, model, args)
+        tkey = dkan.tl.predict(
+            sdata,
+            model,
+            key_added=args.key_added,
+            device=args.device,
+            table_key=args.table_key,
+            image_key=args.image_key,
+            batch_size=args.batch_size,
+            overwrite=args.overwrite,
+            um_per_px=args.um_per_px,
+            gene_symbols=args.gene_symbols,
+            progress=not args.no_progress,
+        )
     if args.out is not None:
         record_source(sdata, args.store, tkey, with_image=args.with_image or None)
         write_new_store(sdata, args.out, overwrite=args.overwrite)
@@ -344,62 +373,17 @@ def _shared_tile_features(sdata: SpatialData, model: Any, args: argparse.Namespa
 def _check_out(store: Path, out: Path, *, overwrite: bool) -> None:
     if out == store or store in out.parents or out in store.parents:
         raise ValueError(f"`--out {out}` overlaps the input store {store}; use --in-place to update the input store.")
-    _check_replaceable_store(out, overwrite=overwrite)
-
-
-def write_new_store(sdata: SpatialData, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``sdata`` to ``out`` via a temporary sibling path, so ``out`` is either complete or untouched.
-
-    Parameters
-    ----------
-    sdata
-        The SpatialData to write.
-    out
-        Target zarr store path.
-    overwrite
-        Replace an existing store at ``out`` (removed only after the new one is in place).
-
-    Returns
-    -------
-    The path written.
-    """
-    out = Path(out)
-    _check_replaceable_store(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        sdata.write(tmp, update_sdata_path=False)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-def _check_replaceable_store(out: Path, *, overwrite: bool) -> None:
-    """Refuse to replace anything at ``out`` but a zarr store (a folder with zarr metadata at its root)."""
-    if not out.exists():
-        return
-    if not overwrite:
-        raise FileExistsError(f"`{out}` exists; pass overwrite to replace it.")
-    if not out.is_dir() or not any((out / name).is_file() for name in ("zarr.json", ".zgroup")):
-        raise ValueError(
-            f"`{out}` exists and is not a zarr store; dkan only replaces stores. Choose another output path."
-        )
+    recover_store(out)
+    check_replaceable_store(out, overwrite=overwrite)
 
 
 def update_in_place(sdata: SpatialData, table_key: str, *, added: Sequence[str] = ()) -> None:
     """Rewrite table ``table_key`` of a backed SpatialData on disk and write the new elements ``added``.
 
-    The updated table is first saved as a standalone AnnData zarr next to the store (``.STORE.TABLE.dkan-backup.zarr``)
-    so an interruption between deleting and rewriting the element loses nothing; the backup is removed when the
-    element is written. A failed write leaves the backup and says how to restore it.
+    The updated table is first saved as a one-table store next to the store (``.STORE.TABLE.dkan-backup.zarr``,
+    renamed into place once complete) so an interruption between deleting and rewriting the element loses
+    nothing; the backup is removed when the element is written. A killed or failed update leaves the backup,
+    and the next in-place run finishes the update from it before reading the store.
 
     Parameters
     ----------
@@ -421,17 +405,16 @@ def update_in_place(sdata: SpatialData, table_key: str, *, added: Sequence[str] 
     if table_key not in on_disk:
         sdata.write_element(table_key)
         return
-    backup = store.with_name(f".{store.name}.{table_key}.dkan-backup.zarr")
-    shutil.rmtree(backup, ignore_errors=True)
-    sdata.tables[table_key].write_zarr(backup)
+    backup = backup_path(store, table_key)
+    write_backup(sdata.tables[table_key], table_key, backup)
     try:
         sdata.delete_element_from_disk(table_key)
         sdata.write_element(table_key)
     except BaseException:
         logger.error(
-            "Rewriting table `%s` in %s failed; the updated table is kept in %s. Restore it with "
-            "`sdata.tables[%r] = anndata.read_zarr(backup)` and `sdata.write_element(%r, overwrite=True)`.",
-            table_key, store, backup, table_key, table_key,
+            "Rewriting table `%s` in %s failed; the updated table is kept in %s. The next `dkan predict "
+            "--in-place` on the store restores it (dkan.io._store_write.restore_backups).",
+            table_key, store, backup,
         )  # fmt: skip
         raise
     shutil.rmtree(backup, ignore_errors=True)
@@ -484,7 +467,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"dkan: error: {error_line(err)}", file=sys.stderr)
+        _quiet_exit()
         return 1
+
+
+def _quiet_exit() -> None:
+    """After a reported error, drop the noise zarr's event loop makes at exit about the reads the error cut short.
+
+    A chunk that fails to decode stops zarr's other pending reads; when the interpreter exits, asyncio reports
+    each of them ("Task exception was never retrieved", "Event loop is closed"), repeating the error already
+    reported on one line. ``--debug`` re-raises before this and keeps everything.
+    """
+    import warnings
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 if __name__ == "__main__":  # pragma: no cover

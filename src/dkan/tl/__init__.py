@@ -30,5 +30,6 @@ __getattr__, __dir__, __all__ = lazy_module(
         "RidgePredictor": "_evaluation.baselines",
         "NCBIClient": "_genes.ncbi",
         "LLMClient": "_genes.llm",
+        "SlideError": "_slide_errors",
     },
 )

@@ -95,7 +95,8 @@ def predict(
         Test-time dropout draws per model (``> 1``: Monte Carlo dropout). With several draws (or an ensemble),
         the per-spot standard deviation across draws goes to ``layers[key_added + "_std"]`` (``NaN`` where the
         prediction is ``NaN``); the prediction itself stays the deterministic (eval-mode) one, averaged over
-        the models.
+        the models. A model without dropout (every ``*_dropout`` at 0) has nothing to sample: ``n_samples > 1``
+        is then a ValueError (a warning for the members of an ensemble that lack it).
     interval
         Coverage level of a prediction interval, e.g. ``0.9``: ``layers[key_added + "_lower"]`` and
         ``layers[key_added + "_upper"]`` get its ends, and ``layers[key_added + "_std"]`` the *calibrated*
@@ -119,13 +120,14 @@ def predict(
     The name of the (results) table holding the predictions.
     """
     from dkan._genes import use_symbols
-    from dkan.tl._query import as_models, new_genes
+    from dkan.tl._query import as_models, check_dropout, new_genes
 
     models = as_models([_as_model(m) for m in model] if isinstance(model, list | tuple) else [_as_model(model)])
     model = models[0]
     extra = new_genes(model, genes)
     batch_size = check_int(batch_size, "batch_size")
     n_samples = check_int(n_samples, "n_samples")
+    check_dropout(models, n_samples)
     device = resolve_device(device)  # a bad name fails here, before any work
     tkey = _table_for(sdata, model, table_key=table_key, image_key=image_key, um_per_px=um_per_px, extra=extra)
     with use_symbols(sdata.tables[tkey], gene_symbols):
@@ -210,7 +212,10 @@ def _predict_table(
     from dkan.nn.inference import Predictor
 
     modules = [m.module.to(dev).eval() for m in models]
-    genes = torch.as_tensor(model.gene_embeddings, device=dev) if cfg.use_text else None
+    # each member queries the genes with its own embeddings (members may be trained on other texts of the panel)
+    members = [
+        _Member(mod, torch.as_tensor(m.gene_embeddings, device=dev)) for mod, m in zip(modules, models, strict=True)
+    ]
     extra_t = torch.as_tensor(new_emb, device=dev) if new_emb is not None else None
     from dkan._utils import iter_samples
 
@@ -228,14 +233,15 @@ def _predict_table(
         rd = (lambda r, s=s: reader(s, r, False)) if reader else None
         inp = inp.to(dev)
 
-        def run(module: Any, mc: bool, inp: Any = inp, rd: Any = rd) -> np.ndarray:
-            wrapped = Predictor(module, new_genes=extra_t, mc_dropout=mc)
+        def run(member: _Member, mc: bool, inp: Any = inp, rd: Any = rd) -> np.ndarray:
+            wrapped = Predictor(member.module, new_genes=extra_t, mc_dropout=mc)
             rows = np.arange(len(inp))
+            genes = member.genes if cfg.use_text else None
             return predict_rows(
                 wrapped, inp, rows, genes, batch_size=batch_size, device=dev, amp=cfg.amp, read_patches=rd
             )
 
-        pred, std = draws(run, modules, n_samples, cfg.seed)
+        pred, std = draws(run, members, n_samples, cfg.seed)
         trust.add_sample(smp.name, smp.obs_idx, inp.spot)
         out[np.ix_(smp.obs_idx, gidx[keep])] = pred[:, keep]
         if out_std is not None:
@@ -264,6 +270,17 @@ def _predict_table(
     add_spatial_uns(sdata, tkey, rkey, image_key=image_key)  # scanpy / squidpy spatial plots draw the results
     logger.info("Wrote predictions of %d genes to `%s.layers[%r]`.", int(keep.sum()), rkey, key_added)
     return rkey
+
+
+class _Member:
+    """One model of an ensemble as the prediction loop sees it: its network and its own gene embeddings."""
+
+    def __init__(self, module: Any, genes: Any) -> None:
+        self.module, self.genes = module, genes
+
+    def parameters(self) -> Any:
+        """The network's parameters (where it runs: see :func:`dkan.tl._query.rng_devices`)."""
+        return self.module.parameters()
 
 
 def _as_model(model: Any) -> DKANModel:

@@ -141,7 +141,8 @@ def draws(
         samples = means
     else:
         samples = []
-        with torch.random.fork_rng(devices=[]):
+        devices, device_type = rng_devices(modules)
+        with torch.random.fork_rng(devices=devices, device_type=device_type):
             for j, m in enumerate(modules):
                 for i in range(n_samples):
                     torch.manual_seed(seed + j * n_samples + i)
@@ -152,8 +153,65 @@ def draws(
     return mean, np.std(samples, axis=0, ddof=1).astype(np.float32)
 
 
-def has_dropout(module: torch.nn.Module) -> bool:
-    """Whether a network has a dropout layer with a non-zero rate (test-time dropout can vary)."""
+def rng_devices(modules: list[Any]) -> tuple[list[int], str]:
+    """``(devices, device_type)`` for ``torch.random.fork_rng``: the accelerator the modules run on, if any.
+
+    Dropout on CUDA draws from the CUDA generator, which ``manual_seed`` reseeds too; forking only the CPU one would
+    leave the caller's CUDA generator changed (and draws not reproducible from ``seed`` after other CUDA work).
+    """
+    import torch
+
+    params = (next(iter(m.parameters()), None) for m in modules)
+    devs = {p.device for p in params if p is not None and p.device.type not in ("cpu", "meta")}
+    if not devs:
+        return [], "cuda"
+    kind = next(iter(devs)).type
+    mod = getattr(torch, kind)
+    return sorted({d.index if d.index is not None else mod.current_device() for d in devs}), kind
+
+
+#: Parts of a DKAN network that prediction never runs (the expression path of the contrastive loss).
+_TRAINING_ONLY = ("expr_encoder", "exp_cross")
+
+
+def has_dropout(module: torch.nn.Module, *, skip: Sequence[str] = ()) -> bool:
+    """Whether a network has a dropout layer with a non-zero rate (test-time dropout can vary).
+
+    Layers under the top-level children named in ``skip`` are not counted.
+    """
     from torch import nn
 
-    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
+    return any(
+        isinstance(m, nn.Dropout) and m.p > 0 and name.split(".")[0] not in skip for name, m in module.named_modules()
+    )
+
+
+def check_dropout(models: list[DKANModel], n_samples: int) -> None:
+    """Refuse test-time dropout draws (``n_samples > 1``) from models without dropout; warn for some of an ensemble.
+
+    Without a dropout layer every draw is the same, so the standard deviation layer would be ~0 everywhere
+    (rounding noise) and look like perfect confidence.
+    """
+    if n_samples <= 1:
+        return
+    without = [i for i, m in enumerate(models) if not has_dropout(m.module, skip=_TRAINING_ONLY)]
+    if not without:
+        return
+    if len(without) == len(models):
+        who = "the model has no" if len(models) == 1 else f"none of the {len(models)} models has a"
+        fix = (
+            "pass `n_samples=1`, or an ensemble (a list of models trained with different seeds) for a spread"
+            if len(models) == 1
+            else "pass `n_samples=1`: the ensemble's spread alone gives the standard deviation"
+        )
+        raise ValueError(
+            f"`n_samples={n_samples}` asks for test-time dropout draws, but {who} dropout layer with a non-zero "
+            "rate on its prediction path (trained with `*_dropout` at 0): every draw would be the same and the "
+            f"standard deviation about 0 everywhere. Retrain with dropout, or {fix}."
+        )
+    logger.warning(
+        "predict: model(s) %s of the ensemble have no dropout, so their %d draws are all the same; the standard "
+        "deviation mixes their single predictions with the others' dropout draws.",
+        without,
+        n_samples,
+    )

@@ -5,6 +5,8 @@ store), *spots* (tissue detection on a low pyramid level and pseudo-spots, :func
 slide has no table), *predict* (tiles, frozen features and the model, :func:`dkan.tl.predict`) and *write* (a
 new zarr store written to a temporary sibling and renamed into place). A store at the output path therefore
 means a finished slide: a rerun skips it, and a crash loses at most the slide in progress.
+
+Which errors are a slide's own failure: see :mod:`dkan.tl._slide_errors`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dkan import _keys as K
+from dkan.tl._slide_errors import SlideError, slide_stage
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -148,28 +151,36 @@ def predict_slide(
     One row of the report of :func:`predict_slides` (stage times in seconds).
     """
     import dkan
-    from dkan.cli import write_new_store
+    from dkan.io._store_write import recover_store, write_new_store
 
     slide, out = Path(slide), Path(out)
+    recover_store(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"`out={out}` exists; pass `overwrite=True` to replace it or choose another path.")
     if out.resolve() == slide.resolve() or slide.resolve() in out.resolve().parents:
         raise ValueError(f"`out={out}` would be written into the input `{slide}`; choose another path.")
     row: dict[str, Any] = {"slide": str(slide), "out": str(out), "status": "written", "error": ""}
     t = time.perf_counter()
-    sdata = read_slide(slide, um_per_px=um_per_px)
+    with slide_stage(slide, "read"):
+        sdata = read_slide(slide, um_per_px=um_per_px)
     row["read_s"], t = time.perf_counter() - t, time.perf_counter()
     if not len(sdata.tables):
         logger.info("%s: detecting tissue and laying pseudo-spots", slide.name)
-        dkan.tl.make_spots(sdata, um_per_px=um_per_px)
+        with slide_stage(slide, "spots"):
+            dkan.tl.make_spots(sdata, um_per_px=um_per_px)
     row["spots_s"], t = time.perf_counter() - t, time.perf_counter()
-    row["encoder_passes"] = _features(sdata, model, device=device, shared_tiles=shared_tiles, progress=progress)
+    with slide_stage(slide, "features"):
+        row["encoder_passes"] = _features(sdata, model, device=device, shared_tiles=shared_tiles, progress=progress)
     row["features_s"], t = time.perf_counter() - t, time.perf_counter()
-    tkey = dkan.tl.predict(sdata, model, device=device, batch_size=batch_size, um_per_px=um_per_px, progress=progress)
+    with slide_stage(slide, "predict"):
+        tkey = dkan.tl.predict(
+            sdata, model, device=device, batch_size=batch_size, um_per_px=um_per_px, progress=progress
+        )
     row["n_spots"] = int(sdata.tables[tkey].n_obs)
     row["predict_s"], t = time.perf_counter() - t, time.perf_counter()
-    record_source(sdata, slide, tkey, with_image=with_image)
-    write_new_store(sdata, out, overwrite=overwrite)
+    with slide_stage(slide, "write"):
+        record_source(sdata, slide, tkey, with_image=with_image)
+        write_new_store(sdata, out, overwrite=overwrite)
     row["write_s"] = time.perf_counter() - t
     logger.info("%s: %d spots predicted, written to %s", slide.name, row["n_spots"], out)
     return row
@@ -188,6 +199,7 @@ def predict_slides(
     with_image: bool | None = None,
     shared_tiles: bool = False,
     progress: bool = True,
+    client: Any = None,
 ) -> pd.DataFrame:
     """Predict a cohort of slides, writing each slide's store as soon as it is finished.
 
@@ -207,7 +219,9 @@ def predict_slides(
     overwrite
         Recompute slides whose output store exists (default: skip them).
     errors
-        ``"raise"``: stop at the first slide that fails; ``"skip"``: log the error, report it and go on.
+        ``"raise"``: stop at the first slide that fails with a :class:`SlideError` naming it (the original error
+        chained); ``"skip"``: log the error, report it and go on. A slide fails on any error that is about its
+        file or its content, at any stage (see the module notes); other errors stop the batch.
     device
         Torch device (default CUDA when available).
     batch_size
@@ -218,6 +232,12 @@ def predict_slides(
         Region features from shared grid tiles (see :func:`predict_slide`).
     progress
         Show progress bars (slides, features, prediction).
+    client
+        A ``dask.distributed.Client``: one task per slide on its workers (any Dask cluster whose workers see
+        the slides, ``out_dir`` and the model folder, e.g. a ``LocalCluster`` or a dask-jobqueue cluster). Each
+        worker loads the model once (from its folder, or from one broadcast copy of a model object) and writes
+        its slides' stores with the same atomic rule; ``errors="raise"`` raises at the first failure seen
+        (slides already running still finish). Default: one slide after the other in this process.
 
     Returns
     -------
@@ -242,37 +262,59 @@ def predict_slides(
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"`slides` not found: {missing}.")
+    opts = {
+        "um_per_px": um_per_px, "overwrite": overwrite, "device": device, "batch_size": batch_size,
+        "with_image": with_image, "shared_tiles": shared_tiles,
+    }  # fmt: skip
+    pairs = list(zip(paths, outs, strict=True))
+    if client is not None:
+        from dkan.tl._cohort import predict_on_client
+
+        rows = predict_on_client(client, pairs, model, opts, errors=errors, progress=progress)
+        return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
     if not isinstance(model, DKANModel):
         model = DKANModel.load(model)
     rows = []
-    bar = tqdm(list(zip(paths, outs, strict=True)), desc="dkan slides", unit="slide", disable=not progress)
+    bar = tqdm(pairs, desc="dkan slides", unit="slide", disable=not progress)
     for path, out in bar:
         bar.set_postfix_str(path.name)
-        if out.exists() and not overwrite:
-            logger.info("%s: %s exists, skipped (pass overwrite=True to recompute)", path.name, out)
-            rows.append({"slide": str(path), "out": str(out), "status": "skipped", "error": ""})
-            continue
-        try:
-            rows.append(
-                predict_slide(
-                    path,
-                    model,
-                    out=out,
-                    um_per_px=um_per_px,
-                    overwrite=overwrite,
-                    device=device,
-                    batch_size=batch_size,
-                    with_image=with_image,
-                    shared_tiles=shared_tiles,
-                    progress=progress,
-                )
-            )
-        except (KeyError, ValueError, TypeError, OSError) as err:
-            if errors == "raise":
-                raise
-            logger.error("%s: failed, skipped: %s", path.name, err)
-            rows.append({"slide": str(path), "out": str(out), "status": "failed", "error": str(err)})
+        row = slide_row(path, out, model, opts, progress=progress)
+        if row["status"] == "failed" and errors == "raise":
+            raise row.pop("exception")
+        row.pop("exception", None)
+        rows.append(row)
     return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
+
+
+def slide_row(path: Path, out: Path, model: DKANModel, opts: dict[str, Any], *, progress: bool) -> dict[str, Any]:
+    """Skip a finished slide, else predict it; a :class:`SlideError` becomes a ``failed`` row (``exception`` key).
+
+    Parameters
+    ----------
+    path, out
+        The slide and its output store.
+    model
+        The model.
+    opts
+        Keyword arguments of :func:`predict_slide` (``overwrite`` among them).
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    One row of the report.
+    """
+    from dkan.io._store_write import recover_store
+
+    recover_store(out)  # a store a killed run set aside is back before deciding to skip
+    if out.exists() and not opts["overwrite"]:
+        logger.info("%s: %s exists, skipped (pass overwrite=True to recompute)", path.name, out)
+        return {"slide": str(path), "out": str(out), "status": "skipped", "error": ""}
+    try:
+        return predict_slide(path, model, out=out, progress=progress, **opts)
+    except SlideError as err:
+        logger.error("%s: failed, skipped: %s", path.name, err)
+        return {"slide": str(path), "out": str(out), "status": "failed", "error": str(err), "exception": err}
 
 
 def _features(sdata: SpatialData, model: DKANModel, *, device: Any, shared_tiles: bool, progress: bool) -> int:

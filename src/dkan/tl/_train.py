@@ -202,7 +202,7 @@ def fit_inputs(
     import torch
 
     from dkan.train.data import make_validation_split
-    from dkan.train.loop import fit
+    from dkan.train.loop import fit, start_at_mean
     from dkan.train.model import build_module
 
     split = make_validation_split(
@@ -220,14 +220,19 @@ def fit_inputs(
     torch.manual_seed(cfg.seed)
     module = build_module(cfg, n_genes=emb.shape[0], gene_dim=emb.shape[1], feature_dim=samples[0].spot.shape[1])
     seen = [s.target[torch.as_tensor(r, dtype=torch.long)] for s, r in zip(samples, train_rows, strict=True)]
-    module.init_from_data(genes=torch.as_tensor(emb), target_mean=torch.cat(seen).float().mean(0))  # training mean
+    target_mean = torch.cat(seen).float().mean(0)  # training mean per gene
+    module.init_from_data(genes=torch.as_tensor(emb), target_mean=target_mean)
     module.to(dev)
+    samples = [s.to(dev) for s in samples]
+    genes_t = torch.as_tensor(emb, device=dev) if cfg.use_text else None
+    if not (resume and checkpoint is not None and os.path.isfile(checkpoint)):  # the first prediction is the mean
+        start_at_mean(module, samples, train_rows, genes_t, target_mean, cfg, dev, read_patches=reader)
     result = fit(
         module,
-        [s.to(dev) for s in samples],
+        samples,
         train_rows,
         val_rows,
-        torch.as_tensor(emb, device=dev) if cfg.use_text else None,
+        genes_t,
         cfg,
         device=dev,
         read_patches=reader,
@@ -273,13 +278,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def model_meta(adata: Any, features: dict[str, Any], gene_rec: dict[str, Any], cfg: DKANConfig) -> dict[str, Any]:
     """Settings of every input step a prediction must reproduce."""
     from dkan._utils import uns_get
+    from dkan.pp._normalize import FINGERPRINT
 
     norm = dict(uns_get(adata, K.UNS_NORMALIZE) or {})
     norm.pop("genes", None)
     return {
         "features": {k: features.get(k) for k in ("encoder", "weights_hash", "dim")},
         "tile": {"patch_size": cfg.patch_size, "region_grid": cfg.region_grid, "target_mpp": cfg.target_mpp},
-        "normalize": {k: v for k, v in norm.items() if isinstance(v, str | int | float | bool | type(None))},
+        "normalize": {  # settings only: the training counts' fingerprint would tie the model to its data
+            k: v for k, v in norm.items() if isinstance(v, str | int | float | bool | type(None)) and k != FINGERPRINT
+        },
         "gene_embedding": {k: gene_rec.get(k) for k in ("encoder", "pooling", "dim", "weights_hash")},
     }
 

@@ -90,12 +90,12 @@ def _validation_predictions(
     import torch
 
     from dkan.nn.inference import Predictor
-    from dkan.tl._query import draws, has_dropout
+    from dkan.tl._query import _TRAINING_ONLY, draws, has_dropout
     from dkan.train.data import MIN_VAL_SPOTS
     from dkan.train.loop import predict_rows
 
     genes = torch.as_tensor(emb, device=dev) if cfg.use_text else None
-    kind = "mc_dropout" if has_dropout(module) else "residual"
+    kind = "mc_dropout" if has_dropout(module, skip=_TRAINING_ONLY) else "residual"
     n_draws = CALIBRATION_DRAWS if kind == "mc_dropout" else 1
     mus, sigmas, targets, pccs = [], [], [], []
     for s, rows in enumerate(val_rows):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,7 @@ class DKANModel:
         path = _store.check_target(path, overwrite=overwrite)
         if path.exists():
             _store.clean_stale(path)
+            _store.clean_writer_temps(path)
             files = self._write(path)
             _store.remove_unreferenced(path, set(files.values()))
             return path
@@ -164,8 +166,18 @@ class DKANModel:
         return files
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None) -> DKANModel:
+    def load(
+        cls, path: str | os.PathLike, *, device: str | torch.device | None = None, allow_unchecked: bool = False
+    ) -> DKANModel:
         """Rebuild a model saved with :meth:`save` (no pickle is read), verifying its checksums.
+
+        A folder saved by this dkan (format 2) records the SHA-256 of its tensor files and of its settings, gene
+        panel and history; any change to them is refused. A format-1 folder (saved before checksums existed)
+        carries nothing that shows its gene names, settings or weights are the ones saved, and its ``format``
+        field itself is unprotected: it is loaded only with ``allow_unchecked=True``, and never when it holds
+        what only format 2 writes (a ``files`` or ``sha256`` field, or tensor files with a random suffix), which
+        means a format-2 folder whose format field was edited. Save a trusted format-1 model again to add the
+        checksums: ``DKANModel.load(path, allow_unchecked=True).save(path, overwrite=True)``.
 
         Parameters
         ----------
@@ -173,6 +185,8 @@ class DKANModel:
             Folder written by :meth:`save`.
         device
             Device to put the network on (default CPU).
+        allow_unchecked
+            Load a format-1 folder, which has no checksums (only when you trust where it came from).
 
         Returns
         -------
@@ -183,8 +197,9 @@ class DKANModel:
         FileNotFoundError
             ``path`` holds no saved model, or a file the manifest names is missing.
         ValueError
-            A file is corrupted or edited (checksum mismatch), the manifest is invalid, or a tensor is missing or
-            has the wrong shape; the message names the file and the field.
+            A file is corrupted or edited (checksum mismatch), the manifest is invalid, a tensor is missing or
+            has the wrong shape, or the folder is format 1 without ``allow_unchecked=True`` (or claims format 1
+            but holds format-2 files); the message names the file and the field.
         """
         from safetensors.torch import load_model
 
@@ -201,6 +216,8 @@ class DKANModel:
                 f"Model format {meta['format']!r} in {path / _store.MANIFEST} is not supported (expected "
                 f"{_FORMAT}); it was written by another dkan version ({meta.get('dkan_version')})."
             )
+        if meta["format"] == 1:
+            _check_format_1(path, meta, allow_unchecked=allow_unchecked)
         files = _files(meta)
         if meta["format"] == _FORMAT:
             _verify(path, meta, files)
@@ -232,6 +249,31 @@ def _files(meta: dict[str, Any]) -> dict[str, str]:
         if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
             raise ValueError(f"The model manifest's field `files` names an invalid file {name!r}.")
     return files
+
+
+def _check_format_1(path: Path, meta: dict[str, Any], *, allow_unchecked: bool) -> None:
+    """Refuse a format-1 folder that holds format-2 files, and any format-1 folder unless ``allow_unchecked``."""
+    from dkan.train import _store
+
+    traits = [f"field `{k}`" for k in ("files", "sha256") if k in meta]
+    traits += [f"file {e.name}" for e in sorted(path.iterdir()) if _TOKENISED.match(e.name)]
+    if traits:
+        raise ValueError(
+            f"{path / _store.MANIFEST} says format 1, but the folder holds what only format 2 writes "
+            f"({', '.join(traits[:4])}): its format field was edited, so nothing in it can be trusted. Use the "
+            "folder as it was saved (or save the model again from its source)."
+        )
+    if not allow_unchecked:
+        raise ValueError(
+            f"{path} holds a format-1 model, saved without checksums: nothing shows that its gene names, settings "
+            "or weights are the ones saved. If you trust where it came from, load it with "
+            "`dkan.DKANModel.load(path, allow_unchecked=True)` and save it again "
+            "(`.save(path, overwrite=True)`) to add checksums."
+        )
+
+
+#: Tensor files only format 2 writes (a random suffix per save); format 1 used ``model.safetensors``/``genes...``.
+_TOKENISED = re.compile(r"^(model|genes)\.[0-9a-f]{8}\.safetensors$")
 
 
 def _verify(path: Path, meta: dict[str, Any], files: dict[str, str]) -> None:
