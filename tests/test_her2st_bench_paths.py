@@ -85,9 +85,11 @@ def test_report_states_the_per_fold_rule_and_the_probe_choices(bench, toy_cv, tm
     out = {
         "res": toy_cv, "cfg": cfg, "overrides": {}, "device": "cpu", "text_sources": {}, "load": ("0", "0"),
         "times": {"total": 1.0}, "train_times": [1.0], "sections": toy_cv.obs["sample"].value_counts().to_dict(),
+        "validation": {f"fold{i}": "blocks of the training samples" for i in range(3)},
     }  # fmt: skip
     text = rep.report(out, argparse.Namespace(preset="small"))
     assert "chosen on the fold's training sections only" in text and "never the test section" in text
+    assert "test fold0: blocks of the training samples" in text
     assert "ridge_hest" in text and "## Tuned probes: parameter chosen per fold" in text
     assert "ridge_ctx (alpha)" in text and "knn (k)" in text
     checks = rep.target_check(toy_cv)
