@@ -26,7 +26,7 @@ that of the load at the time, not the idle ratio.
 
 Usage::
 
-    python benchmarks/cohort_dask.py                         # 8 slides of 4,096 x 3,072 px at 0.25 µm/px
+    python benchmarks/cohort_dask.py                         # 8 slides of 8,192 x 6,144 px at 0.25 µm/px
     python benchmarks/cohort_dask.py --n-slides 1 --modes local   # size check: one slide, local only
     python benchmarks/cohort_dask.py --workdir /tmp/c        # keep (and reuse) the slides and the model there
 """
@@ -218,8 +218,8 @@ def _uptime() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-slides", type=int, default=8)
-    p.add_argument("--width", type=int, default=4096)
-    p.add_argument("--height", type=int, default=3072)
+    p.add_argument("--width", type=int, default=8192)
+    p.add_argument("--height", type=int, default=6144)
     p.add_argument("--um-per-px", type=float, default=0.25)
     p.add_argument("--encoder", default="efficientnet_lite0", help="feature encoder of the trained model")
     p.add_argument("--model", type=Path, default=None, help="saved model folder (default: train a small one)")
