@@ -104,3 +104,19 @@ def test_per_fold_summary_plots(toy_cv):
     fig = dkan.pl.metrics(toy_cv.summary, return_fig=True)
     assert fig is not None
     assert dkan.pl.metrics(toy_cv.summary, kind="bar", metric="pcc_heg", return_fig=True) is not None
+
+
+def test_blend_rows_are_the_mean_of_their_members_and_scored(bench, toy_cv):
+    acc, rep = bench
+    res = acc.add_blends(toy_cv)
+    methods = set(res.summary.summary.index)
+    assert {"probes", "DKAN+probes", "no_text+probes"} <= methods
+    assert "shuffled_text+probes" not in methods  # toy_cv has no shuffled_text row
+    want = (toy_cv.predictions["DKAN"] + toy_cv.predictions["ridge_ctx"] + toy_cv.predictions["knn"]) / 3
+    np.testing.assert_allclose(res.predictions["DKAN+probes"], want, rtol=1e-6, equal_nan=True)
+    # the members' own scores are unchanged by adding derived rows
+    a = res.summary.summary.loc["DKAN", "pcc_all_mean"]
+    assert a == pytest.approx(toy_cv.summary.summary.loc["DKAN", "pcc_all_mean"])
+    lines = rep.target_check(res)
+    assert any(line.startswith("- DKAN+probes") and " probes on PCC-ALL" in line for line in lines)
+    assert any(line.startswith("- MSE: DKAN+probes") for line in lines)
