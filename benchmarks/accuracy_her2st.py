@@ -177,7 +177,7 @@ def gene_descriptions(sdata: Any, data: Path, n_genes: int) -> pd.DataFrame:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import dkan
-    from dkan.train.config import DKANConfig
+    from dkan._config import DKANConfig
 
     overrides = parse_overrides(args.overrides)
     cfg = DKANConfig.resolve(args.preset, **overrides)
@@ -249,8 +249,8 @@ def prepare_inputs(
     import anndata as ad
     import torch
 
+    from dkan._data import prepare as prep
     from dkan._utils import get_table
-    from dkan.tl import _prepare as prep
 
     key, table = get_table(sdata, None)
     if cache is not None and cache.is_file():
@@ -261,7 +261,7 @@ def prepare_inputs(
         if bool(res.uns[K.UNS][K.UNS_FEATURES].get("shared_tiles")) != shared_tiles:
             raise ValueError(f"--cache {cache} holds features of the other kind than --shared-tiles asks; use another.")
         return
-    if shared_tiles:  # computed first, so that the preparation keeps them (dkan.tl._tiling.shared_tiles)
+    if shared_tiles:  # computed first, so that the preparation keeps them (dkan._features.shared_tiles)
         import dkan
 
         prep.ensure_tiles(sdata, cfg, table_key=key, image_key=None)
@@ -327,7 +327,7 @@ def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     desc = task["desc"]
     if task["name"] == "shuffled_text":  # same model, each gene embedded from another gene's description
-        from dkan.tl._evaluation.cv import shuffle_gene_text
+        from dkan.tl._cv import shuffle_gene_text
 
         desc = desc.copy()
         desc["text"] = shuffle_gene_text(desc["text"].to_numpy())
@@ -363,7 +363,7 @@ def run_parallel(args, cfg, sdata, desc, device, ablations, baselines) -> tuple[
     from dkan import _keys as K
     from dkan._results import results_table
     from dkan._utils import get_table, iter_samples
-    from dkan.tl._evaluation.cv import ABLATIONS, CVResult, _summarise
+    from dkan.tl._cv import ABLATIONS, CVResult, _summarise
 
     key, _ = get_table(sdata, None)
     table = results_table(sdata, key)[1]  # targets, features, tiles (the prepared inputs)

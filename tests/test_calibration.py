@@ -9,9 +9,9 @@ from conftest import results
 
 import dkan
 from dkan import _keys as K
+from dkan._config import DKANConfig
 from dkan.datasets import copy_sdata
-from dkan.nn.model import DKAN
-from dkan.train.config import DKANConfig
+from dkan.nn.network import DKAN
 from dkan.train.data import SampleInputs
 
 NO_DROPOUT = {
@@ -178,7 +178,7 @@ def test_a_gene_with_a_constant_offset_is_fitted_exactly(constant_gene):
 
 
 def test_models_saved_before_calibration_load_with_the_reference_settings():
-    from dkan.train.model import _parse_content
+    from dkan.train.fitted import _parse_content
 
     cfg = DKANConfig.resolve("small").to_dict()
     for key in ("standardize_genes", "gene_output"):

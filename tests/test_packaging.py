@@ -61,7 +61,7 @@ def test_core_dependencies_have_floors_and_no_unused_entries():
 def test_version_has_one_source():
     assert "version" not in PYPROJECT["project"]
     assert PYPROJECT["project"]["dynamic"] == ["version"]
-    assert PYPROJECT["tool"]["hatch"]["version"]["path"] == "src/dkan/__init__.py"
+    assert PYPROJECT["tool"]["hatch"]["version"]["path"] == "src/dkan/_version.py"
     assert re.fullmatch(r"\d+\.\d+\.\d+([ab]|rc)?\d*", dkan.__version__)
 
 

@@ -10,8 +10,8 @@ import tifffile
 
 import dkan
 from dkan import _keys as K
+from dkan._features.tile import image_levels
 from dkan.cli import main
-from dkan.tl._tiling.tile import image_levels
 
 MPP = 0.5
 FAST = ["--device", "cpu", "--no-progress", "-q"]

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train DKAN on SpatialData zarr stores of paired H&E and spot expression, and predict "
         "spatial expression for new H&E slides.",
     )
-    from dkan import __version__
+    from dkan._version import __version__
 
     parser.add_argument("--version", action="version", version=f"dkan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,predict}")
@@ -80,7 +80,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(sub: Any) -> None:
-    from dkan.train.config import PRESETS, DKANConfig
+    from dkan._config import PRESETS, DKANConfig
 
     p = sub.add_parser(
         "train",
@@ -199,7 +199,7 @@ def check_override_keys(overrides: Mapping[str, Any]) -> None:
     """Refuse ``--set`` keys that are not configuration fields, naming the closest ones (difflib)."""
     import difflib
 
-    from dkan.train.config import DKANConfig
+    from dkan._config import DKANConfig
 
     fields = list(DKANConfig.field_names())
     unknown = [key for key in overrides if key not in fields]
@@ -326,7 +326,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _shared_tile_features(sdata: SpatialData, model: Any, args: argparse.Namespace) -> None:
     """``--shared-tiles``: pseudo-spots if needed, the model's tiles, then shared-tile features (predict keeps them)."""
     import dkan
-    from dkan.tl import _prepare as prep
+    from dkan._data import prepare as prep
 
     if args.table_key is None and not len(sdata.tables):
         dkan.tl.make_spots(sdata, image_key=args.image_key, um_per_px=args.um_per_px)

@@ -1,4 +1,4 @@
-"""Prediction-time wrapper of a :class:`~dkan.nn.model.DKAN`: genes outside the panel and test-time dropout."""
+"""Prediction-time wrapper of a :class:`~dkan.nn.network.DKAN`: genes outside the panel and test-time dropout."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from dkan.nn.model import DKAN
-from dkan.train.config import DKANConfig
+from dkan._config import DKANConfig
+from dkan.nn.network import DKAN
 
 __all__ = ["Predictor"]
 

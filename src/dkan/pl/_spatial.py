@@ -234,7 +234,7 @@ def _pick_samples(samples: list[Sample], sample: str | Sequence[str] | None) -> 
 
 
 def _make_row(sample: Sample, pred: np.ndarray, observed: np.ndarray | None) -> _Row:
-    from dkan.tl._evaluation.metrics import pearson_per_gene
+    from dkan._metrics import pearson_per_gene
 
     p = pred[sample.obs_idx]
     o = None if observed is None else observed[sample.obs_idx]
@@ -347,7 +347,7 @@ def _read_image(
     sdata: SpatialData, image_key: str | None, window: tuple[float, ...]
 ) -> tuple[np.ndarray, tuple] | None:
     """The part of the image under ``window`` at about ``_MAX_IMAGE_PX`` pixels across, and its extent."""
-    from dkan.tl._tiling.tile import image_levels
+    from dkan._features.tile import image_levels
 
     if image_key is None:
         return None

@@ -130,7 +130,7 @@ def select_genes(
         raise ValueError(f"`flavor={flavor!r}` is not one of {_FLAVORS}.")
     adata = _as_table(data, table_key)
     if gene_symbols is not None:
-        from dkan._genes import use_symbols
+        from dkan._symbols import use_symbols
 
         with use_symbols(adata, gene_symbols):
             return select_genes(

@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dkan import _keys as K
+from dkan._data import prepare as prep
 from dkan._utils import check_int, check_unique_genes, resolve_device, uns_get, uns_set
-from dkan.tl import _prepare as prep
 
 if TYPE_CHECKING:
     import torch
     from anndata import AnnData
     from spatialdata import SpatialData
 
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
 logger = logging.getLogger("dkan")
 
@@ -102,8 +102,8 @@ def predict(
     -------
     The name of the (results) table holding the predictions.
     """
-    from dkan._genes import use_symbols
-    from dkan.tl._query import as_models, new_genes
+    from dkan._symbols import use_symbols
+    from dkan.tl._ensemble import as_models, new_genes
 
     models = as_models([_as_model(m) for m in model] if isinstance(model, list | tuple) else [_as_model(model)])
     model = models[0]
@@ -148,7 +148,7 @@ def _predict_table(
     from tqdm.auto import tqdm
 
     from dkan._results import ensure_genes, find_results, results_table
-    from dkan.tl._query import draws, new_gene_embeddings
+    from dkan.tl._ensemble import draws, new_gene_embeddings
     from dkan.tl._train import build_inputs, resolve_device
     from dkan.train.loop import predict_rows
 
@@ -242,7 +242,7 @@ def _predict_table(
 
 def _as_model(model: Any) -> DKANModel:
     """``model`` itself, or the model saved in the folder ``model`` names (:meth:`DKANModel.load`)."""
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     if isinstance(model, DKANModel):
         return model
@@ -267,9 +267,9 @@ def check_features(model: DKANModel, feats: dict[str, Any]) -> None:
 
 
 def _identity(model: DKANModel) -> dict[str, Any]:
-    import dkan
+    from dkan._version import __version__
 
-    return {"dkan_version": dkan.__version__, "features": model.meta["features"], "tile": model.meta["tile"]}
+    return {"dkan_version": __version__, "features": model.meta["features"], "tile": model.meta["tile"]}
 
 
 def _has_counts(adata: AnnData) -> bool:
@@ -307,7 +307,7 @@ def _table_for(
 
 def _check_measured(counts: AnnData, model: DKANModel, tkey: str) -> bool:
     """Whether the count table shares genes with the model (an error when it shares none: a naming mismatch)."""
-    from dkan._genes import missing_genes_hint
+    from dkan._symbols import missing_genes_hint
 
     gidx = counts.var_names.get_indexer(model.genes)
     if (gidx < 0).all():

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
     from spatialdata import SpatialData
 
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
 logger = logging.getLogger("dkan")
 
@@ -228,7 +228,7 @@ def predict_slides(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     if errors not in ("raise", "skip"):
         raise ValueError(f"`errors` must be 'raise' or 'skip'; got {errors!r}.")
@@ -280,9 +280,9 @@ def _features(sdata: SpatialData, model: DKANModel, *, device: Any, shared_tiles
     import numpy as np
 
     import dkan
+    from dkan._data import prepare as prep
     from dkan._results import results_table
     from dkan._utils import get_table, uns_get
-    from dkan.tl import _prepare as prep
 
     tkey, _ = get_table(sdata, None)
     prep.ensure_tiles(sdata, model.config, table_key=tkey, image_key=None)

@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dkan import _keys as K
+from dkan._data import prepare as prep
 from dkan._results import results_table
 from dkan._utils import get_table, iter_samples
-from dkan.tl import _prepare as prep
 
 if TYPE_CHECKING:
     import torch
     from spatialdata import SpatialData
 
-    from dkan.train.config import DKANConfig
-    from dkan.train.model import DKANModel
+    from dkan._config import DKANConfig
+    from dkan.train.fitted import DKANModel
 
 logger = logging.getLogger("dkan")
 
@@ -91,13 +91,13 @@ def train(
     dkan.train.loop.NonFiniteLossError
         A loss became non-finite during training (the checkpoint of the last good epoch is kept).
     """
-    from dkan.train.config import DKANConfig
-    from dkan.train.model import DKANModel
+    from dkan._config import DKANConfig
+    from dkan.train.fitted import DKANModel
 
     if gene_symbols is not None:
         from contextlib import ExitStack
 
-        from dkan._genes import use_symbols
+        from dkan._symbols import use_symbols
 
         with ExitStack() as stack:
             for sd in prep.as_list(sdata):
@@ -166,7 +166,7 @@ def training_inputs(
 
 def _warn_ensembl(adata: Any) -> None:
     """Warn when the genes are named by Ensembl ids: their texts (the ids) carry no meaning for the text encoder."""
-    from dkan._genes import looks_like_ensembl
+    from dkan._symbols import looks_like_ensembl
 
     if looks_like_ensembl(list(adata.var_names[:1000])):
         logger.warning(
@@ -196,8 +196,8 @@ def fit_inputs(
     import torch
 
     from dkan.train.data import make_validation_split
+    from dkan.train.fitted import build_module
     from dkan.train.loop import fit
-    from dkan.train.model import build_module
 
     split = make_validation_split(
         [s.name for s in samples],
@@ -387,13 +387,13 @@ def _patch_reader(crop_sets: list[tuple[Any, Any]], cfg: DKANConfig, *, table_ke
     """``read(sample, rows, augment) -> (B, 3, P, P)`` patch crops normalised for the patch encoder.
 
     ``rows`` index the spots of sample ``sample`` (in the order of :class:`SampleInputs`); crops come lazily from
-    the image through :class:`~dkan.tl._tiling.crops.SpotCrops`, augmented (flips, 90 degree rotations) with a generator
+    the image through :class:`~dkan._features.crops.SpotCrops`, augmented (flips, 90 degree rotations) with a generator
     seeded from ``cfg.seed`` when ``augment``.
     """
     import torch
 
+    from dkan._features.crops import SpotCrops
     from dkan.nn.image_encoders import create_image_encoder
-    from dkan.tl._tiling.crops import SpotCrops
 
     enc = create_image_encoder(cfg.patch_encoder, pretrained=False)  # only its normalisation is needed here
     datasets: dict[int, tuple[SpotCrops, np.ndarray]] = {}

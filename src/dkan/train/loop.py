@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dkan._config import DKANConfig
 from dkan.train._checkpoint import load_checkpoint, run_identity, save_checkpoint
 from dkan.train._selection import finish_selection, smoothed_score, update_best
-from dkan.train.config import DKANConfig
 from dkan.train.data import MIN_VAL_SPOTS, SampleInputs, batch_inputs, plan_batches
 
 logger = logging.getLogger("dkan")
@@ -301,7 +301,7 @@ def validation_metrics(
     ``1 - MSE / variance`` of the target. Samples with fewer than :data:`MIN_VAL_SPOTS` validation rows are skipped;
     NaN when no value is defined.
     """
-    from dkan.tl._evaluation.metrics import pearson_per_gene
+    from dkan._metrics import pearson_per_gene
 
     rs, r2s, sq, n = [], [], 0.0, 0
     for s, rows in enumerate(val_rows):

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dkan._config import DKANConfig
 from dkan.nn.layers import CrossEncoder, ExpressionEncoder, SlideEncoder, TransformerEncoder
 from dkan.nn.layers.dropout import use_numpy_dropout
-from dkan.train.config import DKANConfig
 
 __all__ = ["DKAN"]
 
@@ -66,7 +66,7 @@ class DKAN(nn.Module):
     Parameters
     ----------
     config
-        A :class:`~dkan.train.config.DKANConfig`, a preset name, a mapping of overrides or ``None`` (``small``).
+        A :class:`~dkan._config.DKANConfig`, a preset name, a mapping of overrides or ``None`` (``small``).
     n_genes
         Number of genes ``G`` predicted (the panel size).
     gene_dim

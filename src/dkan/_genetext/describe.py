@@ -44,7 +44,7 @@ def describe_genes(
     source
         Where summaries come from: a mapping ``{symbol: text}``; a path to a TSV/CSV table (optionally gzipped)
         with a symbol and a text column, such as NCBI RefSeq summaries; ``"ncbi"`` to query NCBI Gene online
-        (cached, see :class:`~dkan.tl._genes.ncbi.NCBIClient`); or ``"symbol"`` for no summaries.
+        (cached, see :class:`~dkan._genetext.ncbi.NCBIClient`); or ``"symbol"`` for no summaries.
     gene_info
         NCBI ``gene_info`` file (e.g. ``Homo_sapiens.gene_info.gz``) for synonym resolution and full names.
     symbol_column, text_column
@@ -52,9 +52,9 @@ def describe_genes(
     cache_dir
         Cache folder of the NCBI and LLM answers; default ``$DKAN_CACHE_DIR`` or ``~/.cache/dkan``.
     ncbi
-        Options of :class:`~dkan.tl._genes.ncbi.NCBIClient` (``base_url``, ``api_key``, ``email``, ``organism``, ...).
+        Options of :class:`~dkan._genetext.ncbi.NCBIClient` (``base_url``, ``api_key``, ``email``, ``organism``, ...).
     llm
-        ``True`` or options of :class:`~dkan.tl._genes.llm.LLMClient` (``base_url``, ``model``, ``api_key``,
+        ``True`` or options of :class:`~dkan._genetext.llm.LLMClient` (``base_url``, ``model``, ``api_key``,
         ``disease``, ``client``, ...) to condense every description into functionality and phenotype keywords, as
         in the paper, through the ``openai`` client (``pip install 'dkan[llm]'``; any OpenAI-compatible server).
         Genes whose reply is malformed keep their un-condensed text (counted and logged).
@@ -264,7 +264,7 @@ def _fill_full_names(facts: dict[str, _Facts], info: GeneInfo) -> None:
 def _fill_from_ncbi(
     facts: dict[str, _Facts], info: GeneInfo | None, *, cache_dir: Any, options: Mapping[str, Any]
 ) -> None:
-    from dkan.tl._genes.ncbi import NCBIClient
+    from dkan._genetext.ncbi import NCBIClient
 
     client = NCBIClient(cache_dir=cache_dir, **options)
     query = {g: (info.resolve(g) if info is not None else [])[:1] or [g] for g in facts}
@@ -281,7 +281,7 @@ def _fill_from_ncbi(
 def _condense(out: pd.DataFrame, facts: dict[str, _Facts], *, options: dict, cache_dir: Any) -> None:
     from tqdm.auto import tqdm
 
-    from dkan.tl._genes.llm import LLMClient, format_condensed
+    from dkan._genetext.llm import LLMClient, format_condensed
 
     client = LLMClient(cache_dir=options.pop("cache_dir", cache_dir), **options)
     kept = []

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dkan.tl._genes.ncbi import (
+from dkan._genetext.ncbi import (
     ServiceError,
     _check_timeout,
     cache_file,
@@ -76,7 +76,7 @@ class LLMClient:
     temperature, max_tokens
         Sampling settings sent with each request (temperature 0 for reproducible answers).
     cache_dir
-        Cache folder; default :func:`~dkan.tl._genes.ncbi.default_cache_dir`. Answers go to ``{cache_dir}/llm/``.
+        Cache folder; default :func:`~dkan._genetext.ncbi.default_cache_dir`. Answers go to ``{cache_dir}/llm/``.
     timeout, max_retries
         Seconds per answer, and retries after 408/409/429/5xx answers and connection errors (done by the
         ``openai`` client, with its exponential backoff).
@@ -149,7 +149,7 @@ class LLMClient:
     def condense(self, symbol: str, **facts: str) -> dict[str, str] | None:
         """Return validated ``{"functionality", "phenotype"}`` for one gene, or ``None`` when the reply is malformed.
 
-        A failed request raises :class:`~dkan.tl._genes.ncbi.ServiceError` (credentials redacted).
+        A failed request raises :class:`~dkan._genetext.ncbi.ServiceError` (credentials redacted).
         """
         payload = {
             "model": self.model,

@@ -51,7 +51,7 @@ def snapped_tiles(spot_px: np.ndarray, *, tile_side: int, region_side: int, grid
     -------
     Integer grid indices; grid tile ``(gy, gx)`` covers pixels ``[gy * s, (gy + 1) * s) x [gx * s, (gx + 1) * s)``.
     """
-    from dkan.tl._tiling.tile import window_origins
+    from dkan._features.tile import window_origins
 
     origin = window_origins(spot_px, region_side)  # (n, 2) x0, y0 of the exact region window
     steps = np.arange(grid) * tile_side
@@ -86,8 +86,8 @@ def shared_region_features(
     import torch
     from tqdm.auto import tqdm
 
-    from dkan.tl._features import Preprocess
-    from dkan.tl._tiling.tile import image_levels, rgb, tile_keys
+    from dkan._features.extract import Preprocess
+    from dkan._features.tile import image_levels, rgb, tile_keys
 
     keys = tile_keys(tile_key)
     geometry = uns_get(adata, keys["uns"])
@@ -152,9 +152,9 @@ def _encode_tiles(
     """Encode grid tiles ``(gy, gx)`` of one level in chunks; crops are read through the chunk cache."""
     import torch
 
-    from dkan.tl._features import encode
-    from dkan.tl._tiling.crops import _resize
-    from dkan.tl._tiling.windows import ChunkReader, strip_cache_bytes
+    from dkan._features.crops import _resize
+    from dkan._features.extract import encode
+    from dkan._features.windows import ChunkReader, strip_cache_bytes
 
     reader = ChunkReader(level, cache_bytes=strip_cache_bytes(level, side))
     enc_chunk = max(chunk // 26 * 4, 1)  # images per encoder call: as the spot-by-spot path (4 x batch_size)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from dkan import _keys as K
-from dkan.tl._evaluation import metrics as M
+from dkan import _metrics as M
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -257,7 +257,7 @@ def evaluate(
     n_top
         Size of the HEG, HVG and HPG gene sets.
     nan_policy
-        Ranking of NaN r for HPG; see :func:`dkan.tl._evaluation.metrics.hpg_rank_sum`.
+        Ranking of NaN r for HPG; see :func:`dkan._metrics.hpg_rank_sum`.
 
     Returns
     -------

@@ -41,9 +41,9 @@ def region_features(
     -------
     The region features of the spots, float32.
     """
+    from dkan._features.extract import feature_keys
+    from dkan._features.shared_tiles import gather
     from dkan._results import results_table
-    from dkan.tl._features import feature_keys
-    from dkan.tl._tiling.shared_tiles import gather
 
     name, res = results_table(sdata, table_key)
     keys = feature_keys(key_added)

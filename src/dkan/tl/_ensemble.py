@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import torch
     from anndata import AnnData
 
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
 logger = logging.getLogger("dkan")
 
@@ -25,7 +25,7 @@ _SAME_META = ("features", "tile", "normalize", "gene_embedding")
 
 def as_models(model: DKANModel | Sequence[DKANModel]) -> list[DKANModel]:
     """One model or an ensemble (a non-empty list of models with the same panel and input settings)."""
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     models = [model] if isinstance(model, DKANModel) else list(model) if isinstance(model, Sequence) else None
     if not models or not all(isinstance(m, DKANModel) for m in models):
@@ -83,8 +83,8 @@ def new_gene_embeddings(adata: AnnData | None, model: DKANModel, genes: list[str
 
 
 def _embed(genes: list[str], descriptions: Any, rec: dict[str, Any]) -> np.ndarray:
+    from dkan._genetext.embed import gene_texts
     from dkan.nn.text_encoders import create_text_encoder
-    from dkan.tl._genes.embed import gene_texts
 
     texts = gene_texts(genes, descriptions, describe_kwargs={})
     missing = [g for g, s in zip(genes, texts["source"], strict=True) if s == "symbol"]

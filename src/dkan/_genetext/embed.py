@@ -130,7 +130,7 @@ def embed_genes(
 
 def gene_texts(genes: Sequence[str], descriptions: Descriptions, *, describe_kwargs: Mapping[str, Any]) -> pd.DataFrame:
     """Return ``describe_genes``-style texts (columns ``text``, ``source``) for ``genes`` from any description input."""
-    from dkan.tl._genes.describe import describe_genes
+    from dkan._genetext.describe import describe_genes
 
     if descriptions is None:
         text = "its full name from `gene_info`" if describe_kwargs.get("gene_info") else "its symbol"

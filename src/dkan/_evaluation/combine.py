@@ -1,4 +1,4 @@
-"""Combine per-fold :class:`~dkan.tl._evaluation.evaluate.EvalResult` objects into cross-validation tables."""
+"""Combine per-fold :class:`~dkan._evaluation.evaluate.EvalResult` objects into cross-validation tables."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dkan.tl._evaluation import metrics as M
-from dkan.tl._evaluation.evaluate import METRICS, EvalResult, fold_table
+from dkan import _metrics as M
+from dkan._evaluation.evaluate import METRICS, EvalResult, fold_table
 
 logger = logging.getLogger("dkan")
 

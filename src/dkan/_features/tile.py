@@ -286,8 +286,8 @@ def tile(
         )
     if target_mpp is not None and not target_mpp > 0:
         raise ValueError(f"`target_mpp` must be positive or None; got {target_mpp}.")
+    from dkan._features.image_checks import check_image
     from dkan._results import find_results, results_table
-    from dkan.tl._tiling.image_checks import check_image
 
     tkey, adata = get_table(sdata, table_key)
     samples = iter_samples(sdata, table_key=tkey, image_key=image_key, spots_key=spots_key)

@@ -16,8 +16,8 @@ from dkan._utils import iter_samples
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-    from dkan.tl._evaluation.combine import CVSummary
-    from dkan.train.config import DKANConfig
+    from dkan._config import DKANConfig
+    from dkan._evaluation.combine import CVSummary
 
 logger = logging.getLogger("dkan")
 
@@ -135,8 +135,8 @@ def cross_validate(
     -------
     The per-method, per-fold metrics and the out-of-fold predictions.
     """
+    from dkan._config import DKANConfig
     from dkan.tl._train import resolve_device, training_inputs
-    from dkan.train.config import DKANConfig
 
     unknown = sorted(set(ablations) - set(ABLATIONS)) + sorted(set(baselines) - set(BASELINES))
     if unknown:
@@ -232,7 +232,7 @@ def _dkan_fold(samples, train, test, emb, cfg, dev, reader, progress) -> tuple[l
 
 
 def _baseline_fold(name: str, samples, train, test, seed: int) -> list[np.ndarray]:
-    from dkan.tl._evaluation.baselines import fit_mean, fit_ridge
+    from dkan._evaluation.baselines import fit_mean, fit_ridge
 
     y = np.concatenate([samples[i].target.numpy() for i in train])
     if name == "mean":
@@ -245,8 +245,8 @@ def _baseline_fold(name: str, samples, train, test, seed: int) -> list[np.ndarra
 def _summarise(preds: dict[str, np.ndarray], target: np.ndarray, obs: pd.DataFrame, genes: list[str]) -> CVSummary:
     import anndata as ad
 
-    from dkan.tl._evaluation.combine import combine_folds
-    from dkan.tl._evaluation.evaluate import evaluate
+    from dkan._evaluation.combine import combine_folds
+    from dkan._evaluation.evaluate import evaluate
 
     results = {}
     for name, p in preds.items():

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dkan.train.config import DKANConfig
+from dkan._config import DKANConfig
 
 _WEIGHTS = "model.safetensors"
 _GENES = "genes.safetensors"
@@ -27,7 +27,7 @@ def build_module(
     config: DKANConfig, *, n_genes: int, gene_dim: int, feature_dim: int, pretrained: bool = True
 ) -> torch.nn.Module:
     """Build the DKAN network for a configuration (the trainable patch encoder only when the config asks)."""
-    from dkan.nn.model import DKAN
+    from dkan.nn.network import DKAN
 
     patch_encoder, channels = None, feature_dim
     if config.patch_trainable:
@@ -134,7 +134,7 @@ class DKANModel:
         """Write fresh tensor files into ``folder``, then commit them by replacing its manifest."""
         from safetensors.torch import save_file, save_model
 
-        import dkan
+        from dkan._version import __version__
         from dkan.train import _store
 
         tok = _store.token()
@@ -152,7 +152,7 @@ class DKANModel:
         )
         sums = {role: _store.file_sha256(folder / name) for role, name in files.items()}
         sums["content"] = _store.content_sha256(content)
-        manifest = {"format": _FORMAT, "dkan_version": dkan.__version__, "files": files, "sha256": sums, **content}
+        manifest = {"format": _FORMAT, "dkan_version": __version__, "files": files, "sha256": sums, **content}
         _store.write_manifest(folder, manifest)
         return files
 

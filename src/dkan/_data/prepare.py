@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-    from dkan.train.config import DKANConfig
+    from dkan._config import DKANConfig
 
 logger = logging.getLogger("dkan")
 

@@ -1,7 +1,7 @@
 """Spot crops (patch and ``G x G`` region) read lazily from SpatialData images, as a torch Dataset.
 
 Windows come from the tile geometry written by :func:`dkan.tl.tile`. Reads go through a per-image chunk cache
-(:class:`dkan.tl._tiling.windows.ChunkReader`): a batch of windows is mapped to the image chunks it touches, the
+(:class:`dkan._features.windows.ChunkReader`): a batch of windows is mapped to the image chunks it touches, the
 missing chunks are fetched in one ``dask.compute`` call (decoded in parallel, each once), and windows are
 assembled from them with zero padding at the image edge. A region is one window: at native resolution its
 chunk pieces are copied straight into the ``G*G`` tile layout (one copy per pixel); when resampling, the window
@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from dkan import _keys as K
+from dkan._features.tile import image_levels, rgb, tile, tile_keys, window_origins
+from dkan._features.windows import ChunkReader, _BufferPool, read_window, strip_cache_bytes
 from dkan._utils import get_table, table_attrs, uns_get
-from dkan.tl._tiling.tile import image_levels, rgb, tile, tile_keys, window_origins
-from dkan.tl._tiling.windows import ChunkReader, _BufferPool, read_window, strip_cache_bytes
 
 __all__ = ["BatchBySample", "ChunkReader", "SpotCrops", "augment", "read_window"]
 

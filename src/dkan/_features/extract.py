@@ -107,7 +107,7 @@ def extract_features(
         Compute region features once per tile of a slide-aligned grid and share them between spots (each region
         tile is replaced by the nearest grid tile; the spot patch stays exact): encoder passes grow with the
         tissue, not with 26 x spots. A departure from the reference that cost about 0.016 PCC on the her2st
-        benchmark, so off by default (see ``dkan.tl._tiling.shared_tiles``). Stored once per tile, not per spot:
+        benchmark, so off by default (see ``dkan._features.shared_tiles``). Stored once per tile, not per spot:
         ``uns["dkan_region_tiles"]`` float32 ``(n_tiles, D)`` plus ``obsm["dkan_region_index"]`` int32
         ``(n, G*G)``, the row of each spot's region tile in it (-1 where the mask is 0); training and prediction
         gather them a batch of spots at a time (:func:`dkan.tl.region_features` does it for given
@@ -123,9 +123,9 @@ def extract_features(
     ``"tiles"``, ``keys``) to the panel-sized results table ``f"{table_key}_dkan"`` (:mod:`dkan._results`), never
     to the count table.
     """
+    from dkan._features.crops import SpotCrops
+    from dkan._features.tile import tile_keys
     from dkan.nn.image_encoders import create_image_encoder
-    from dkan.tl._tiling.crops import SpotCrops
-    from dkan.tl._tiling.tile import tile_keys
 
     if int(batch_size) < 1:
         raise ValueError(f"`batch_size` must be positive; got {batch_size}.")
@@ -159,7 +159,7 @@ def extract_features(
         enc, crops, adata.n_obs, batch_size, device, num_workers, region and not shared, progress
     )
     if shared:
-        from dkan.tl._tiling.shared_tiles import shared_region_features
+        from dkan._features.shared_tiles import shared_region_features
 
         tiles, index, mask, run = shared_region_features(
             sdata, adata, enc, table_key=tkey, tile_key=tile_key, patch_size=crops.patch_size, device=device,
@@ -352,7 +352,7 @@ def crop_loader(crops: Any, *, batch_size: int, num_workers: int = 0, pin_memory
     """DataLoader over ``crops`` yielding per-sample batches (each read in one call), in dataset order."""
     from torch.utils.data import DataLoader
 
-    from dkan.tl._tiling.crops import BatchBySample
+    from dkan._features.crops import BatchBySample
 
     sampler = BatchBySample(crops, batch_size, shuffle=False)
     return DataLoader(
