@@ -105,7 +105,7 @@ def bench(args: argparse.Namespace) -> dict:
     import dkan
     from dkan import _keys as K
     from dkan._features.crops import SpotCrops
-    from dkan._features.extract import crop_loader, encode
+    from dkan._features.encoding import crop_loader, encode
     from dkan._results import results_table
     from dkan.nn.image_encoders import create_image_encoder
 

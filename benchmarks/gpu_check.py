@@ -104,7 +104,7 @@ def check_amp_forward(device: str, s: dict) -> dict:
     """Bare encoder forward in fp32 and under autocast (bf16 where supported, else fp16), images/s."""
     import torch
 
-    from dkan._features.extract import encode
+    from dkan._features.encoding import encode
     from dkan.nn.image_encoders import create_image_encoder
 
     dev = torch.device(device)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from conftest import results
 
-from dkan._features.extract import Preprocess
+from dkan._features.encoding import Preprocess
 from dkan._features.shared_tiles import gather
 from dkan.nn.image_encoders import create_image_encoder
 

@@ -4,8 +4,8 @@ from conftest import data_path
 
 import dkan
 from dkan import _keys as K
+from dkan._features.levels import image_levels
 from dkan._features.make_spots import grid_layout, tissue_mask
-from dkan._features.tile import image_levels
 
 
 def he_like_sdata(multiscale=False, tissue=True):

@@ -34,7 +34,7 @@ def test_shared_tiles_are_stored_once_per_tile_with_a_per_spot_index():
 
 
 def test_gathered_features_are_each_grid_tile_encoded_alone():
-    from dkan._features.extract import Preprocess
+    from dkan._features.encoding import Preprocess
     from dkan.nn.image_encoders import create_image_encoder
 
     sdata = _sdata()

@@ -50,13 +50,23 @@ def get_table(sdata: SpatialData, table_key: str | None = None) -> tuple[str, An
     one count table and its results table infers the count table.
     """
     if table_key is None:
-        from dkan._results import is_derived
-
         available = [k for k in sdata.tables.keys() if not is_derived(sdata, k)]
     else:
         available = list(sdata.tables.keys())
     key = choose_key("tables", "table_key", table_key, available)
     return key, sdata.tables[key]
+
+
+def results_of(adata: AnnData) -> str | None:
+    """The count table a results table belongs to (its own name for a table dkan created), or None."""
+    value = adata.uns.get(K.UNS, {}).get(K.UNS_RESULTS_OF)
+    return None if value is None else str(value)
+
+
+def is_derived(sdata: SpatialData, key: str) -> bool:
+    """Whether table ``key`` is the results table of *another* table of ``sdata`` (so not a count table)."""
+    owner = results_of(sdata.tables[key])
+    return owner is not None and owner != key and owner in sdata.tables
 
 
 def table_attrs(adata: AnnData, *, table_key: str = "table") -> tuple[list[str], str, str]:

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from dkan import _keys as K
-from dkan._features.tile import image_levels, rgb, tile, tile_keys, window_origins
+from dkan._features.levels import image_levels, rgb
+from dkan._features.tile import tile, tile_keys, window_origins
 from dkan._features.windows import ChunkReader, _BufferPool, read_window, strip_cache_bytes
 from dkan._utils import get_table, table_attrs, uns_get
 

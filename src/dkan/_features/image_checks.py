@@ -72,7 +72,7 @@ def check_not_blank(sdata: SpatialData, sample: Sample, level: DataArray, spot_p
 
     Reads a small window around up to :data:`_N_PROBE` spots of the chosen pyramid level, never the whole image.
     """
-    from dkan._features.tile import rgb
+    from dkan._features.levels import rgb
 
     pick = np.unique(np.linspace(0, len(spot_px) - 1, min(_N_PROBE, len(spot_px))).astype(int))
     h, w = level.sizes["y"], level.sizes["x"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dkan import _keys as K
-from dkan._features.tile import check_rgb, image_levels, rgb
+from dkan._features.levels import check_rgb, image_levels, rgb
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData

@@ -86,8 +86,9 @@ def shared_region_features(
     import torch
     from tqdm.auto import tqdm
 
-    from dkan._features.extract import Preprocess
-    from dkan._features.tile import image_levels, rgb, tile_keys
+    from dkan._features.encoding import Preprocess
+    from dkan._features.levels import image_levels, rgb
+    from dkan._features.tile import tile_keys
 
     keys = tile_keys(tile_key)
     geometry = uns_get(adata, keys["uns"])
@@ -153,7 +154,7 @@ def _encode_tiles(
     import torch
 
     from dkan._features.crops import _resize
-    from dkan._features.extract import encode
+    from dkan._features.encoding import encode
     from dkan._features.windows import ChunkReader, strip_cache_bytes
 
     reader = ChunkReader(level, cache_bytes=strip_cache_bytes(level, side))
