@@ -98,7 +98,7 @@ def test_update_in_place_needs_no_private_spatialdata_api(tmp_path, monkeypatch)
     from spatialdata import SpatialData, read_zarr
 
     from dkan import _keys as K
-    from dkan.cli import update_in_place
+    from dkan.io._store import update_in_place
 
     toy = dkan.datasets.toy(n_samples=1, grid_size=4, n_genes=6, seed=0)
     toy.write(tmp_path / "toy.zarr")

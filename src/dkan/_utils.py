@@ -283,3 +283,10 @@ def resolve_device(device: str | int | torch.device | None, *, param: str = "dev
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"`{param}={device!r}` but MPS is not available here; use `{param}='cpu'`.")
     return dev
+
+
+def error_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (a KeyError's message without the quotes ``str`` adds)."""
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    text = " ".join(str(msg).split())
+    return text or type(err).__name__

@@ -20,15 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dkan import _keys as K
+from dkan._utils import error_line
+from dkan.io._store import (
+    check_replaceable_store,
+    is_store,
+    read_slide,
+    read_store,
+    record_source,
+    update_in_place,
+    write_new_store,
+)
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -230,21 +237,6 @@ def _config(value: str | None) -> Any:
     return data
 
 
-def _read(store: Path) -> SpatialData:
-    import spatialdata as sd
-
-    if not store.exists():
-        raise FileNotFoundError(f"Store `{store}` does not exist.")
-    logger.info("Reading %s", store)
-    try:
-        return sd.read_zarr(store)
-    except Exception as err:  # zarr, anndata and spatialdata raise many types for a folder that is no store
-        raise ValueError(
-            f"Store `{store}` cannot be read as a SpatialData zarr store ({type(err).__name__}: {error_line(err)}). "
-            "Pass a store written by `SpatialData.write`."
-        ) from err
-
-
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logger.setLevel(level)
@@ -264,7 +256,7 @@ def _train(args: argparse.Namespace) -> int:
     check_target(args.out, overwrite=True)  # before training: refuse a folder that is not a dkan model up front
     overrides = parse_overrides(args.overrides)
     check_override_keys(overrides)  # before reading the store
-    sdata = _read(args.store)
+    sdata = read_store(args.store)
     model = dkan.tl.train(
         sdata,
         config=_config(args.config),
@@ -290,7 +282,6 @@ def _predict(args: argparse.Namespace) -> int:
     store = args.store.resolve()
     if args.out is not None:
         _check_out(store, args.out.resolve(), overwrite=args.overwrite)
-    from dkan.tl._slides import is_store, read_slide, record_source
 
     if args.in_place and args.store.exists() and not is_store(args.store):
         raise ValueError(f"`--in-place` needs a zarr store; `{args.store}` is a slide file. Use `--out OUT.zarr`.")
@@ -344,97 +335,7 @@ def _shared_tile_features(sdata: SpatialData, model: Any, args: argparse.Namespa
 def _check_out(store: Path, out: Path, *, overwrite: bool) -> None:
     if out == store or store in out.parents or out in store.parents:
         raise ValueError(f"`--out {out}` overlaps the input store {store}; use --in-place to update the input store.")
-    _check_replaceable_store(out, overwrite=overwrite)
-
-
-def write_new_store(sdata: SpatialData, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``sdata`` to ``out`` via a temporary sibling path, so ``out`` is either complete or untouched.
-
-    Parameters
-    ----------
-    sdata
-        The SpatialData to write.
-    out
-        Target zarr store path.
-    overwrite
-        Replace an existing store at ``out`` (removed only after the new one is in place).
-
-    Returns
-    -------
-    The path written.
-    """
-    out = Path(out)
-    _check_replaceable_store(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        sdata.write(tmp, update_sdata_path=False)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-def _check_replaceable_store(out: Path, *, overwrite: bool) -> None:
-    """Refuse to replace anything at ``out`` but a zarr store (a folder with zarr metadata at its root)."""
-    if not out.exists():
-        return
-    if not overwrite:
-        raise FileExistsError(f"`{out}` exists; pass overwrite to replace it.")
-    if not out.is_dir() or not any((out / name).is_file() for name in ("zarr.json", ".zgroup")):
-        raise ValueError(
-            f"`{out}` exists and is not a zarr store; dkan only replaces stores. Choose another output path."
-        )
-
-
-def update_in_place(sdata: SpatialData, table_key: str, *, added: Sequence[str] = ()) -> None:
-    """Rewrite table ``table_key`` of a backed SpatialData on disk and write the new elements ``added``.
-
-    The updated table is first saved as a standalone AnnData zarr next to the store (``.STORE.TABLE.dkan-backup.zarr``)
-    so an interruption between deleting and rewriting the element loses nothing; the backup is removed when the
-    element is written. A failed write leaves the backup and says how to restore it.
-
-    Parameters
-    ----------
-    sdata
-        A SpatialData read from a zarr store (``sdata.path`` set).
-    table_key
-        The table to replace on disk with its in-memory version.
-    added
-        Names of elements that are new in memory and not yet on disk.
-    """
-    if sdata.path is None:
-        raise ValueError("The SpatialData is not backed by a zarr store; write it with `sdata.write(path)` instead.")
-    store = Path(sdata.path)
-    # public API: paths are "<element type>/<element name>"
-    on_disk = {p.rsplit("/", 1)[-1] for p in sdata.elements_paths_on_disk()}
-    for name in added:
-        if name not in on_disk:
-            sdata.write_element(name)
-    if table_key not in on_disk:
-        sdata.write_element(table_key)
-        return
-    backup = store.with_name(f".{store.name}.{table_key}.dkan-backup.zarr")
-    shutil.rmtree(backup, ignore_errors=True)
-    sdata.tables[table_key].write_zarr(backup)
-    try:
-        sdata.delete_element_from_disk(table_key)
-        sdata.write_element(table_key)
-    except BaseException:
-        logger.error(
-            "Rewriting table `%s` in %s failed; the updated table is kept in %s. Restore it with "
-            "`sdata.tables[%r] = anndata.read_zarr(backup)` and `sdata.write_element(%r, overwrite=True)`.",
-            table_key, store, backup, table_key, table_key,
-        )  # fmt: skip
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+    check_replaceable_store(out, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------- errors
@@ -451,13 +352,6 @@ def _load_model(path: Path) -> Any:
             f"`--model {path}` could not be loaded ({type(err).__name__}: {error_line(err)}). Point --model at a "
             "folder written by `dkan train` (DKANModel.save), or save the model again."
         ) from err
-
-
-def error_line(err: BaseException) -> str:
-    """The message of ``err`` on one line (a KeyError's message without the quotes ``str`` adds)."""
-    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-    text = " ".join(str(msg).split())
-    return text or type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------- entry point

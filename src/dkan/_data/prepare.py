@@ -34,7 +34,7 @@ def ensure_panel(tables: list[AnnData], n_genes: int) -> list[str]:
     """The gene panel shared by all tables (computed on their concatenation when missing)."""
     import anndata as ad
 
-    import dkan
+    from dkan.pp._select import select_genes
 
     if all(K.PANEL in t.var for t in tables):
         first = tables[0]
@@ -46,7 +46,7 @@ def ensure_panel(tables: list[AnnData], n_genes: int) -> list[str]:
     if n < n_genes:
         logger.info("Only %d genes shared by the training tables; the panel has %d genes, not %d.", n, n, n_genes)
     logger.info("Selecting a gene panel of %d genes (`dkan.pp.select_genes`, reference rule).", n)
-    dkan.pp.select_genes(both, n_genes=n)
+    select_genes(both, n_genes=n)
     panel = list(both.var_names[both.var[K.PANEL].to_numpy(bool)])
     for t in tables:
         t.var[K.PANEL] = t.var_names.isin(panel)
@@ -65,7 +65,7 @@ def ensure_target(
     sdata: SpatialData, genes: list[str], normalize: Mapping[str, Any] | None = None, *, table_key: str | None
 ) -> None:
     """Write ``layers["dkan_target"]`` of the results table over ``genes`` unless it is there with the same settings."""
-    import dkan
+    from dkan.pp._normalize import normalize
 
     params = dict(normalize or {})
     res = _stored(sdata, table_key)
@@ -75,7 +75,7 @@ def ensure_target(
             return
     logger.info("Normalising expression of %d genes into `layers[%r]` of the results table.", len(genes), K.TARGET)
     kwargs = {k: v for k, v in params.items() if k in ("target_sum", "log", "smooth", "grid", "layer")}
-    dkan.pp.normalize(sdata, genes=list(genes), table_key=table_key, **kwargs)
+    normalize(sdata, genes=list(genes), table_key=table_key, **kwargs)
 
 
 def ensure_model_target(
@@ -138,7 +138,7 @@ def ensure_model_target(
 
 def ensure_tiles(sdata: SpatialData, config: DKANConfig, *, table_key: str | None, image_key: Any) -> None:
     """Compute the tile geometry with the config's settings unless it is there already."""
-    import dkan
+    from dkan._features.tile import tile
 
     res = _stored(sdata, table_key)
     want = {"patch_size": config.patch_size, "region_grid": config.region_grid, "target_mpp": config.target_mpp}
@@ -149,19 +149,19 @@ def ensure_tiles(sdata: SpatialData, config: DKANConfig, *, table_key: str | Non
         logger.info("Recomputing the tile geometry: stored %s, wanted %s.", {k: old.get(k) for k in want}, want)
     else:
         logger.info("Tiling spots with %s (`dkan.tl.tile`).", want)
-    dkan.tl.tile(sdata, table_key=table_key, image_key=image_key, **want)
+    tile(sdata, table_key=table_key, image_key=image_key, **want)
 
 
 def ensure_features(
     sdata: SpatialData, encoder: str, *, table_key: str | None, device: Any, batch_size: int, progress: bool = True
 ) -> dict[str, Any]:
     """Frozen spot and region features with ``encoder`` (computed when missing); returns their provenance."""
-    import dkan
+    from dkan._features.extract import extract_features
 
     res = _stored(sdata, table_key)
     if res is None or uns_get(res, K.UNS_FEATURES) is None or K.SPOT_FEATURES not in res.obsm:
         logger.info("Extracting frozen %r features of every spot and region (`dkan.tl.extract_features`).", encoder)
-    dkan.tl.extract_features(
+    extract_features(
         sdata, encoder=encoder, table_key=table_key, device=device, batch_size=batch_size, progress=progress
     )
     return dict(uns_get(_stored(sdata, table_key), K.UNS_FEATURES))
@@ -181,7 +181,7 @@ def gene_embeddings(
 
     Only ``genes`` (the panel) are embedded, never every gene of the count table.
     """
-    import dkan
+    from dkan._genetext.embed import embed_genes
     from dkan._results import results_table
 
     res = _stored(sdata, table_key)
@@ -192,7 +192,7 @@ def gene_embeddings(
             if np.isfinite(emb).all():
                 return emb, dict(rec)
     logger.info("Embedding the texts of the %d panel genes with %r (`dkan.tl.embed_genes`).", len(genes), text_encoder)
-    dkan.tl.embed_genes(
+    embed_genes(
         sdata,
         descriptions=descriptions,
         text_encoder=text_encoder,

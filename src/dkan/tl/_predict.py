@@ -295,12 +295,10 @@ def _table_for(
         if adata.n_vars == 0:  # an empty table over pseudo-spots: it is its own results table
             mark(adata, tkey)
         return tkey
-    import dkan
+    from dkan._features.make_spots import make_spots
 
     logger.info("No table on this slide: laying pseudo-spots over the tissue (`dkan.tl.make_spots`).")
-    _, tkey = dkan.tl.make_spots(
-        sdata, image_key=image_key if isinstance(image_key, str) else None, um_per_px=um_per_px
-    )
+    _, tkey = make_spots(sdata, image_key=image_key if isinstance(image_key, str) else None, um_per_px=um_per_px)
     mark(sdata.tables[tkey], tkey)
     return tkey
 

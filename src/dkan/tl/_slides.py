@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dkan import _keys as K
+from dkan.io._store import read_slide, record_source, write_new_store
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,72 +35,10 @@ REPORT_COLUMNS = (
 )  # fmt: skip
 
 
-def is_store(path: str | PathLike[str]) -> bool:
-    """Whether ``path`` is a zarr store (a folder) rather than a slide file."""
-    return Path(path).is_dir()
-
-
-def read_slide(path: str | PathLike[str], *, um_per_px: float | None = None) -> SpatialData:
-    """Read a SpatialData zarr store, or open a whole-slide file with :func:`dkan.io.read_wsi`.
-
-    Parameters
-    ----------
-    path
-        A zarr store (folder) or a slide file (``.svs``, ``.tif``, ``.ndpi``, ...).
-    um_per_px
-        Pixel size for a slide file whose metadata lacks it (ignored for a store; give it to
-        :func:`dkan.tl.predict` instead).
-
-    Returns
-    -------
-    The SpatialData (images lazy in both cases).
-    """
-    import spatialdata as sd
-
-    from dkan.io import read_wsi
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Slide `{path}` does not exist.")
-    if is_store(path):
-        try:
-            return sd.read_zarr(path)
-        except Exception as err:
-            raise ValueError(
-                f"Cannot read `{path}` as a SpatialData zarr store ({type(err).__name__}: {err})."
-            ) from err
-    return read_wsi(path, um_per_px=um_per_px)
-
-
 def output_path(slide: str | PathLike[str], out_dir: str | PathLike[str]) -> Path:
     """The store a slide's predictions go to: ``out_dir / f"{name}.zarr"`` (name = file name without suffixes)."""
     name = Path(slide).name.split(".")[0]
     return Path(out_dir) / f"{name}.zarr"
-
-
-def record_source(sdata: SpatialData, slide: Path, table_key: str, *, with_image: bool | None = None) -> None:
-    """Before writing a prediction store: record a slide file as its source and, by default, leave its image out.
-
-    Parameters
-    ----------
-    sdata
-        The predicted SpatialData.
-    slide
-        Its input: a slide file or a zarr store.
-    table_key
-        The table holding the predictions (gets ``uns["dkan"]["source"]`` for a slide file).
-    with_image
-        Keep the image elements; default: only when the input is a zarr store.
-    """
-    from dkan._utils import uns_set
-
-    if not is_store(slide):
-        uns_set(
-            sdata.tables[table_key], K.UNS_SOURCE, {"slide": str(Path(slide).resolve()), "images": list(sdata.images)}
-        )
-    if not (with_image if with_image is not None else is_store(slide)):
-        for key in list(sdata.images):
-            del sdata[key]
 
 
 def predict_slide(
@@ -147,8 +86,8 @@ def predict_slide(
     -------
     One row of the report of :func:`predict_slides` (stage times in seconds).
     """
-    import dkan
-    from dkan.cli import write_new_store
+    from dkan._features.make_spots import make_spots
+    from dkan.tl._predict import predict
 
     slide, out = Path(slide), Path(out)
     if out.exists() and not overwrite:
@@ -161,11 +100,11 @@ def predict_slide(
     row["read_s"], t = time.perf_counter() - t, time.perf_counter()
     if not len(sdata.tables):
         logger.info("%s: detecting tissue and laying pseudo-spots", slide.name)
-        dkan.tl.make_spots(sdata, um_per_px=um_per_px)
+        make_spots(sdata, um_per_px=um_per_px)
     row["spots_s"], t = time.perf_counter() - t, time.perf_counter()
     row["encoder_passes"] = _features(sdata, model, device=device, shared_tiles=shared_tiles, progress=progress)
     row["features_s"], t = time.perf_counter() - t, time.perf_counter()
-    tkey = dkan.tl.predict(sdata, model, device=device, batch_size=batch_size, um_per_px=um_per_px, progress=progress)
+    tkey = predict(sdata, model, device=device, batch_size=batch_size, um_per_px=um_per_px, progress=progress)
     row["n_spots"] = int(sdata.tables[tkey].n_obs)
     row["predict_s"], t = time.perf_counter() - t, time.perf_counter()
     record_source(sdata, slide, tkey, with_image=with_image)
@@ -279,14 +218,14 @@ def _features(sdata: SpatialData, model: DKANModel, *, device: Any, shared_tiles
     """Tiles and frozen features of the slide's only table with the model's settings; returns the encoder passes."""
     import numpy as np
 
-    import dkan
     from dkan._data import prepare as prep
+    from dkan._features.extract import extract_features
     from dkan._results import results_table
     from dkan._utils import get_table, uns_get
 
     tkey, _ = get_table(sdata, None)
     prep.ensure_tiles(sdata, model.config, table_key=tkey, image_key=None)
-    dkan.tl.extract_features(
+    extract_features(
         sdata,
         model.meta["features"]["encoder"],
         table_key=tkey,
