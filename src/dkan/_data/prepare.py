@@ -65,7 +65,7 @@ def ensure_target(
     sdata: SpatialData, genes: list[str], normalize: Mapping[str, Any] | None = None, *, table_key: str | None
 ) -> None:
     """Write ``layers["dkan_target"]`` of the results table over ``genes`` unless it is there with the same settings."""
-    from dkan.pp._normalize import normalize
+    from dkan.pp._normalize import normalize as pp_normalize
 
     params = dict(normalize or {})
     res = _stored(sdata, table_key)
@@ -75,7 +75,7 @@ def ensure_target(
             return
     logger.info("Normalising expression of %d genes into `layers[%r]` of the results table.", len(genes), K.TARGET)
     kwargs = {k: v for k, v in params.items() if k in ("target_sum", "log", "smooth", "grid", "layer")}
-    normalize(sdata, genes=list(genes), table_key=table_key, **kwargs)
+    pp_normalize(sdata, genes=list(genes), table_key=table_key, **kwargs)
 
 
 def ensure_model_target(

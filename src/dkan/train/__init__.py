@@ -5,8 +5,8 @@ from dkan._lazy import lazy_module
 __getattr__, __dir__, __all__ = lazy_module(
     __name__,
     {
-        "DKANConfig": "dkan._config",
-        "PRESETS": "dkan._config",
+        "DKANConfig": "config",
+        "PRESETS": "config",
         "DKANModel": "fitted",
     },
 )
