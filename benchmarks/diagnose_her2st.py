@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import dkan
+    from dkan._data.inputs import build_inputs
     from dkan._data.prepare import gene_embeddings
     from dkan._evaluation.baselines import fit_ridge
-    from dkan.tl._train import build_inputs, fit_inputs
+    from dkan.train.fitting import fit_inputs
 
     if args.threads:
         torch.set_num_threads(args.threads)

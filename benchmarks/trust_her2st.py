@@ -71,7 +71,7 @@ def prepare(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     import torch
 
     from dkan._data import prepare as prep
-    from dkan.tl._train import build_inputs
+    from dkan._data.inputs import build_inputs
 
     sdata, key, _, desc, _ = load_prepared(args.data, args.cache, cfg.n_genes)
     table = sdata.tables[key]  # the count table, as dkan.tl.train passes it; results come from the cache
@@ -91,7 +91,7 @@ def _fit_predict(samples, train, test, emb, cfg, *, new=None, mc=0) -> dict[str,
 
     from dkan.nn.inference import Predictor
     from dkan.tl._ensemble import draws
-    from dkan.tl._train import fit_inputs
+    from dkan.train.fitting import fit_inputs
     from dkan.train.loop import predict_rows
 
     dev = torch.device("cpu")

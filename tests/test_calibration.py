@@ -49,7 +49,7 @@ def _pcc(pred: np.ndarray, y: np.ndarray) -> float:
 
 def _fit(**overrides) -> tuple[float, float]:
     """Held-out PCC and training per-gene offset (mean squared difference of means) after a short fit."""
-    from dkan.tl._train import fit_inputs
+    from dkan.train.fitting import fit_inputs
     from dkan.train.loop import predict_rows
 
     samples, texts = _uninformative_texts()
@@ -149,7 +149,7 @@ def constant_gene(toy_master):
 
 def _constant_gene_error(sdata, gene: str, gene_output: str) -> float:
     """Largest absolute error on the constant gene over the training spots after a short fit."""
-    from dkan.tl._train import build_inputs
+    from dkan._data.inputs import build_inputs
     from dkan.train.loop import predict_rows
 
     model = dkan.tl.train(

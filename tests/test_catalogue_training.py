@@ -128,7 +128,7 @@ def test_normalize_ignores_non_finite_counts_outside_the_genes(toy):
 def test_build_inputs_refuses_a_non_finite_target(toy):
     import dkan
     from dkan import _keys as K
-    from dkan.tl._train import build_inputs
+    from dkan._data.inputs import build_inputs
 
     adata = toy.tables[K.TABLE]
     genes = list(adata.var_names[:5])

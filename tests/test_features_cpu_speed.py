@@ -45,7 +45,7 @@ def test_model_inputs_share_the_whole_slide_features_instead_of_copying_them():
     import dkan
     from dkan import _keys as K
     from dkan._config import DKANConfig
-    from dkan.tl._train import _take_rows, build_inputs
+    from dkan._data.inputs import _take_rows, build_inputs
 
     x = np.arange(24, dtype=np.float32).reshape(6, 4)
     assert np.shares_memory(_take_rows(x, np.arange(6), np.float32), x)

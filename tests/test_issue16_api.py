@@ -95,7 +95,7 @@ def test_gene_embeddings_pass_progress_to_the_encoder(capsys):
 
 
 def test_train_warns_on_ensembl_names(caplog):
-    from dkan.tl._train import _warn_ensembl
+    from dkan._data.training import _warn_ensembl
 
     table = ad.AnnData(var=pd.DataFrame(index=["ENSG00000141510", "ENSMUSG00000059552", "ENSG00000146648.3"]))
     with caplog.at_level("WARNING", logger="dkan"):

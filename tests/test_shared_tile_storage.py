@@ -105,7 +105,7 @@ def test_shared_tiles_survive_a_zarr_round_trip_and_still_predict(tmp_path):
 
 
 def test_an_index_without_its_tiles_is_a_clear_error():
-    from dkan.tl._train import region_inputs
+    from dkan._data.inputs import region_inputs
 
     sdata, _ = _pair()
     t = results(sdata)

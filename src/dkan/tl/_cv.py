@@ -136,7 +136,8 @@ def cross_validate(
     The per-method, per-fold metrics and the out-of-fold predictions.
     """
     from dkan._config import DKANConfig
-    from dkan.tl._train import resolve_device, training_inputs
+    from dkan._data.training import training_inputs
+    from dkan._utils import resolve_device
 
     unknown = sorted(set(ablations) - set(ABLATIONS)) + sorted(set(baselines) - set(BASELINES))
     if unknown:
@@ -213,7 +214,7 @@ def _sample_groups(sdatas: list[Any], tables: list[Any], groupby: str, table_key
 
 
 def _dkan_fold(samples, train, test, emb, cfg, dev, reader, progress) -> tuple[list[np.ndarray], list[dict]]:
-    from dkan.tl._train import fit_inputs
+    from dkan.train.fitting import fit_inputs
     from dkan.train.loop import predict_rows
 
     sub_reader = (lambda s, rows, aug: reader(train[s], rows, aug)) if reader else None

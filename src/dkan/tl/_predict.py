@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dkan import _keys as K
 from dkan._data import prepare as prep
-from dkan._utils import check_int, check_unique_genes, resolve_device, uns_get, uns_set
+from dkan._data.inputs import build_inputs
+from dkan._results import ensure_genes, find_results, mark, results_table
+from dkan._symbols import missing_genes_hint, use_symbols
+from dkan._utils import check_int, check_unique_genes, get_table, iter_samples, resolve_device, uns_get, uns_set
+from dkan._version import __version__
+from dkan.tl._ensemble import as_models, draws, new_gene_embeddings, new_genes
 
 if TYPE_CHECKING:
     import torch
@@ -102,9 +107,6 @@ def predict(
     -------
     The name of the (results) table holding the predictions.
     """
-    from dkan._symbols import use_symbols
-    from dkan.tl._ensemble import as_models, new_genes
-
     models = as_models([_as_model(m) for m in model] if isinstance(model, list | tuple) else [_as_model(model)])
     model = models[0]
     extra = new_genes(model, genes)
@@ -138,106 +140,143 @@ def _predict_table(
     descriptions: Any,
     n_samples: int,
     key_added: str,
-    device: str | torch.device | None,
+    device: torch.device,
     image_key: str | Mapping[str, str] | None,
     batch_size: int,
     overwrite: bool,
     progress: bool,
 ) -> str:
     """Predict for the spots of table ``tkey`` into its results table; returns the results table's name."""
-    from tqdm.auto import tqdm
-
-    from dkan._results import ensure_genes, find_results, results_table
-    from dkan.tl._ensemble import draws, new_gene_embeddings
-    from dkan.tl._train import build_inputs, resolve_device
-    from dkan.train.loop import predict_rows
-
     model = models[0]
     counts = sdata.tables[tkey]
     check_unique_genes(counts, table_key=tkey)
     measured = _has_counts(counts) and _check_measured(counts, model, tkey)
+    std_key = f"{key_added}{K.STD_SUFFIX}" if len(models) > 1 or n_samples > 1 else None
     found = find_results(sdata, tkey)  # checked before anything is written: a refused call writes nothing
-    std_key = f"{key_added}{K.STD_SUFFIX}"
-    for key in (key_added, std_key) if len(models) > 1 or n_samples > 1 else (key_added,):
-        if found is not None and key in found[1].layers and not overwrite:
-            raise ValueError(
-                f"`layers[{key!r}]` exists in table `{found[0]}`; pass `overwrite=True` or another `key_added`."
-            )
+    _refuse_existing(found, [key_added, std_key] if std_key else [key_added], overwrite=overwrite)
     new_emb = new_gene_embeddings(found and found[1], model, extra, descriptions) if extra else None
     rkey, _ = results_table(sdata, tkey, create=True)
     ensure_genes(sdata, rkey, list(model.genes), panel=True)
     ensure_genes(sdata, rkey, extra)
-    dev = resolve_device(device)
-    cfg = model.config
-    prep.ensure_tiles(sdata, cfg, table_key=tkey, image_key=image_key)
+    with_target = _model_inputs(
+        sdata, tkey, rkey, model, image_key=image_key, device=device, measured=measured, progress=progress
+    )
+    adata = sdata.tables[rkey]  # normalize may have grown it
+    gidx = adata.var_names.get_indexer(list(model.genes) + extra)
+    out, out_std = _run_models(
+        sdata, tkey, models, gidx, (adata.n_obs, adata.n_vars), new_emb=new_emb, n_samples=n_samples,
+        with_std=std_key is not None, device=device, batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    adata.layers[key_added] = out
+    if out_std is not None:
+        adata.layers[std_key] = out_std
+    record = {
+        "layer": key_added,
+        "genes": list(model.genes),
+        "target_written": with_target,
+        "new_genes": extra,
+        "std_layer": std_key,
+        "n_models": len(models),
+        "n_samples": n_samples,
+        **_identity(model),
+    }
+    uns_set(adata, K.UNS_PREDICT, record)
+    logger.info("Wrote predictions of %d genes to `%s.layers[%r]`.", int((gidx >= 0).sum()), rkey, key_added)
+    return rkey
+
+
+def _refuse_existing(found: tuple[str, AnnData] | None, keys: list[str], *, overwrite: bool) -> None:
+    """Refuse to replace an existing prediction layer unless ``overwrite``."""
+    for key in keys:
+        if found is not None and key in found[1].layers and not overwrite:
+            raise ValueError(
+                f"`layers[{key!r}]` exists in table `{found[0]}`; pass `overwrite=True` or another `key_added`."
+            )
+
+
+def _model_inputs(
+    sdata: SpatialData,
+    tkey: str,
+    rkey: str,
+    model: DKANModel,
+    *,
+    image_key: Any,
+    device: torch.device,
+    measured: bool,
+    progress: bool,
+) -> bool:
+    """Tiles and frozen features with the model's settings (checked against it); the target when measured.
+
+    Returns whether ``layers["dkan_target"]`` was written with the model's normalisation.
+    """
+    prep.ensure_tiles(sdata, model.config, table_key=tkey, image_key=image_key)
     stored = uns_get(sdata.tables[rkey], K.UNS_FEATURES)
     if stored is not None:
         check_features(model, stored)
     feats = prep.ensure_features(
-        sdata, model.meta["features"]["encoder"], table_key=tkey, device=dev, batch_size=64, progress=progress
+        sdata, model.meta["features"]["encoder"], table_key=tkey, device=device, batch_size=64, progress=progress
     )
     check_features(model, feats)
-    with_target = measured and prep.ensure_model_target(
-        sdata, list(model.genes), model.meta["normalize"], table_key=tkey
-    )
-    adata = sdata.tables[rkey]  # normalize may have grown it
+    return measured and prep.ensure_model_target(sdata, list(model.genes), model.meta["normalize"], table_key=tkey)
 
-    samples, reader = build_inputs([sdata], model.genes, cfg, table_key=tkey, with_target=False)
+
+def _run_models(
+    sdata: SpatialData,
+    tkey: str,
+    models: list[DKANModel],
+    gidx: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    new_emb: np.ndarray | None,
+    n_samples: int,
+    with_std: bool,
+    device: torch.device,
+    batch_size: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predictions (and their standard deviation over models and dropout draws) as ``shape`` arrays, NaN elsewhere.
+
+    Column ``gidx[j]`` of the output gets the model's gene ``j`` (the panel, then the new genes); ``-1`` is skipped.
+    """
     import torch
+    from tqdm.auto import tqdm
 
-    from dkan.nn.inference import Predictor
-
-    modules = [m.module.to(dev).eval() for m in models]
-    genes = torch.as_tensor(model.gene_embeddings, device=dev) if cfg.use_text else None
-    extra_t = torch.as_tensor(new_emb, device=dev) if new_emb is not None else None
-    from dkan._utils import iter_samples
-
-    out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)  # panel (+ requested genes) wide
-    out_std = out.copy() if len(models) > 1 or n_samples > 1 else None
-    gidx = adata.var_names.get_indexer(list(model.genes) + extra)
+    model = models[0]
+    cfg = model.config
+    samples, reader = build_inputs([sdata], model.genes, cfg, table_key=tkey, with_target=False)
+    modules = [m.module.to(device).eval() for m in models]
+    genes = torch.as_tensor(model.gene_embeddings, device=device) if cfg.use_text else None
+    extra_t = torch.as_tensor(new_emb, device=device) if new_emb is not None else None
+    out = np.full(shape, np.nan, dtype=np.float32)  # panel (+ requested genes) wide
+    out_std = out.copy() if with_std else None
     keep = gidx >= 0
-    for s, (inp, smp) in enumerate(
-        tqdm(
-            list(zip(samples, iter_samples(sdata, table_key=tkey, need_image=False), strict=True)),
-            desc="dkan predict",
-            disable=not progress,
-        )
-    ):
+    pairs = list(zip(samples, iter_samples(sdata, table_key=tkey, need_image=False), strict=True))
+    for s, (inp, smp) in enumerate(tqdm(pairs, desc="dkan predict", disable=not progress)):
         rd = (lambda r, s=s: reader(s, r, False)) if reader else None
-        inp = inp.to(dev)
-
-        def run(module: Any, mc: bool, inp: Any = inp, rd: Any = rd) -> np.ndarray:
-            wrapped = Predictor(module, new_genes=extra_t, mc_dropout=mc)
-            rows = np.arange(len(inp))
-            return predict_rows(
-                wrapped, inp, rows, genes, batch_size=batch_size, device=dev, amp=cfg.amp, read_patches=rd
-            )
-
+        run = _runner(inp.to(device), genes, extra_t, read=rd, device=device, batch_size=batch_size, amp=cfg.amp)
         pred, std = draws(run, modules, n_samples, cfg.seed)
         out[np.ix_(smp.obs_idx, gidx[keep])] = pred[:, keep]
         if out_std is not None:
             out_std[np.ix_(smp.obs_idx, gidx[keep])] = std[:, keep]
     for m in models:
         m.module.cpu()
-    adata.layers[key_added] = out
-    if out_std is not None:
-        adata.layers[std_key] = out_std
-    uns_set(
-        adata,
-        K.UNS_PREDICT,
-        {
-            "layer": key_added,
-            "genes": list(model.genes),
-            "target_written": with_target,
-            "new_genes": extra,
-            "std_layer": std_key if out_std is not None else None,
-            "n_models": len(models),
-            "n_samples": n_samples,
-            **_identity(model),
-        },
-    )
-    logger.info("Wrote predictions of %d genes to `%s.layers[%r]`.", int(keep.sum()), rkey, key_added)
-    return rkey
+    return out, out_std
+
+
+def _runner(
+    inp: Any, genes: Any, extra: Any, *, read: Any, device: torch.device, batch_size: int, amp: bool
+) -> Callable[[Any, bool], np.ndarray]:
+    """``run(module, mc_dropout) -> (n, genes)``: one sample's prediction by one network (see :func:`draws`)."""
+    from dkan.nn.inference import Predictor
+    from dkan.train.loop import predict_rows
+
+    rows = np.arange(len(inp))
+
+    def run(module: Any, mc: bool) -> np.ndarray:
+        wrapped = Predictor(module, new_genes=extra, mc_dropout=mc)
+        return predict_rows(wrapped, inp, rows, genes, batch_size=batch_size, device=device, amp=amp, read_patches=read)
+
+    return run
 
 
 def _as_model(model: Any) -> DKANModel:
@@ -267,7 +306,6 @@ def check_features(model: DKANModel, feats: dict[str, Any]) -> None:
 
 
 def _identity(model: DKANModel) -> dict[str, Any]:
-    from dkan._version import __version__
 
     return {"dkan_version": __version__, "features": model.meta["features"], "tile": model.meta["tile"]}
 
@@ -286,11 +324,7 @@ def _table_for(
     extra: Sequence[str] = (),
 ) -> str:
     """The table to predict into; on an H&E-only slide, pseudo-spots and a new table over the panel (+ ``extra``)."""
-    from dkan._results import mark
-
     if table_key is not None or len(sdata.tables):
-        from dkan._utils import get_table
-
         tkey, adata = get_table(sdata, table_key)
         if adata.n_vars == 0:  # an empty table over pseudo-spots: it is its own results table
             mark(adata, tkey)
@@ -305,8 +339,6 @@ def _table_for(
 
 def _check_measured(counts: AnnData, model: DKANModel, tkey: str) -> bool:
     """Whether the count table shares genes with the model (an error when it shares none: a naming mismatch)."""
-    from dkan._symbols import missing_genes_hint
-
     gidx = counts.var_names.get_indexer(model.genes)
     if (gidx < 0).all():
         raise ValueError(
