@@ -59,36 +59,36 @@ def _reference(tau: float, modules: dict[str, tuple[int, int, float, float]], **
 PRESET_VALUES: dict[str, dict[str, Any]] = {
     "small": {},
     "her2st": _reference(
-            0.1,
-            {
-                "fusion": (1, 4, 4, 0.4),
-                "slide": (5, 8, 4, 0.3),
-                "region": (4, 4, 4, 0.3),
-                "img_cross": (4, 4, 4, 0.3),
-                "exp_cross": (3, 4, 4, 0.3),
-                "text": (3, 4, 4, 0.3),
-            },
+        0.1,
+        {
+            "fusion": (1, 4, 4, 0.4),
+            "slide": (5, 8, 4, 0.3),
+            "region": (4, 4, 4, 0.3),
+            "img_cross": (4, 4, 4, 0.3),
+            "exp_cross": (3, 4, 4, 0.3),
+            "text": (3, 4, 4, 0.3),
+        },
     ),
     "stnet": _reference(
-            0.1,
-            {
-                "fusion": (3, 16, 4, 0.4),
-                "slide": (3, 8, 2, 0.1),
-                "region": (4, 8, 4, 0.3),
-                "img_cross": (4, 8, 4, 0.3),
-                "exp_cross": (4, 8, 4, 0.3),
-                "text": (4, 8, 4, 0.3),
-            },
+        0.1,
+        {
+            "fusion": (3, 16, 4, 0.4),
+            "slide": (3, 8, 2, 0.1),
+            "region": (4, 8, 4, 0.3),
+            "img_cross": (4, 8, 4, 0.3),
+            "exp_cross": (4, 8, 4, 0.3),
+            "text": (4, 8, 4, 0.3),
+        },
     ),
     "cscc": _reference(
-            0.08,
-            {
-                "fusion": (2, 8, 4, 0.1),
-                "slide": (2, 16, 1, 0.1),
-                "region": (4, 16, 1, 0.3),
-                "img_cross": (4, 8, 4, 0.3),
-                "exp_cross": (4, 8, 4, 0.3),
-                "text": (4, 8, 4, 0.3),
-            },
+        0.08,
+        {
+            "fusion": (2, 8, 4, 0.1),
+            "slide": (2, 16, 1, 0.1),
+            "region": (4, 16, 1, 0.3),
+            "img_cross": (4, 8, 4, 0.3),
+            "exp_cross": (4, 8, 4, 0.3),
+            "text": (4, 8, 4, 0.3),
+        },
     ),
 }

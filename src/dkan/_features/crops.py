@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 
 from dkan import _keys as K
 from dkan._features.levels import image_levels, rgb
+from dkan._features.pixels import augment, augment_tiles, cut_tiles, resize
 from dkan._features.tile import tile, tile_keys, window_origins
 from dkan._features.windows import ChunkReader, _BufferPool, read_window, strip_cache_bytes
 from dkan._utils import get_table, table_attrs, uns_get
@@ -89,36 +90,6 @@ def _sources(sdata: SpatialData, k: int, table_key: str | None, tile_key: str | 
             )
         )
     return out, geo
-
-
-def augment(arr: np.ndarray, hflip: bool, vflip: bool, rot: int) -> np.ndarray:
-    """Flip the last (x) axis, the second last (y) axis, then rotate by ``rot`` x 90° (``np.rot90`` on y, x)."""
-    if hflip:
-        arr = arr[..., ::-1]
-    if vflip:
-        arr = arr[..., ::-1, :]
-    return np.rot90(arr, rot, axes=(-2, -1)) if rot else arr
-
-
-def _augment_tiles(tiles: np.ndarray, hflip: bool, vflip: bool, rot: int) -> np.ndarray:
-    """:func:`augment` of a region window given as its ``(G, G, c, P, P)`` tiles: move tiles and their pixels."""
-    t = augment(tiles, hflip, vflip, rot)
-    return augment(t.transpose(2, 3, 4, 0, 1), hflip, vflip, rot).transpose(3, 4, 0, 1, 2)
-
-
-def _resize(arr: np.ndarray, side: int) -> np.ndarray:
-    """Resize a uint8 ``(c, h, w)`` window to ``(c, side, side)`` (antialiased bilinear)."""
-    if arr.shape[1] == side and arr.shape[2] == side:
-        return arr
-    t = torch.from_numpy(np.ascontiguousarray(arr)).float()[None]
-    t = torch.nn.functional.interpolate(t, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-    return t[0].round_().clamp_(0, 255).to(torch.uint8).numpy()
-
-
-def _tiles(window: np.ndarray, out: np.ndarray, grid: int) -> None:
-    """Cut a ``(c, G*P, G*P)`` window row-major into ``out`` of shape ``(G*G, c, P, P)`` (one strided copy)."""
-    c, side = window.shape[0], window.shape[1] // grid
-    out.reshape(grid, grid, c, side, side)[...] = window.reshape(c, grid, side, grid, side).transpose(1, 3, 0, 2, 4)
 
 
 class SpotCrops(Dataset):
@@ -311,7 +282,7 @@ class SpotCrops(Dataset):
                     patch[b] = augment(patch[b], *tf[b]).copy()
                     if region is not None:
                         tiles = region[b].reshape(g, g, 3, p, p)
-                        tiles[...] = _augment_tiles(tiles, *tf[b]).copy()
+                        tiles[...] = augment_tiles(tiles, *tf[b]).copy()
             return
         side = src.region_side if region is not None else src.patch_side
         windows = [(int(y0), int(x0), side, side) for x0, y0 in window_origins(xy, side)]
@@ -319,9 +290,9 @@ class SpotCrops(Dataset):
         for b, buf in zip(pos, src.reader.read(windows), strict=True):
             h, v, r = (int(t) for t in tf[b])
             pw = buf[:, off : off + src.patch_side, off : off + src.patch_side]
-            patch[b] = _resize(augment(pw, h, v, r), p)
+            patch[b] = resize(augment(pw, h, v, r), p)
             if region is not None:
-                _tiles(_resize(augment(buf, h, v, r), g * p), region[b], g)
+                cut_tiles(resize(augment(buf, h, v, r), g * p), region[b], g)
 
     def _finish(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(arr)

@@ -153,8 +153,8 @@ def _encode_tiles(
     """Encode grid tiles ``(gy, gx)`` of one level in chunks; crops are read through the chunk cache."""
     import torch
 
-    from dkan._features.crops import _resize
     from dkan._features.encoding import encode
+    from dkan._features.pixels import resize
     from dkan._features.windows import ChunkReader, strip_cache_bytes
 
     reader = ChunkReader(level, cache_bytes=strip_cache_bytes(level, side))
@@ -163,7 +163,7 @@ def _encode_tiles(
     for start in range(0, len(tiles), chunk):
         part = tiles[start : start + chunk]
         crops = reader.read([(int(gy) * side, int(gx) * side, side, side) for gy, gx in part])
-        x = torch.from_numpy(np.stack([_resize(c, patch_size) for c in crops])).to(dev)
+        x = torch.from_numpy(np.stack([resize(c, patch_size) for c in crops])).to(dev)
         for i in range(0, len(part), enc_chunk):  # float copies and activations of enc_chunk images at a time
             feats = encode(enc, prep(x[i : i + enc_chunk]), amp=amp, chunk=enc_chunk)
             out[start + i : start + i + len(feats)] = feats.float().cpu().numpy()
