@@ -333,16 +333,3 @@ def _nanmean(parts: list[np.ndarray]) -> float:
         return float("nan")
     values = np.concatenate(parts)
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-
-
-def validation_score(
-    module: nn.Module,
-    samples: list[SampleInputs],
-    val_rows: list[np.ndarray],
-    genes: Tensor | None,
-    config: DKANConfig,
-    device: torch.device,
-    read_patches: PatchReader | None = None,
-) -> float:
-    """Mean over (sample, gene) of the Pearson r on the validation rows (the reference's ``R``)."""
-    return validation_metrics(module, samples, val_rows, genes, config, device, read_patches)["val_pcc"]
