@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dkan import _keys as K
+from dkan._docs import shared_docs
 from dkan._features.encoding import Preprocess, crop_loader, encode
 from dkan._utils import get_table, resolve_device, uns_get, uns_set
 
@@ -47,6 +48,7 @@ def feature_keys(key_added: str | None = None) -> dict[str, str]:
     }
 
 
+@shared_docs
 def extract_features(
     sdata: SpatialData,
     encoder: str | Callable | ImageEncoder = "efficientnet_lite0",
@@ -82,12 +84,10 @@ def extract_features(
         :class:`~dkan.nn.image_encoders.ImageEncoder`.
     batch_size
         Spots per batch; one encoder call sees up to ``batch_size * 26`` images with ``region=True``.
-    device
-        Torch device; default CUDA when available, else CPU.
+    {device}
     num_workers
         DataLoader worker processes reading crops (0: in the main process).
-    table_key
-        Table holding the spots; inferred when there is one.
+    {table_key}
     tile_key
         ``key_added`` of the :func:`dkan.tl.tile` run to use (default: the default geometry).
     key_added
@@ -113,8 +113,7 @@ def extract_features(
         ``(n, G*G)``, the row of each spot's region tile in it (-1 where the mask is 0); training and prediction
         gather them a batch of spots at a time (:func:`dkan.tl.region_features` does it for given
         rows). ``None`` (default) keeps stored features of either kind and computes new ones spot by spot.
-    progress
-        Show a progress bar.
+    {progress}
 
     Returns
     -------

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dkan import _keys as K
+from dkan._docs import shared_docs
 from dkan._features.levels import check_rgb, choose_level, image_levels, sample_um_per_px
 from dkan._utils import Sample, check_int, get_table, iter_samples, spot_pixels, uns_get, uns_set
 
@@ -149,6 +150,7 @@ def _sample_geometry(
     return record, xy, mask, grid
 
 
+@shared_docs
 def tile(
     sdata: SpatialData,
     *,
@@ -168,15 +170,13 @@ def tile(
 
     Parameters
     ----------
-    sdata
-        SpatialData with spots (shapes), their table and an RGB uint8 image per sample.
+    {sdata_spots}
     image_key
         Image to crop from (one name, or a mapping ``{spots_key: image_key}`` for several samples). Default: the
         highest-resolution image sharing a coordinate system with each sample's spots.
     spots_key
         Only tile this shapes element (one sample). Default: every shapes element annotated by the table.
-    table_key
-        Table annotating the spots; inferred when there is one.
+    {table_key}
     patch_size
         Side of the spot patch in output pixels (224 as in the reference).
     region_grid

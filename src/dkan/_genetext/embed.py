@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from dkan import _keys as K
+from dkan._docs import shared_docs
 from dkan._utils import check_int, get_table, uns_get, uns_set
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ logger = logging.getLogger("dkan")
 Descriptions = str | os.PathLike | Mapping[str, str] | pd.DataFrame | None
 
 
+@shared_docs
 def embed_genes(
     sdata: SpatialData | AnnData,
     *,
@@ -63,8 +65,7 @@ def embed_genes(
         Replace embeddings made by another encoder (or pooling) under ``key_added``; without it that is an error.
     batch_size
         Texts per forward pass.
-    device
-        Torch device of the encoder; default CUDA when available.
+    {device}
     describe_kwargs
         Options of :func:`dkan.tl.describe_genes` (``gene_info``, ``llm``, ``cache_dir``, ...) when
         ``descriptions`` is a mapping, a path or ``"ncbi"``.

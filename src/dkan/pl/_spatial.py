@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from dkan import _keys as K
+from dkan._docs import shared_docs
 from dkan._utils import Sample, iter_samples, spot_pixels
 from dkan.pl._draw import color_scale, colorbar, draw_spots, gene_column, read_image
 from dkan.pl._utils import finish_figure
@@ -36,6 +37,7 @@ class _Row:
     pcc: float | None
 
 
+@shared_docs
 def spatial_pred(
     sdata: SpatialData,
     gene: str,
@@ -65,8 +67,7 @@ def spatial_pred(
 
     Parameters
     ----------
-    sdata
-        SpatialData with predictions from :func:`dkan.tl.predict`.
+    {sdata_pred}
     gene
         Gene symbol (a ``var_name`` of the table).
     sample

@@ -10,6 +10,7 @@ import pandas as pd
 from scipy import sparse
 
 from dkan import _keys as K
+from dkan._docs import shared_docs
 from dkan._utils import check_int, get_table, uns_set
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ def _valid_genes(adata: AnnData) -> np.ndarray:
     return ~(missing | dup)
 
 
+@shared_docs
 def select_genes(
     data: SpatialData | AnnData,
     *,
@@ -110,8 +112,7 @@ def select_genes(
         reported and left out of the ``var`` flag, but kept in the recorded order.
     layer
         Layer holding raw counts; default ``X``.
-    table_key
-        Table of a SpatialData; inferred when it holds one table.
+    {table_key_any}
     key_added
         ``var`` column of the panel flag.
     inplace

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from dkan import _keys as K
+from dkan._docs import shared_docs
 from dkan._utils import iter_samples
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class CVResult:
         return self.summary.table(digits=digits)
 
 
+@shared_docs
 def cross_validate(
     sdata: SpatialData | Sequence[SpatialData],
     *,
@@ -108,8 +110,7 @@ def cross_validate(
 
     Parameters
     ----------
-    sdata
-        One SpatialData or a list of them.
+    {sdatas}
     groupby
         ``obs`` column defining the groups held out together (``"patient"``, or ``"sample"`` for
         leave-one-section-out). Every sample must lie in one group.

@@ -12,6 +12,7 @@ import numpy as np
 from dkan import _keys as K
 from dkan._data import prepare as prep
 from dkan._data.inputs import build_inputs
+from dkan._docs import shared_docs
 from dkan._results import ensure_genes, find_results, mark, results_table
 from dkan._symbols import missing_genes_hint, use_symbols
 from dkan._utils import check_int, check_unique_genes, get_table, iter_samples, resolve_device, uns_get, uns_set
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dkan")
 
 
+@shared_docs
 def predict(
     sdata: SpatialData,
     model: DKANModel | str | os.PathLike | Sequence[DKANModel],
@@ -70,12 +72,9 @@ def predict(
         prediction is their mean and ``layers[key_added + "_std"]`` their standard deviation.
     key_added
         ``layers`` key of the predictions.
-    device
-        Device to run on; default CUDA when available.
-    table_key
-        Table annotating the spots; inferred when there is one.
-    image_key
-        Image to crop from (inferred per sample by default).
+    {device}
+    {table_key}
+    {image_key}
     batch_size
         Spots per forward pass.
     overwrite
@@ -100,8 +99,7 @@ def predict(
         the per-spot standard deviation across draws goes to ``layers[key_added + "_std"]`` (``NaN`` where the
         prediction is ``NaN``); the prediction itself stays the deterministic (eval-mode) one, averaged over
         the models.
-    progress
-        Show a progress bar.
+    {progress}
 
     Returns
     -------

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dkan import _keys as K
+from dkan._docs import shared_docs
 from dkan.io._store import read_slide, record_source, write_new_store
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ def output_path(slide: str | PathLike[str], out_dir: str | PathLike[str]) -> Pat
     return Path(out_dir) / f"{name}.zarr"
 
 
+@shared_docs
 def predict_slide(
     slide: str | PathLike[str],
     model: DKANModel,
@@ -68,8 +70,7 @@ def predict_slide(
         Pixel size for a slide without one in its metadata (µm/px of the full-resolution image).
     overwrite
         Replace an existing store at ``out`` (only once the new one is complete).
-    device
-        Torch device (default CUDA when available).
+    {device}
     batch_size
         Spots per forward pass.
     with_image

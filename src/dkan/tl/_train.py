@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from dkan._data import prepare as prep
 from dkan._data.training import model_meta, training_inputs
+from dkan._docs import shared_docs
 from dkan._results import results_table
 from dkan._utils import get_table, resolve_device
 from dkan.train.fitting import fit_inputs, init_distributed
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dkan")
 
 
+@shared_docs
 def train(
     sdata: SpatialData | Sequence[SpatialData],
     *,
@@ -45,18 +47,15 @@ def train(
 
     Parameters
     ----------
-    sdata
-        One SpatialData or a list of them; every sample (spots element annotated by the table) is used.
+    {sdatas}
     config
         A preset name (``"small"``, ``"her2st"``, ``"stnet"``, ``"cscc"``), a :class:`dkan.DKANConfig`, a
         mapping of overrides, or ``None`` for ``"small"``.
     device
         ``"cuda"``, ``"cpu"``, ... Default: CUDA when available. Launched with ``torchrun --nproc_per_node=N``,
         training runs under DDP on ``cuda:LOCAL_RANK`` (see :func:`init_distributed`).
-    table_key
-        Table annotating the spots; inferred when there is one.
-    image_key
-        Image to crop from (see :func:`dkan.tl.tile`); inferred per sample by default.
+    {table_key}
+    {image_key}
     descriptions
         Gene descriptions for :func:`dkan.tl.embed_genes` (``None``: the gene symbols, with a warning).
     gene_info
@@ -70,8 +69,7 @@ def train(
         File for a resumable checkpoint written after every epoch.
     resume
         Continue from ``checkpoint`` when it exists.
-    progress
-        Show progress bars.
+    {progress}
     **overrides
         Configuration fields to override (e.g. ``max_epochs=5``).
 
