@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import data_path, results
-from dkan.tl._genes import embed as _embed_genes
+from dkan._genetext import embed as _embed_genes
 from test_text_encoders import _tiny_bert
 
 import dkan
