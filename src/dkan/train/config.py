@@ -3,6 +3,10 @@
 They live in the ground so that :mod:`dkan.nn` can read a configuration without importing :mod:`dkan.train`.
 """
 
-from dkan._config import PRESETS, DKANConfig
+from dkan._config import PRESETS as _PRESETS
+from dkan._config import DKANConfig
 
 __all__ = ["PRESETS", "DKANConfig"]
+
+#: Named configurations: ``small`` (default, CPU friendly) and the authors' ``her2st``, ``stnet``, ``cscc``.
+PRESETS = _PRESETS
