@@ -53,7 +53,7 @@ def train(
         mapping of overrides, or ``None`` for ``"small"``.
     device
         ``"cuda"``, ``"cpu"``, ... Default: CUDA when available. Launched with ``torchrun --nproc_per_node=N``,
-        training runs under DDP on ``cuda:LOCAL_RANK`` (see :func:`init_distributed`).
+        training runs under DDP on ``cuda:LOCAL_RANK`` (see :func:`dkan.train.fitting.init_distributed`).
     {table_key}
     {image_key}
     descriptions
