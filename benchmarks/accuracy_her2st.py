@@ -1,16 +1,26 @@
-"""Accuracy of DKAN, the mean/ridge baselines and the ablations on the her2st sections with images (C2-C6).
+"""Accuracy of DKAN, the baselines (mean, ridge, tuned probes) and the ablations on the her2st sections C2-C6.
 
 Leave-one-section-out over the five serial sections of patient C (the only her2st sections with images in
 ``../shared/data``): every fold trains on four sections and tests on the fifth. Serial sections of one patient
 make this optimistic compared with the paper's leave-one-patient-out over 8 patients (see the results file).
-All methods see identical folds and identical inputs: the 250-gene panel (reference rule: detected in >= 10 %
-of all spots, top 250 by total counts), the normalised targets, the frozen image features (computed once and
-shared by every method and fold) and the gene-text embeddings of the RefSeq summaries (NCBI gene_info for
-synonyms and full names). Each DKAN variant stops early and picks its checkpoint on a random 10 % of the
-training spots; the test section is never seen during training.
+All methods see identical folds and identical inputs: per fold, the 250-gene panel chosen on the four training
+sections only (reference rule: detected in >= 10 % of the training spots, top 250 by total counts over them) and
+the targets normalised over it, HEG and HVG chosen on the training targets; the frozen image features (computed
+once and shared by every method and fold) and the gene-text embeddings of the RefSeq summaries (NCBI gene_info
+for synonyms and full names) of the union of the fold panels. The baselines are the training mean, the
+HEST-Benchmark ridge (fixed alpha, ``ridge_hest``) and three probes whose parameter is tuned by an inner
+leave-one-training-section-out: ``ridge`` (spot features), ``ridge_ctx`` (spot features and the mean of the
+region tiles) and ``knn``. Each DKAN variant stops early and picks its checkpoint on validation data held out
+of the training sections as the preset's ``val_split`` says (the report names each fold's split); the test
+section is never seen during training.
 
 Prints one table (MAE, MSE, PCC ALL/HPG/HEG/HVG, mean ± population std over the five folds), the run time
-and the machine, and writes them to ``benchmarks/results/accuracy_her2st_<preset>.md``.
+and the machine, and writes them to ``benchmarks/results/accuracy_her2st_<preset>.md``. Unless ``--no-trust``,
+each fold's DKAN model also records its trust signals on its training sections (``cross_validate(trust=True)``)
+and the report adds, per fold on the test section, the coverage of the calibrated 68 % / 95 % intervals, the
+Spearman of validation vs held-out per-gene PCC, the held-out PCC of the genes with validation PCC >= 0.3 vs the
+rest, the share of spots flagged novel, and the issue-23 targets as met / not met (extra cost per fold: 11 forward
+passes over the validation spots and 11 over the test section, with MC dropout).
 
 Usage::
 
@@ -22,9 +32,10 @@ Usage::
 
 Options: ``--data DIR`` (shared data folder holding ``her2st/`` and ``gene_text/``; default ``$DKAN_DATA_DIR``
 or ``../shared/data``), ``--ablations a,b`` (default: all), ``--baselines``, ``--device``, ``--set key=value``
-(any :class:`dkan.DKANConfig` field, repeatable), ``--jobs N`` (DKAN variants trained in N parallel processes on
-inputs prepared once; default: the CPU cores, 1 on CUDA), ``--cache FILE`` (h5ad of the prepared inputs: reused
-when present, written otherwise), ``--out FILE``, ``--json FILE`` (per-fold metrics and learning curves).
+(any :class:`dkan.DKANConfig` field, repeatable), ``--no-trust``, ``--jobs N`` (DKAN variants trained in N
+parallel processes on inputs prepared once; default: the CPU cores, 1 on CUDA), ``--cache FILE`` (h5ad of the
+prepared inputs: reused when present, written otherwise), ``--out FILE``, ``--json FILE`` (per-fold metrics,
+learning curves and trust figures).
 """
 
 from __future__ import annotations
@@ -39,7 +50,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from _her2st_report import dump_json, fmt_time, load, machine, report, target_check, usable_cores
+from _her2st_report import (
+    dump_json,
+    fmt_time,
+    load,
+    machine,
+    report,
+    target_check,
+    trust_lines,
+    usable_cores,
+    validation_splits,
+)
+
+from dkan.tl._cv import BASELINES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("DKAN_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -62,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="small", choices=("small", "her2st"))
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder (her2st/, gene_text/)")
     p.add_argument("--ablations", default="all", help="comma-separated ablation names, 'all' or 'none'")
-    p.add_argument("--baselines", default="mean,ridge", help="comma-separated: mean, ridge; or 'none'")
+    p.add_argument("--baselines", default="all", help=f"comma-separated from {', '.join(BASELINES)}; 'all' or 'none'")
     p.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=None, help="results markdown (default benchmarks/results/...)")
@@ -72,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache", type=Path, default=None, help="h5ad of the prepared table: reused if present, else written"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-trust", dest="trust", action="store_false",
+        help="skip the issue-23 trust figures (per fold: calibration, val PCC and novelty of the DKAN row)",
+    )  # fmt: skip
     p.add_argument(
         "--shared-tiles", action="store_true", help="region features from shared grid tiles (extract_features option)"
     )
@@ -159,14 +186,13 @@ class Stopwatch(logging.Handler):
 
 # ---------------------------------------------------------------------- the run
 def gene_descriptions(sdata: Any, data: Path, n_genes: int) -> pd.DataFrame:
-    """Select the panel (reference rule, all sections pooled) and describe it from the offline RefSeq files."""
+    """Choose the panel of each leave-one-section-out fold on its training sections; describe their union."""
     import dkan
-    from dkan import _keys as K
-    from dkan._utils import get_table
+    from dkan._config import DKANConfig
+    from dkan.tl._cv import _fold_panels
 
-    _, table = get_table(sdata, None)
-    dkan.pp.select_genes(table, n_genes=n_genes, flavor="reference")
-    panel = list(table.var_names[table.var[K.PANEL].to_numpy(bool)])
+    plan = _fold_panels(sdata, DKANConfig.resolve("small", n_genes=n_genes), "sample", None, 0, None, True)
+    panel = list(dict.fromkeys(g for p in plan["panels"] for g in p))  # flagged as the panel to prepare
     text = data / "gene_text"
     return dkan.tl.describe_genes(
         panel,
@@ -182,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     overrides = parse_overrides(args.overrides)
     cfg = DKANConfig.resolve(args.preset, **overrides)
     ablations = names(args.ablations, ALL_ABLATIONS, "ablations")
-    baselines = names(args.baselines, ("mean", "ridge"), "baselines")
+    baselines = names(args.baselines, BASELINES, "baselines")
     device = check_setup(cfg, args.device)
     if args.jobs is None:
         args.jobs = 1 if device.startswith("cuda") else max(1, min(usable_cores(), 1 + len(ablations)))
@@ -215,6 +241,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             descriptions=desc,
             device=device,
             progress=not args.no_progress,
+            panel_per_fold=True,
+            trust=args.trust,
         )
         train_times = None
     t1 = time.perf_counter()
@@ -238,7 +266,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train_times": train_times if train_times is not None else training_times(watch.events, t1),
         "load": (start_load, load()),
         "sections": res.obs["sample"].value_counts(sort=False).to_dict(),
+        "validation": fold_validation(sdata, cfg, res.folds),
     }
+
+
+def fold_validation(sdata: Any, cfg: Any, folds: list[list[str]]) -> dict[str, str]:
+    """Per fold, the validation split its DKAN training used (see :func:`_her2st_report.validation_splits`)."""
+    from dkan import _keys as K
+    from dkan._results import results_table
+    from dkan._utils import iter_samples
+
+    _, res = results_table(sdata, None)
+    samples = list(iter_samples(sdata, need_image=False))
+    grids = [np.asarray(res.obsm[K.GRID][s.obs_idx]) for s in samples]
+    return validation_splits(cfg, [s.name for s in samples], grids, folds)
 
 
 # ---------------------------------------------------------------------- inputs once, methods in parallel
@@ -340,6 +381,8 @@ def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
         descriptions=desc,
         device=task["device"],
         progress=False,
+        panel_per_fold=True,
+        trust=task.get("trust", False),
     )
     preds = {(task["name"] if m == "DKAN" else m): p for m, p in res.predictions.items()}
     return {
@@ -349,6 +392,11 @@ def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
         "obs": res.obs,
         "genes": res.genes,
         "folds": res.folds,
+        "target": res.target,
+        "fold_genes": res.fold_genes,
+        "gene_sets": res.summary.gene_sets,
+        "baseline_params": res.baseline_params,
+        "trust": res.trust,
         "train_times": training_times(watch.events, time.perf_counter()),
         "seconds": time.perf_counter() - t0,
     }
@@ -360,10 +408,9 @@ def run_parallel(args, cfg, sdata, desc, device, ablations, baselines) -> tuple[
     import tempfile
     from concurrent.futures import ProcessPoolExecutor
 
-    from dkan import _keys as K
     from dkan._results import results_table
-    from dkan._utils import get_table, iter_samples
-    from dkan.tl._cv import ABLATIONS, CVResult, _summarise
+    from dkan._utils import get_table
+    from dkan.tl._cv import ABLATIONS
 
     key, _ = get_table(sdata, None)
     table = results_table(sdata, key)[1]  # targets, features, tiles (the prepared inputs)
@@ -374,29 +421,42 @@ def run_parallel(args, cfg, sdata, desc, device, ablations, baselines) -> tuple[
         table.write_h5ad(path)
         tasks = [
             {"name": name, "cfg": vcfg, "baselines": baselines if i == 0 else (), "her2st": args.data / "her2st",
-             "table": path, "desc": desc, "device": device, "threads": threads}
+             "table": path, "desc": desc, "device": device, "threads": threads, "trust": args.trust and i == 0}
             for i, (name, vcfg) in enumerate(variants)
         ]  # fmt: skip
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
             outs = list(pool.map(_variant_task, tasks))
+    return merge_outputs(outs, baselines), [t for o in outs for t in o["train_times"]]
+
+
+def merge_outputs(outs: list[dict[str, Any]], baselines: tuple[str, ...]) -> Any:
+    """One :class:`~dkan.tl._cv.CVResult` from the workers' outputs (same folds, same fold panels)."""
+    from dkan._evaluation.folds import summarise_folds
+    from dkan.tl._cv import CVResult, _summarise
+
+    first = outs[0]
+    if any(o["fold_genes"] != first["fold_genes"] or o["folds"] != first["folds"] for o in outs):
+        raise RuntimeError("The worker processes chose different folds or fold panels; their results cannot merge.")
     preds = {}
     for o in outs:
         preds.update({m: p for m, p in o["preds"].items() if m not in baselines})
     preds.update({m: p for o in outs for m, p in o["preds"].items() if m in baselines})
-    first = outs[0]
-    gidx = table.var_names.get_indexer(first["genes"])
-    target = np.concatenate(
-        [
-            np.asarray(table.layers[K.TARGET][s.obs_idx][:, gidx])
-            for s in iter_samples(sdata, table_key=key, need_image=False)
-        ]
-    ).astype(np.float32)
+    target = first["target"]
     if target.shape != next(iter(preds.values())).shape:
         raise RuntimeError(f"Target {target.shape} and predictions {next(iter(preds.values())).shape} differ.")
-    summary = _summarise(preds, target, first["obs"], first["genes"])
+    if first["fold_genes"] is None:
+        summary = _summarise(preds, target, first["obs"], first["genes"])
+    else:
+        sets = first["gene_sets"]
+        fold_sets = [{"heg": h, "hvg": v} for h, v in zip(sets["heg"], sets["hvg"], strict=True)]
+        summary = summarise_folds(preds, target, first["obs"], first["genes"], first["fold_genes"], fold_sets)
     histories = {o["name"]: o["history"] for o in outs}
-    res = CVResult(summary, first["folds"], preds, first["obs"], first["genes"], histories)
-    return res, [t for o in outs for t in o["train_times"]]
+    params = {m: p for o in outs for m, p in o["baseline_params"].items()}
+    trust = next((o.get("trust") for o in outs if o["name"] == "DKAN"), None)
+    return CVResult(
+        summary, first["folds"], preds, first["obs"], first["genes"], histories, params, first["fold_genes"], target,
+        trust,
+    )  # fmt: skip
 
 
 def training_times(events: list[tuple[float, str]], end: float) -> list[float]:
@@ -424,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
         dump_json(args.json, out["res"])
     print("\n" + out["res"].table().to_string())
     print("\n" + "\n".join(target_check(out["res"])))
+    if out["res"].trust:
+        print("\n" + "\n".join(trust_lines(out["res"])))
     print(f"\nTotal run time {fmt_time(out['times']['total'])}; machine: {machine()}; load {out['load']}")
     print(f"Results written to {path}")
 

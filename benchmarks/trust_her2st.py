@@ -89,8 +89,7 @@ def prepare(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
 def _fit_predict(samples, train, test, emb, cfg, *, new=None, mc=0) -> dict[str, Any]:
     import torch
 
-    from dkan.nn.inference import Predictor
-    from dkan.tl._ensemble import draws
+    from dkan.nn.inference import Predictor, draws
     from dkan.train.fitting import fit_inputs
     from dkan.train.loop import predict_rows
 

@@ -282,7 +282,7 @@ def _history(scores: dict[str, list[float]]) -> list[dict]:
 
 
 def _select(cfg: DKANConfig, history: list[dict]):
-    from dkan.train._selection import finish_selection, smoothed_score, update_best
+    from dkan.train._selection import finish_selection, should_stop, smoothed_score, update_best
     from dkan.train.loop import FitResult
 
     module, result, bad, stopped = torch.nn.Linear(1, 1), FitResult(), 0, None
@@ -290,7 +290,7 @@ def _select(cfg: DKANConfig, history: list[dict]):
         rec["val_score"] = smoothed_score([*result.history, rec], cfg)
         result.history.append(rec)
         bad = update_best(module, result, rec, rec["epoch"], bad, cfg)
-        if bad > cfg.patience and rec["epoch"] + 1 >= cfg.min_epochs:
+        if should_stop(bad, rec["epoch"], cfg):
             stopped = rec["epoch"]
             break
     finish_selection(result, cfg, has_val=True, stopped=stopped)
@@ -311,9 +311,22 @@ def test_smoothed_score_ignores_a_lucky_epoch():
 def test_min_epochs_delays_early_stopping():
     scores = {"val_pcc": [0.5] + [0.1] * 11}
     early = _select(DKANConfig(val_window=1, min_epochs=0, patience=2, max_epochs=12), _history(scores))
-    assert len(early.history) == 4 and "early stopping at epoch 3" in early.selection["stopped"]
+    assert len(early.history) == 3 and "early stopping at epoch 2" in early.selection["stopped"]
     late = _select(DKANConfig(val_window=1, min_epochs=8, patience=2, max_epochs=12), _history(scores))
     assert len(late.history) == 8 and late.best_epoch == 0
+
+
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_fit_stops_after_exactly_patience_epochs_without_improvement(monkeypatch, patience):
+    import dkan.train.loop as loop
+
+    scores = iter([0.5] + [0.1] * 20)  # best at epoch 0, never better again
+    monkeypatch.setattr(
+        loop, "validation_metrics", lambda *a, **k: {"val_pcc": next(scores), "val_mse": 1.0, "val_r2": 0.0}
+    )
+    _, result = _fit(FAST.replace(max_epochs=10, patience=patience))
+    assert len(result.history) == 1 + patience, "epochs run: the best one, then `patience` without improvement"
+    assert f"early stopping at epoch {patience}" in result.selection["stopped"]
 
 
 @pytest.mark.parametrize(("metric", "best"), [("pcc", 1), ("mse", 2), ("both", 0)])

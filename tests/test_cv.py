@@ -30,14 +30,18 @@ def test_cross_validate_toy(toy_master):
         feature_encoder="dummy",
     )
     assert res.folds == [["s0"], ["s1"], ["s2"]]
-    assert set(res.predictions) == {"DKAN", "no_text", "mean", "ridge"}
+    assert set(res.predictions) == {"DKAN", "no_text", "mean", "ridge_hest", "ridge", "ridge_ctx", "knn"}
     for p in res.predictions.values():
         assert p.shape == (432, len(res.genes)) and np.isfinite(p).all()
     table = res.table()
-    assert list(table.index) == ["DKAN", "no_text", "mean", "ridge"]
+    assert list(table.index) == ["DKAN", "no_text", "mean", "ridge_hest", "ridge", "ridge_ctx", "knn"]
     assert "PCC-ALL" in table.columns
     per_fold = res.summary.per_fold
-    assert len(per_fold) == 4 * 3
+    assert len(per_fold) == 7 * 3
+    # each tuned probe records its parameter per fold; 2 training samples per fold -> the spatial block split
+    for name, key in (("ridge", "alpha"), ("ridge_ctx", "alpha"), ("knn", "k")):
+        assert len(res.baseline_params[name]) == 3
+        assert all(key in p and "spatial blocks" in p["inner_split"] for p in res.baseline_params[name])
     # the mean baseline predicts a constant per gene: its PCC is undefined, never silently 0
     assert per_fold.loc[per_fold.method == "mean", "pcc_all"].isna().all()
     assert len(res.histories["DKAN"]) == 3 and len(res.histories["DKAN"][0]) == 2

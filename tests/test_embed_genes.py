@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import data_path, results
-from dkan._genetext import embed as _embed_genes
 from test_text_encoders import _tiny_bert
 
 import dkan
 from dkan import _keys as K
+from dkan._genetext import embed as _embed_genes
 from dkan._genetext.describe import describe_genes
 from dkan._genetext.embed import embed_genes
 from dkan._utils import uns_get

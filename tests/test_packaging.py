@@ -17,7 +17,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 #: import name -> distribution name where they differ
 _DIST = {"PIL": "pillow", "sklearn": "scikit-learn", "skimage": "scikit-image", "yaml": "pyyaml"}
 #: imports inside a try/except ImportError that raise a message naming the extra
-_OPTIONAL = {"squidpy": "svg", "openai": "llm"}
+_OPTIONAL = {"squidpy": "svg", "openai": "llm", "distributed": "dask"}
 
 
 def _requirement_names(reqs: list[str]) -> set[str]:
@@ -98,7 +98,7 @@ def test_update_in_place_needs_no_private_spatialdata_api(tmp_path, monkeypatch)
     from spatialdata import SpatialData, read_zarr
 
     from dkan import _keys as K
-    from dkan.io._store import update_in_place
+    from dkan.io._store_write import update_in_place
 
     toy = dkan.datasets.toy(n_samples=1, grid_size=4, n_genes=6, seed=0)
     toy.write(tmp_path / "toy.zarr")

@@ -169,3 +169,22 @@ def test_read_st_zarr_roundtrip(tmp_path):
     lvl = r.images["S1_image"]["scale0"]["image"]
     np.testing.assert_array_equal(lvl.values, np.moveaxis(f["img"], -1, 0))
     assert r.tables[K.TABLE].uns[K.UNS][K.UNS_READER]["S1"]["um_per_px"] == pytest.approx(5.0, rel=0.02)
+
+
+def test_read_st_refuses_a_spot_file_that_misses_too_many_spots(tmp_path, caplog):
+    f = write_section(tmp_path, nx=6, ny=5, size=(300, 260))  # 30 spots
+    s = pd.read_csv(f["spots"], sep="\t")
+    s.iloc[10:].to_csv(tmp_path / "other.tsv", sep="\t", index=False)  # 10 of 30 spots (33 %) have no row
+    with pytest.raises(ValueError, match=r"10 of 30 spots \(33%\).*S1\.tsv\.gz.*other\.tsv.*max_unmatched=0\.1"):
+        dkan.io.read_st(f["counts"], tmp_path / "other.tsv", f["image"], sample_id="S1")
+    sd = dkan.io.read_st(f["counts"], tmp_path / "other.tsv", f["image"], sample_id="S1", max_unmatched=0.5)
+    assert sd.tables[K.TABLE].n_obs == 20
+    s.iloc[2:].to_csv(tmp_path / "few.tsv", sep="\t", index=False)  # 2 of 30 (7 %): a warning, not an error
+    with caplog.at_level("WARNING", logger="dkan"):
+        sd = dkan.io.read_st(f["counts"], tmp_path / "few.tsv", f["image"], sample_id="S1")
+    assert sd.tables[K.TABLE].n_obs == 28 and "2 of 30 spots" in caplog.text
+    s.assign(selected=np.r_[np.zeros(10), np.ones(len(s) - 10)]).to_csv(tmp_path / "unsel.tsv", sep="\t", index=False)
+    sd = dkan.io.read_st(f["counts"], tmp_path / "unsel.tsv", f["image"], sample_id="S1")  # unselected: dropped
+    assert sd.tables[K.TABLE].n_obs == 20
+    with pytest.raises(ValueError, match="`max_unmatched` is a fraction"):
+        dkan.io.read_st(f["counts"], f["spots"], f["image"], sample_id="S1", max_unmatched=10)

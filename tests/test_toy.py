@@ -44,3 +44,19 @@ def test_toy_expression_follows_the_image(toy_master):
 def test_toy_bad_arguments(kwargs):
     with pytest.raises(ValueError, match="`"):
         dkan.datasets.toy(**kwargs)
+
+
+def test_toy_gene_descriptions_cover_every_toy_gene_without_warnings(caplog):
+    import logging
+
+    from dkan._genetext.embed import gene_texts
+    from dkan.datasets._toy import TOY_GENES
+
+    texts = dkan.datasets.toy_gene_descriptions()
+    assert set(texts) == set(TOY_GENES)
+    assert all(len(t.split()) >= 8 and t.endswith(".") for t in texts.values())
+    with caplog.at_level(logging.WARNING, logger="dkan"):
+        out = gene_texts(list(TOY_GENES), texts, describe_kwargs={})
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert (out["source"] != "symbol").all()
+    assert out.loc["ERBB2", "text"] == texts["ERBB2"]

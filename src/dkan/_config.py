@@ -67,8 +67,8 @@ class DKANConfig:
     lr, weight_decay
         Adam learning rate and weight decay (the reference uses plain Adam, no decay).
     batch_size, max_epochs, patience
-        Spots per step, epoch limit, early-stopping patience (epochs without improvement of the smoothed
-        validation score).
+        Spots per step, epoch limit, early-stopping patience (training stops at the ``patience``-th epoch in a row
+        without improvement of the smoothed validation score, as Lightning's ``EarlyStopping`` does).
     min_epochs
         Early stopping never ends a run before this many epochs (``small``: 20; the reference presets: 0, as in the
         authors' code). Any epoch can still be selected.

@@ -24,6 +24,7 @@ SAMPLE = "sample"  #: ``obs`` column: sample (section) name
 PATIENT = "patient"  #: ``obs`` column: patient / donor
 ARRAY_ROW = "array_row"  #: ``obs`` column: spot-grid row (legacy ST: y; Visium: array_row)
 ARRAY_COL = "array_col"  #: ``obs`` column: spot-grid column (legacy ST: x; Visium: array_col)
+LIBRARY_ID = "library_id"  #: ``obs`` column: the ``uns["spatial"]`` library of each row (scanpy / squidpy plots)
 REGION = "region"  #: default region_key for tables dkan creates
 INSTANCE = "spot_id"  #: default instance_key for tables dkan creates
 
@@ -37,6 +38,7 @@ UNS_GENE_EMBEDDING = "gene_embedding"
 UNS_PREDICT = "predict"
 UNS_READER = "reader"  #: per-sample reader metadata (um per pixel, spot pitch)
 UNS_SOURCE = "source"  #: the slide file a prediction store was made from (``dkan predict SLIDE``)
+UNS_SPATIAL = "spatial"  #: scverse ``uns`` entry: per library ``images`` and ``scalefactors`` (results tables)
 UNS_RESULTS_OF = "results_of"  #: marker of a results table: the name of the count table whose spots it annotates
 
 # --- element names that dkan creates ---------------------------------------------------------------
@@ -49,3 +51,11 @@ MICRONS_SUFFIX = "_um"  #: coordinate system ``f"{sample}{suffix}"`` in µm; its
 
 # --- tiling / pseudo-spots (dkan.tl.tile, dkan.tl.make_spots) ------------------------------------------
 SPATIAL = "spatial"  #: ``obsm`` key of spot centres in pixels (scverse convention), written by make_spots
+
+# --- trust signals (dkan.tl.predict with a calibrated model; see docs/method.md "Can I trust this map?") ---
+LOWER_SUFFIX = "_lower"  #: ``layers`` key ``f"{pred_key}{suffix}"`` of the lower end of a prediction interval
+UPPER_SUFFIX = "_upper"  #: ``layers`` key ``f"{pred_key}{suffix}"`` of the upper end of a prediction interval
+VAL_PCC = "dkan_val_pcc"  #: ``var`` column: the model's per-gene Pearson r on its validation data
+NOVELTY = "dkan_novelty"  #: ``obs`` column: distance of a spot's frozen features to the training spots
+NOVEL = "dkan_novel"  #: ``obs`` column: the novelty is above the model's threshold (bool)
+UNS_TRUST = "trust"  #: ``model.meta`` entry of the trust signals' settings

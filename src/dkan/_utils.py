@@ -237,6 +237,31 @@ def check_int(value: Any, name: str, *, minimum: int = 1) -> int:
     return int(value)
 
 
+def grid_coords(obs: Any, *, table_key: str | None) -> np.ndarray:
+    """Spot-grid positions ``obs[["array_row", "array_col"]]`` as an ``(n, 2)`` int64 array (rounded).
+
+    A missing (NaN), infinite or non-numeric position is a ValueError naming the column and the first spots: cast
+    to integers it would become -9.2e18 and put the spot far off the grid.
+    """
+    import pandas as pd
+
+    table = "of the table" if table_key is None else f"of table `{table_key}`"
+    out = []
+    for col in (K.ARRAY_ROW, K.ARRAY_COL):
+        values = pd.to_numeric(obs[col], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            spots = [str(s) for s in obs.index[bad][:5]]
+            found = [str(v) for v in obs[col].to_numpy()[bad][:3]]
+            raise ValueError(
+                f"`obs[{col!r}]` {table} has {int(bad.sum())} missing, infinite or non-numeric grid "
+                f"position(s) (e.g. {found}) at spot(s) {spots}; dkan needs every spot's integer grid position. "
+                "Fill them in (Visium: from the tissue positions file) or drop those spots."
+            )
+        out.append(np.rint(values).astype(np.int64))
+    return np.stack(out, axis=1)
+
+
 def check_unique_genes(adata: AnnData, *, table_key: str = K.TABLE) -> None:
     """Refuse a table whose ``var_names`` repeat a gene (genes are matched by name)."""
     names = adata.var_names
@@ -290,3 +315,16 @@ def error_line(err: BaseException) -> str:
     msg = err.args[0] if isinstance(err, KeyError) and err.args else err
     text = " ".join(str(msg).split())
     return text or type(err).__name__
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` runs on this machine."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
 
     train_sd, test_sd = split_toy()
     overrides = {} if args.epochs is None else {"max_epochs": args.epochs}
-    model = dkan.tl.train(train_sd, config="small", **overrides)
+    descriptions = dkan.datasets.toy_gene_descriptions()  # gene text for the text branch, no network needed
+    model = dkan.tl.train(train_sd, config="small", descriptions=descriptions, **overrides)
     dkan.tl.predict(test_sd, model)
     res = dkan.tl.evaluate(test_sd)
     table = results_table(test_sd)[1]  # the panel-sized table dkan writes to (dkan._results)

@@ -64,18 +64,40 @@ def _stored(sdata: SpatialData, table_key: str | None) -> AnnData | None:
 def ensure_target(
     sdata: SpatialData, genes: list[str], normalize: Mapping[str, Any] | None = None, *, table_key: str | None
 ) -> None:
-    """Write ``layers["dkan_target"]`` of the results table over ``genes`` unless it is there with the same settings."""
+    """Write ``layers["dkan_target"]`` of the results table over ``genes`` unless it is there, current.
+
+    Current means: the same genes and settings (``normalize``; none given: any), and computed from the counts
+    the table holds now (the fingerprint recorded by :func:`dkan.pp.normalize`). A target computed from other
+    counts (the table was changed since, or the fingerprint is missing) is recomputed with its own settings.
+    """
+    from dkan.pp._normalize import FINGERPRINT, counts_fingerprint
     from dkan.pp._normalize import normalize as pp_normalize
 
     params = dict(normalize or {})
     res = _stored(sdata, table_key)
     old = uns_get(res, K.UNS_NORMALIZE) if res is not None else None
     if res is not None and K.TARGET in res.layers and old is not None and list(old.get("genes", genes)) == list(genes):
-        if not params or all(old.get(k) == v for k, v in params.items() if k != "genes"):
-            return
+        data_fields = ("genes", "n_zero_library", FINGERPRINT)  # describe the data, not settings: never compared
+        if not params or all(old.get(k) == v for k, v in params.items() if k not in data_fields):
+            now = counts_fingerprint(
+                sdata, genes, layer=old.get("layer"), smooth=bool(old.get("smooth", True)), table_key=table_key
+            )
+            if old.get(FINGERPRINT) == now:
+                return
+            logger.warning(
+                "The counts of table `%s` are not those `layers[%r]` was computed from (%s); normalising again.",
+                get_table(sdata, table_key)[0],
+                K.TARGET,
+                "no fingerprint recorded" if old.get(FINGERPRINT) is None else "fingerprint differs",
+            )
+            params = {**{k: old[k] for k in _SETTINGS if k in old}, **params}
     logger.info("Normalising expression of %d genes into `layers[%r]` of the results table.", len(genes), K.TARGET)
-    kwargs = {k: v for k, v in params.items() if k in ("target_sum", "log", "smooth", "grid", "layer")}
+    kwargs = {k: v for k, v in params.items() if k in _SETTINGS or (k == "grid" and not isinstance(v, Mapping))}
     pp_normalize(sdata, genes=list(genes), table_key=table_key, **kwargs)
+
+
+#: Fields of ``uns["dkan"]["normalize"]`` that are normalisation settings (passed back to :func:`dkan.pp.normalize`).
+_SETTINGS = ("target_sum", "log", "smooth", "layer")
 
 
 def ensure_model_target(
@@ -179,22 +201,35 @@ def gene_embeddings(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Gene-semantic embeddings of ``genes`` (from the results table's ``varm`` when present, else computed there).
 
-    Only ``genes`` (the panel) are embedded, never every gene of the count table.
+    Only ``genes`` (the panel) are embedded, never every gene of the count table. Stored embeddings of the same
+    encoder are reused when no texts are given (``descriptions`` and ``describe_kwargs`` both ``None``), or when the
+    given texts are those they were made from (the per-gene ``text_sha1`` that :func:`dkan.tl.embed_genes` records);
+    otherwise the genes are embedded again from the given texts, with a warning.
     """
-    from dkan._genetext.embed import embed_genes
+    from dkan._genetext.embed import embed_genes, gene_texts, text_sha1
     from dkan._results import results_table
 
+    texts = None
+    if descriptions is not None or describe_kwargs:
+        texts = gene_texts(genes, descriptions, describe_kwargs=describe_kwargs or {})
     res = _stored(sdata, table_key)
     rec = uns_get(res, K.UNS_GENE_EMBEDDING) if res is not None else None
     if res is not None and K.GENE_EMBEDDING in res.varm and rec is not None and rec.get("encoder") == text_encoder:
         if set(genes) <= set(res.var_names):
             emb = np.asarray(res[:, genes].varm[K.GENE_EMBEDDING], dtype=np.float32)
-            if np.isfinite(emb).all():
+            changed = [] if texts is None else _changed_texts(rec, res, genes, [text_sha1(t) for t in texts["text"]])
+            if np.isfinite(emb).all() and not changed:
                 return emb, dict(rec)
+            if changed:
+                logger.warning(
+                    "The stored gene embeddings (`varm[%r]`) were made from other texts than `descriptions` gives "
+                    "for %d of %d genes (e.g. %s); embedding them again from the given texts.",
+                    K.GENE_EMBEDDING, len(changed), len(genes), changed[:5],
+                )  # fmt: skip
     logger.info("Embedding the texts of the %d panel genes with %r (`dkan.tl.embed_genes`).", len(genes), text_encoder)
     embed_genes(
         sdata,
-        descriptions=descriptions,
+        descriptions=texts if texts is not None else descriptions,
         text_encoder=text_encoder,
         table_key=table_key,
         genes=list(genes),
@@ -204,6 +239,13 @@ def gene_embeddings(
     _, res = results_table(sdata, table_key)
     emb = np.asarray(res[:, genes].varm[K.GENE_EMBEDDING], dtype=np.float32)
     return emb, dict(uns_get(res, K.UNS_GENE_EMBEDDING))
+
+
+def _changed_texts(rec: Mapping[str, Any], res: AnnData, genes: list[str], sha: list[str]) -> list[str]:
+    """Genes whose text hash ``sha`` differs from the one recorded by ``embed_genes`` (or that has none)."""
+    names = list(rec.get("genes", [str(g) for g in res.var_names]))
+    stored = dict(zip(names, rec.get("text_sha1", []), strict=False))
+    return [g for g, h in zip(genes, sha, strict=True) if stored.get(g) != h]
 
 
 def prepare_training(

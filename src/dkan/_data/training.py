@@ -62,11 +62,15 @@ def _warn_ensembl(adata: Any) -> None:
 
 def model_meta(adata: Any, features: dict[str, Any], gene_rec: dict[str, Any], cfg: DKANConfig) -> dict[str, Any]:
     """Settings of every input step a prediction must reproduce."""
+    from dkan.pp._normalize import FINGERPRINT
+
     norm = dict(uns_get(adata, K.UNS_NORMALIZE) or {})
     norm.pop("genes", None)
     return {
         "features": {k: features.get(k) for k in ("encoder", "weights_hash", "dim")},
         "tile": {"patch_size": cfg.patch_size, "region_grid": cfg.region_grid, "target_mpp": cfg.target_mpp},
-        "normalize": {k: v for k, v in norm.items() if isinstance(v, str | int | float | bool | type(None))},
+        "normalize": {  # settings only: the training counts' fingerprint would tie the model to its data
+            k: v for k, v in norm.items() if isinstance(v, str | int | float | bool | type(None)) and k != FINGERPRINT
+        },
         "gene_embedding": {k: gene_rec.get(k) for k in ("encoder", "pooling", "dim", "weights_hash")},
     }

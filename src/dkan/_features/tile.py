@@ -24,9 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dkan import _keys as K
-from dkan._docs import shared_docs
 from dkan._features.levels import check_rgb, choose_level, image_levels, sample_um_per_px
-from dkan._utils import Sample, check_int, get_table, iter_samples, spot_pixels, uns_get, uns_set
+from dkan._utils import Sample, check_int, get_table, grid_coords, iter_samples, spot_pixels, uns_get, uns_set
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -62,7 +61,7 @@ def region_mask(spot_px: np.ndarray, shape_yx: tuple[int, int], region_side: int
     return mask.reshape(len(spot_px), g * g)
 
 
-def grid_positions(obs: Any, spot_px: np.ndarray) -> tuple[np.ndarray, str]:
+def grid_positions(obs: Any, spot_px: np.ndarray, *, table_key: str | None = None) -> tuple[np.ndarray, str]:
     """Integer ``(row, col)`` grid positions (min 0) of one sample's spots and the grid kind.
 
     ``square`` (legacy ST): ``(array_row, array_col)``; ``hex`` (Visium: every ``array_row + array_col`` is even):
@@ -70,8 +69,7 @@ def grid_positions(obs: Any, spot_px: np.ndarray) -> tuple[np.ndarray, str]:
     nearest-neighbour spacing, the step shrunk by sqrt(2) until positions are unique.
     """
     if K.ARRAY_ROW in obs and K.ARRAY_COL in obs:
-        row = np.rint(obs[K.ARRAY_ROW].to_numpy(dtype=float)).astype(np.int64)
-        col = np.rint(obs[K.ARRAY_COL].to_numpy(dtype=float)).astype(np.int64)
+        row, col = grid_coords(obs, table_key=table_key).T
         hexagonal = len(row) > 1 and np.all((row + col) % 2 == 0) and len(np.unique(row % 2)) == 2
         grid = np.c_[row, col // 2 if hexagonal else col]
         kind = "hex" if hexagonal else "square"
@@ -134,7 +132,7 @@ def _sample_geometry(
         )
     mask = region_mask(xy, (h, w), side_r, region_grid)
     obs = sdata.tables[sample.table_key].obs.iloc[sample.obs_idx]
-    grid, kind = grid_positions(obs, xy)
+    grid, kind = grid_positions(obs, xy, table_key=sample.table_key)
     record = {
         "image_key": sample.image_key,
         "spots_key": sample.spots_key,
@@ -150,7 +148,6 @@ def _sample_geometry(
     return record, xy, mask, grid
 
 
-@shared_docs
 def tile(
     sdata: SpatialData,
     *,
@@ -170,13 +167,15 @@ def tile(
 
     Parameters
     ----------
-    {sdata_spots}
+    sdata
+        SpatialData with spots (shapes), their table and an RGB uint8 image per sample.
     image_key
         Image to crop from (one name, or a mapping ``{spots_key: image_key}`` for several samples). Default: the
         highest-resolution image sharing a coordinate system with each sample's spots.
     spots_key
         Only tile this shapes element (one sample). Default: every shapes element annotated by the table.
-    {table_key}
+    table_key
+        Table annotating the spots; inferred when there is one.
     patch_size
         Side of the spot patch in output pixels (224 as in the reference).
     region_grid

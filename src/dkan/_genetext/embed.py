@@ -92,7 +92,7 @@ def embed_genes(
     enc_name = text_encoder.name if _is_encoder(text_encoder) else str(text_encoder)
     enc_pooling = text_encoder.pooling if _is_encoder(text_encoder) else pooling
     step = _uns_step(key_added)
-    sha = [_sha1(t) for t in texts["text"]]
+    sha = [text_sha1(t) for t in texts["text"]]
     old = uns_get(adata, step)
     if old is not None and key_added in adata.varm and not overwrite:
         _check_same_encoder(old, enc_name, enc_pooling, key_added)
@@ -264,5 +264,6 @@ def _uns_step(key_added: str) -> str:
     return K.UNS_GENE_EMBEDDING if key_added == K.GENE_EMBEDDING else f"{K.UNS_GENE_EMBEDDING}_{key_added}"
 
 
-def _sha1(text: str) -> str:
+def text_sha1(text: str) -> str:
+    """The hash of a gene's text that ``uns["dkan"]["gene_embedding"]["text_sha1"]`` records."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()

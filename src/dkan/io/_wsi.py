@@ -60,15 +60,17 @@ def read_wsi(
 
     Returns
     -------
-    A SpatialData with one image element ``f"{sample_id}_image"`` (``c, y, x`` uint8 RGB, multiscale).
+    A SpatialData with one image element ``f"{sample_id}_image"`` (``c, y, x`` uint8 RGB, multiscale). A slide with
+    16-bit samples is served as uint8, each value scaled by the dtype's range, ``round(v * 255 / 65535)``, and a
+    warning says so; other sample types (float, 32-bit, signed) are refused.
 
     Raises
     ------
     FileNotFoundError
         ``path`` does not exist.
     ValueError
-        The reader cannot open the file, or the pixel size is missing or implausible and no ``um_per_px``
-        was given.
+        The reader cannot open the file, its samples are neither 8- nor 16-bit unsigned integers, or the pixel
+        size is missing or implausible and no ``um_per_px`` was given.
     """
     from spatialdata import SpatialData
 
@@ -82,16 +84,48 @@ def read_wsi(
         shapes = [(int(h), int(w)) for w, h in slide.level_dimensions]
         tiles = [_tile_shape(slide.properties, k) for k in range(len(shapes))]
         n_channels = int(slide.zarr_group["0"].shape[2]) if slide.zarr_group["0"].ndim == 3 else 1
+        dtype = np.dtype(slide.zarr_group["0"].dtype)
     finally:
         slide.close()
     if n_channels not in (3, 4):
         raise ValueError(f"Slide `{path}` has {n_channels} channel(s); dkan needs an RGB (brightfield H&E) slide.")
+    _check_dtype(dtype, path)
     levels = [_level_dask(path, k, shape, tiles[k], chunk_size) for k, shape in enumerate(shapes)]
     image = _image_element(levels, sample_id, mpp)
     logger.info(
         "read_wsi: %s, %d x %d px, %d levels, %.4g µm/px", path.name, shapes[0][1], shapes[0][0], len(levels), mpp
     )
     return SpatialData(images={f"{sample_id}{K.IMAGE_SUFFIX}": image})
+
+
+#: The one conversion read_wsi makes: 16-bit samples scaled by the dtype's range, ``round(v * 255 / 65535)``.
+UINT16_RULE = "uint16 -> uint8 by the dtype's range: round(v * 255 / 65535)"
+
+
+def _check_dtype(dtype: np.dtype, path: Path) -> None:
+    """Accept uint8 slides, and uint16 ones (served as uint8 by :data:`UINT16_RULE`, with a warning); refuse others."""
+    if dtype == np.uint8:
+        return
+    if dtype == np.uint16:
+        logger.warning(
+            "read_wsi: slide `%s` stores 16-bit samples; dkan serves them as 8-bit, converted %s (a slide using only "
+            "part of the 16-bit range looks darker; convert it to 8-bit yourself to choose another scaling).",
+            path,
+            UINT16_RULE,
+        )
+        return
+    raise ValueError(
+        f"Slide `{path}` stores {dtype} samples; dkan reads 8-bit RGB slides (and 16-bit ones, converted "
+        f"{UINT16_RULE}). Convert it to 8-bit RGB with your scaling (e.g. with vips or tifffile), or read it "
+        "yourself and parse a uint8 image with `spatialdata.models.Image2DModel`."
+    )
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Samples as uint8: unchanged when they are, else 16-bit scaled by :data:`UINT16_RULE` (exact integer rounding)."""
+    if values.dtype == np.uint8:
+        return values
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)  # 65535 / 255 = 257 exactly
 
 
 def _open(path: Path) -> Any:
@@ -205,7 +239,7 @@ class _SlideLevel:
             return self._state[2]
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        out = np.asarray(self._array()[key[:2]])
+        out = to_uint8(np.asarray(self._array()[key[:2]]))
         if out.ndim == 2:  # grey slide: replicate into RGB
             out = np.repeat(out[..., None], 3, axis=-1)
         return np.ascontiguousarray(out[..., :3][(slice(None), slice(None), key[2])])

@@ -17,8 +17,11 @@ these documented departures:
 * Gene embeddings are centred and scaled per dimension over the training panel before the text projection
   (``standardize_genes``; the statistics are buffers, so prediction and genes queried later use the training panel's).
 * The gene-query output has a per-gene gain and bias (``gene_output="affine"``), the bias and the intermediate heads'
-  biases initialised to the training mean (:meth:`DKAN.init_from_data`); the reference has one output layer and
-  bias shared by all genes.
+  biases initialised to the training mean (:meth:`DKAN.init_from_data`; training then removes the shared layer's
+  random per-gene offset, :func:`dkan.train.loop.start_at_mean`); the reference has one output layer and bias shared
+  by all genes.
+* The output heads (the gene output and the intermediate heads) run in float32 with autocast off, so predictions and
+  validation scores under bf16/fp16 autocast are not rounded to half precision.
 * ``use_text=False`` replaces the text embeddings with a learned gene embedding table (the "w/o text" ablation);
   ``use_region=use_slide=False`` keeps the patch branch only ("w/o multi-scale"), the fusion query then being the
   mean patch token.
@@ -33,31 +36,13 @@ import torch
 from torch import Tensor, nn
 
 from dkan._config import DKANConfig
+from dkan.nn._build import proj as _proj
+from dkan.nn._build import require as _require
+from dkan.nn._build import spec as _spec
 from dkan.nn.layers import CrossEncoder, ExpressionEncoder, SlideEncoder, TransformerEncoder
 from dkan.nn.layers.dropout import use_numpy_dropout
 
 __all__ = ["DKAN"]
-
-
-def _proj(n_in: int, n_out: int) -> nn.Module:
-    """Linear map when widths differ, identity otherwise (the reference's convention)."""
-    return nn.Linear(n_in, n_out) if n_in != n_out else nn.Identity()
-
-
-def _spec(cfg: DKANConfig, prefix: str) -> dict[str, Any]:
-    return {
-        "dim": cfg.d,
-        "depth": getattr(cfg, f"{prefix}_depth"),
-        "heads": getattr(cfg, f"{prefix}_heads"),
-        "mlp_ratio": getattr(cfg, f"{prefix}_mlp_ratio"),
-        "dropout": getattr(cfg, f"{prefix}_dropout"),
-    }
-
-
-def _require(batch: Mapping[str, Tensor], key: str, why: str) -> Tensor:
-    if key not in batch:
-        raise KeyError(f"Batch key {key!r} is required {why}; found keys {sorted(batch)}.")
-    return batch[key]
 
 
 class DKAN(nn.Module):
@@ -151,6 +136,15 @@ class DKAN(nn.Module):
         dtype = self.head_gene.weight.dtype
         return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
 
+    @staticmethod
+    def _head(layer: nn.Linear, x: Tensor) -> Tensor:
+        """``layer(x)`` in the layer's own precision (float32) with autocast off, so outputs are never bf16/fp16."""
+        kind = x.device.type
+        if not torch.amp.is_autocast_available(kind):
+            return layer(x.to(layer.weight.dtype))
+        with torch.autocast(kind, enabled=False):
+            return layer(x.to(layer.weight.dtype))
+
     # ------------------------------------------------------------------ data-dependent initialisation
     @torch.no_grad()
     def set_gene_statistics(self, genes: Tensor) -> None:
@@ -183,9 +177,11 @@ class DKAN(nn.Module):
         target_mean
             Mean training target per gene ``(G,)``. With ``gene_output`` ``"bias"`` or ``"affine"`` it becomes the
             initial per-gene output bias and the initial bias of the intermediate heads (the shared output layer's
-            bias starts at zero), so that every output starts near the training mean instead of near zero
-            (ignored with ``"shared"``, the reference's initialisation). A zero-initialised shared layer, tried
-            too, fitted a constant gene more exactly but halved the held-out PCC of a short synthetic run.
+            bias starts at zero; ignored with ``"shared"``, the reference's initialisation). The randomly initialised
+            shared layer still adds a per-gene offset; training removes it from the per-gene bias with one forward
+            pass over training spots (:func:`dkan.train.loop.start_at_mean`), so that the first prediction's mean
+            over those spots is the training mean. A zero-initialised shared layer would do that without a forward
+            pass, but halved the held-out PCC of a short synthetic run.
         """
         if genes is not None and self.config.use_text and self.config.standardize_genes:
             self.set_gene_statistics(genes)
@@ -204,6 +200,19 @@ class DKAN(nn.Module):
             head = getattr(self, name, None)
             if head is not None:
                 head.bias.copy_(mean.to(head.bias))
+
+    @torch.no_grad()
+    def shift_output(self, offset: Tensor) -> None:
+        """Subtract ``offset`` ``(G,)`` from every gene's output (its per-gene bias); see :func:`start_at_mean`.
+
+        With ``gene_output="shared"`` (no per-gene bias: the reference) nothing changes.
+        """
+        if not hasattr(self, "gene_bias"):
+            return
+        offset = torch.as_tensor(offset, dtype=torch.float32).reshape(-1)
+        if offset.shape != (self.n_genes,) or not torch.isfinite(offset).all():
+            raise ValueError(f"Expected a finite `offset` of shape ({self.n_genes},), found {tuple(offset.shape)}.")
+        self.gene_bias.sub_(offset.to(self.gene_bias))
 
     # ------------------------------------------------------------------ encoders
     def encode_patch(self, x: Tensor) -> Tensor:
@@ -277,7 +286,7 @@ class DKAN(nn.Module):
 
     def _gene_output(self, z: Tensor, *, new: bool = False) -> Tensor:
         """Per-gene output of gene tokens ``z`` (B, G, d); ``new``: tokens of genes outside the panel (averages)."""
-        pred = self.head_gene(z)[..., 0]
+        pred = self._head(self.head_gene, z)[..., 0]  # float32 even under autocast; gain and bias stay float32
         cfg = self.config
         if cfg.gene_output == "affine":
             gain = self.gene_gain if not new else self.gene_gain.mean().expand(z.shape[1])
@@ -366,12 +375,12 @@ class DKAN(nn.Module):
         query = self._slide_token(batch) if cfg.use_slide else patch.mean(dim=1)
         fused = self._fuse(query, scales)
 
-        out["pred_fusion"] = self.head_fusion(fused)
-        out["pred_patch"] = self.head_patch(patch.mean(dim=1))
+        out["pred_fusion"] = self._head(self.head_fusion, fused)
+        out["pred_patch"] = self._head(self.head_patch, patch.mean(dim=1))
         if region is not None:
-            out["pred_region"] = self.head_region(region.mean(dim=1))
+            out["pred_region"] = self._head(self.head_region, region.mean(dim=1))
         if cfg.use_slide:
-            out["pred_slide"] = self.head_slide(query)
+            out["pred_slide"] = self._head(self.head_slide, query)
 
         genes = self.encode_genes(batch.get("genes"))
         context, context_mask = self._gene_context(fused, patch, region, mask)

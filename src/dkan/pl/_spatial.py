@@ -50,6 +50,7 @@ def spatial_pred(
     cmap: str = "viridis",
     scale: Literal["shared", "panel"] = "shared",
     show_std: bool = False,
+    show_novel: bool = False,
     ax: Axes | Sequence[Axes] | None = None,
     figsize: tuple[float, float] | None = None,
     dpi: float | None = None,
@@ -92,6 +93,10 @@ def spatial_pred(
     show_std
         Add a panel per sample with the predicted standard deviation (``layers[pred_layer + "_std"]``, written by
         :func:`dkan.tl.predict` with ``n_samples > 1`` or an ensemble), on its own colour scale.
+    show_novel
+        Mark with red crosses the spots whose frozen features lie far from the model's training spots
+        (``obs["dkan_novel"]``, written by :func:`dkan.tl.predict`), and give their share in the title. The predicted
+        panel's title always shows the gene's validation PCC when the results table has ``var["dkan_val_pcc"]``.
     ax
         Axes to draw on, one per panel in row-major order (2 per sample, or 1 per sample when no sample has
         observed values); a new figure when None.
@@ -152,6 +157,9 @@ def spatial_pred(
     for row, row_axes, (xy, r), window in zip(rows, axes, geometry, windows, strict=True):
         panel_norm = None if scale == "panel" else norm
         _draw_row(sdata, row, row_axes, xy, r, window, gene=gene, cmap=cmap, norm=panel_norm, given=given, **kwargs)
+    from dkan.pl._trust import annotate
+
+    annotate(adata, col, rows, axes, geometry, show_novel=show_novel)
     fig = axes[0][0].figure
     if scale == "shared":
         colorbar(

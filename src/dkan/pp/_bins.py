@@ -70,7 +70,7 @@ def aggregate_bins(
     ``n_bins``, ``obsm["spatial"]`` (centres in the bins' coordinates) and, when an image shares a coordinate
     system with the bins, ``uns["dkan"]["reader"]`` with that image's µm per pixel.
     """
-    from dkan._utils import choose_key, table_attrs
+    from dkan._utils import choose_key, grid_coords, table_attrs
 
     table_key = choose_key("tables", "table_key", table_key, list(sdata.tables.keys()))
     bins = sdata.tables[table_key]
@@ -81,6 +81,7 @@ def aggregate_bins(
     missing = [c for c in (K.ARRAY_ROW, K.ARRAY_COL) if c not in bins.obs]
     if missing:
         raise KeyError(f"Table `{table_key}` has no `obs` columns {missing}: aggregate_bins needs the bin lattice.")
+    spot_um = _positive_finite(spot_um, "spot_um")
     bin_um = _bin_um(bin_um, table_key, region)
     k = round(spot_um / bin_um)
     if k < 1 or not 0 < min_fraction <= 1:
@@ -94,8 +95,7 @@ def aggregate_bins(
     if taken and not overwrite:
         raise KeyError(f"Elements {taken} already exist; pass `overwrite=True` or another `key_added=`.")
 
-    rows = bins.obs[K.ARRAY_ROW].to_numpy(dtype=np.int64)
-    cols = bins.obs[K.ARRAY_COL].to_numpy(dtype=np.int64)
+    rows, cols = grid_coords(bins.obs, table_key=table_key).T
     xy = _bin_centres(sdata, region, bins.obs[instance_key].to_numpy())
     lattice = _fit_lattice(rows, cols, xy)
     codes, block_r, block_c, member = _blocks(rows // k, cols // k)
@@ -119,11 +119,20 @@ def aggregate_bins(
     return shapes_key, new_table_key
 
 
+def _positive_finite(value: object, name: str) -> float:
+    """``value`` as a float; TypeError for a non-number, ValueError for NaN, infinity, zero or a negative."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a positive number of µm; found {value!r} ({type(value).__name__}).")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}={value}` must be a positive, finite number of µm.")
+    return float(value)
+
+
 def _bin_um(bin_um: float | None, table_key: str, region: str) -> float:
     if bin_um is not None:
-        if not bin_um > 0:
-            raise ValueError(f"`bin_um` must be positive; got {bin_um}.")
-        return float(bin_um)
+        return _positive_finite(bin_um, "bin_um")
     for name in (table_key, region):
         m = _BIN_NAME.search(name)
         if m:

@@ -11,7 +11,7 @@ from scipy import sparse
 
 from dkan import _keys as K
 from dkan._docs import shared_docs
-from dkan._utils import uns_get, uns_set
+from dkan._utils import grid_coords, uns_get, uns_set
 from dkan.pp._grid import detect_grid, neighbour_average
 from dkan.pp._select import _as_table, _counts, _sample_labels
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dkan")
 
 _LOGS = ("log10", "log1p", None)
+#: Field of ``uns["dkan"]["normalize"]``: SHA-256 of what the target was computed from (see :func:`counts_fingerprint`).
+FINGERPRINT = "counts_sha256"
 
 
 def _panel_genes(adata: AnnData, genes: Sequence[str] | None) -> list[str]:
@@ -94,7 +96,8 @@ def normalize(
     grid
         ``"square"`` or ``"hex"``; default: detected per sample from the array coordinates.
     layer
-        Layer holding raw counts; default ``X``.
+        Layer holding raw (integer) counts; default ``X``. Non-integer values (normalised or log-transformed data)
+        are refused with a ValueError.
     {table_key_any}
     key_added
         ``layers`` key of the result.
@@ -126,6 +129,7 @@ def normalize(
             f"`smooth=True` needs grid coordinates in `obs[{K.ARRAY_ROW!r}]` and `obs[{K.ARRAY_COL!r}]`; found "
             f"{list(adata.obs.columns)}. Add them (Visium: from the tissue positions file) or pass `smooth=False`."
         )
+    rc_all = grid_coords(adata.obs, table_key=_table_name(data, table_key)) if smooth else None
     out = np.zeros((adata.n_obs, len(panel)), dtype=np.float32)
     labels = _sample_labels(adata)
     grids: dict[str, str] = {}
@@ -135,7 +139,7 @@ def normalize(
         y, z = _scale_log(x[rows], target_sum, log)
         n_zero += z
         if smooth:
-            rc = adata.obs.iloc[rows][[K.ARRAY_ROW, K.ARRAY_COL]].to_numpy()
+            rc = rc_all[rows]
             grids[str(lab)] = grid or detect_grid(rc)
             y = neighbour_average(rc, grids[str(lab)]) @ y
         out[rows] = y
@@ -155,9 +159,48 @@ def normalize(
         "key_added": key_added,
         "per_sample": True,
         "n_zero_library": int(n_zero),
+        FINGERPRINT: _fingerprint(x, adata, labels, rc_all),
     }
     _write(data, adata, table_key, panel, out, key_added=key_added, params=params)
     return None
+
+
+def counts_fingerprint(
+    data: SpatialData | AnnData,
+    genes: Sequence[str],
+    *,
+    layer: str | None = None,
+    smooth: bool = True,
+    table_key: str | None = None,
+) -> str:
+    """SHA-256 of what :func:`normalize` reads from a table.
+
+    That is the counts of ``genes`` (in order), the spot names and samples and, with ``smooth``, the grid
+    positions. :func:`normalize` records it in ``uns["dkan"]["normalize"]["counts_sha256"]``; a target whose fingerprint
+    differs from the table's current one was computed from other counts and is recomputed by ``train`` and
+    ``predict``.
+    """
+    adata = _as_table(data, table_key)
+    gidx = adata.var_names.get_indexer([str(g) for g in genes])
+    if (gidx < 0).any():
+        return "genes missing"
+    rc = grid_coords(adata.obs, table_key=None) if smooth else None
+    return _fingerprint(_counts(adata, layer)[:, gidx], adata, _sample_labels(adata), rc)
+
+
+def _fingerprint(x: sparse.csr_matrix, adata: AnnData, labels: np.ndarray, rc: np.ndarray | None) -> str:
+    import hashlib
+
+    x = sparse.csr_matrix(x)
+    h = hashlib.sha256()
+    h.update(np.asarray(x.shape, dtype=np.int64).tobytes())
+    for part in (x.indptr, x.indices):
+        h.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(x.data, dtype=np.float64).tobytes())
+    for names in (adata.obs_names, labels):
+        h.update("\x1f".join(map(str, names)).encode())
+    h.update(b"no grid" if rc is None else np.ascontiguousarray(rc, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def _write(

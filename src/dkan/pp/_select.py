@@ -36,7 +36,7 @@ def _as_table(data: SpatialData | AnnData, table_key: str | None) -> AnnData:
 
 
 def _counts(adata: AnnData, layer: str | None) -> sparse.csr_matrix:
-    """A canonical float64 CSR copy of the counts (``X`` or ``layers[layer]``); raises on negative values."""
+    """A canonical float64 CSR copy of the counts (``X`` or ``layers[layer]``); refuses negative or fractional ones."""
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"`layer={layer!r}` not found; available layers: {sorted(adata.layers)}.")
     x = adata.X if layer is None else adata.layers[layer]
@@ -45,10 +45,39 @@ def _counts(adata: AnnData, layer: str | None) -> sparse.csr_matrix:
     # non-canonical matrix (as concatenated tables often are) would scramble the user's counts.
     x = sparse.csr_matrix(x, dtype=np.float64, copy=True)
     x.sum_duplicates()
+    where = "X" if layer is None else f"layers[{layer!r}]"
     if x.nnz and (x.data < 0).any():
-        where = "X" if layer is None else f"layers[{layer!r}]"
         raise ValueError(f"`{where}` has negative values; dkan needs raw counts there. Pass `layer=` with counts.")
+    _require_integer_counts(x.data, where=where, layers=list(adata.layers))
     return x
+
+
+#: Values this far from the nearest integer (relative to the value, at least 1) are not counts.
+_INTEGER_TOL = 1e-6
+
+
+def _require_integer_counts(values: np.ndarray, *, where: str, layers: list[str]) -> None:
+    """Refuse non-integer "raw counts" (normalised or log-transformed values), checked in chunks of the nonzeros.
+
+    Normalising such values again (library size, log) gives a target on another scale without any error, so
+    they are refused with the layers that might hold the counts.
+    """
+    step = 1 << 22
+    for start in range(0, len(values), step):
+        chunk = values[start : start + step]
+        off = np.abs(chunk - np.rint(chunk)) > _INTEGER_TOL * np.maximum(1.0, np.abs(chunk))
+        if not off.any():
+            continue
+        examples = ", ".join(f"{v:.4g}" for v in np.unique(chunk[off])[:3])
+        looks = "log-transformed" if float(chunk.max()) < 30 else "normalised or scaled"
+        raise ValueError(
+            f"`{where}` holds non-integer values (e.g. {examples}) that look {looks}, not raw counts; dkan "
+            "normalises raw integer counts itself. Pass `layer=` naming a layer of raw counts to "
+            f"`dkan.pp.select_genes`/`dkan.pp.normalize` (layers here: {sorted(layers)}), or put the raw counts in "
+            "`X` (which `train` and `predict` read unless `normalize` ran with `layer=`). Counts that are fractional "
+            "by design (e.g. ambient-corrected) can be rounded into a layer first, e.g. "
+            "`table.layers['counts'] = table.X.rint()` (sparse `X`) or `np.rint(table.X)` (dense)."
+        )
 
 
 def _valid_genes(adata: AnnData) -> np.ndarray:
@@ -111,7 +140,7 @@ def select_genes(
         A fixed panel (e.g. a trained model's), in order; skips selection. Genes absent from the table are
         reported and left out of the ``var`` flag, but kept in the recorded order.
     layer
-        Layer holding raw counts; default ``X``.
+        Layer holding raw (integer) counts; default ``X``. Non-integer values are refused (ValueError).
     {table_key_any}
     key_added
         ``var`` column of the panel flag.
@@ -263,6 +292,7 @@ def _rank_svg(adata: AnnData, x: sparse.csr_matrix, idx: np.ndarray) -> tuple[np
             "`flavor='hvg'`."
         ) from err
 
+    from dkan._utils import grid_coords
     from dkan.pp._grid import detect_grid
 
     if "spatial" not in adata.obsm:
@@ -277,8 +307,7 @@ def _rank_svg(adata: AnnData, x: sparse.csr_matrix, idx: np.ndarray) -> tuple[np
             continue
         grid = "hex"
         if {K.ARRAY_ROW, K.ARRAY_COL} <= set(adata.obs):
-            rc = adata.obs.loc[labels == lab, [K.ARRAY_ROW, K.ARRAY_COL]].to_numpy()
-            grid = detect_grid(rc)
+            grid = detect_grid(grid_coords(adata.obs.loc[labels == lab], table_key=None))
         n_neighs = min(8 if grid == "square" else 6, sub.n_obs - 1)
         # k nearest neighbours in Euclidean space; the same graph as the deprecated
         # `spatial_neighbors(coord_type="generic", n_neighs=...)` (squidpy >= 1.8.2, the `svg` extra's floor)

@@ -15,6 +15,7 @@ __getattr__, __dir__, __all__ = lazy_module(
         "embed_genes": "dkan._genetext.embed",
         "train": "_train",
         "predict": "_predict",
+        "reliable_genes": "_trust",
         "predict_slides": "_slides",
         "evaluate": "dkan._evaluation.evaluate",
         "combine_folds": "dkan._evaluation.combine",
@@ -29,5 +30,6 @@ __getattr__, __dir__, __all__ = lazy_module(
         "RidgePredictor": "dkan._evaluation.baselines",
         "NCBIClient": "dkan._genetext.ncbi",
         "LLMClient": "dkan._genetext.llm",
+        "SlideError": "_slide_errors",
     },
 )

@@ -12,12 +12,14 @@ import numpy as np
 from dkan import _keys as K
 from dkan._data import prepare as prep
 from dkan._data.inputs import build_inputs
-from dkan._docs import shared_docs
+from dkan._genetext.unseen import new_gene_embeddings, new_genes
 from dkan._results import ensure_genes, find_results, mark, results_table
+from dkan._scanpy_spatial import add_spatial_uns
 from dkan._symbols import missing_genes_hint, use_symbols
 from dkan._utils import check_int, check_unique_genes, get_table, iter_samples, resolve_device, uns_get, uns_set
 from dkan._version import __version__
-from dkan.tl._ensemble import as_models, draws, new_gene_embeddings, new_genes
+from dkan.tl._ensemble import as_models, check_dropout
+from dkan.tl._trust import TrustPredict
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dkan")
 
 
-@shared_docs
 def predict(
     sdata: SpatialData,
     model: DKANModel | str | os.PathLike | Sequence[DKANModel],
@@ -45,6 +46,7 @@ def predict(
     genes: Sequence[str] | None = None,
     descriptions: Any = None,
     n_samples: int = 1,
+    interval: float | None = None,
     progress: bool = True,
 ) -> str:
     """Predict the expression of the model's gene panel (and of other genes, from their text) at every spot.
@@ -72,9 +74,12 @@ def predict(
         prediction is their mean and ``layers[key_added + "_std"]`` their standard deviation.
     key_added
         ``layers`` key of the predictions.
-    {device}
-    {table_key}
-    {image_key}
+    device
+        Device to run on; default CUDA when available.
+    table_key
+        Table annotating the spots; inferred when there is one.
+    image_key
+        Image to crop from (inferred per sample by default).
     batch_size
         Spots per forward pass.
     overwrite
@@ -98,8 +103,25 @@ def predict(
         Test-time dropout draws per model (``> 1``: Monte Carlo dropout). With several draws (or an ensemble),
         the per-spot standard deviation across draws goes to ``layers[key_added + "_std"]`` (``NaN`` where the
         prediction is ``NaN``); the prediction itself stays the deterministic (eval-mode) one, averaged over
-        the models.
-    {progress}
+        the models. A model without dropout (every ``*_dropout`` at 0) has nothing to sample: ``n_samples > 1``
+        is then a ValueError (a warning for the members of an ensemble that lack it).
+    interval
+        Coverage level of a prediction interval, e.g. ``0.9``: ``layers[key_added + "_lower"]`` and
+        ``layers[key_added + "_upper"]`` get its ends, and ``layers[key_added + "_std"]`` the *calibrated*
+        standard deviation (the spread scaled per gene so that it matches the root mean square error on the model's
+        validation spots). Split-conformal per gene, calibrated at the end of :func:`dkan.tl.train` (see the method
+        page, "Can I trust this map?"). A model with dropout then predicts with its calibration's test-time dropout
+        draws (10 by default, unless ``n_samples > 1``): 11 forward passes per spot instead of 1; a model without
+        dropout uses a per-gene residual scale at no extra cost. Needs one model trained by this dkan version
+        (an older model, one trained with ``val_fraction=0`` or an ensemble is refused with a ValueError). Genes
+        outside the panel get no interval (NaN) and their spread is scaled by the panel's median factor.
+        Whatever ``interval``, the results table gets
+        ``var["dkan_val_pcc"]`` (each panel gene's validation PCC) and ``obs["dkan_novelty"]``/
+        ``obs["dkan_novel"]`` (frozen-feature distance to the training spots and whether it is above the model's
+        threshold) when the model records them (they describe the latest prediction into the table, as
+        ``uns["dkan"]["predict"]`` does); a warning names the samples where most spots are novel.
+    progress
+        Show a progress bar.
 
     Returns
     -------
@@ -110,6 +132,7 @@ def predict(
     extra = new_genes(model, genes)
     batch_size = check_int(batch_size, "batch_size")
     n_samples = check_int(n_samples, "n_samples")
+    check_dropout(models, n_samples)
     device = resolve_device(device)  # a bad name fails here, before any work
     tkey = _table_for(sdata, model, table_key=table_key, image_key=image_key, um_per_px=um_per_px, extra=extra)
     with use_symbols(sdata.tables[tkey], gene_symbols):
@@ -120,6 +143,7 @@ def predict(
             extra=extra,
             descriptions=descriptions,
             n_samples=n_samples,
+            interval=interval,
             key_added=key_added,
             device=device,
             image_key=image_key,
@@ -137,6 +161,7 @@ def _predict_table(
     extra: list[str],
     descriptions: Any,
     n_samples: int,
+    interval: float | None,
     key_added: str,
     device: torch.device,
     image_key: str | Mapping[str, str] | None,
@@ -146,12 +171,14 @@ def _predict_table(
 ) -> str:
     """Predict for the spots of table ``tkey`` into its results table; returns the results table's name."""
     model = models[0]
+    trust = TrustPredict(models, interval, n_samples, key_added)  # refuses an interval the model cannot give
+    n_samples = trust.n_samples
     counts = sdata.tables[tkey]
     check_unique_genes(counts, table_key=tkey)
     measured = _has_counts(counts) and _check_measured(counts, model, tkey)
     std_key = f"{key_added}{K.STD_SUFFIX}" if len(models) > 1 or n_samples > 1 else None
     found = find_results(sdata, tkey)  # checked before anything is written: a refused call writes nothing
-    _refuse_existing(found, [key_added, std_key] if std_key else [key_added], overwrite=overwrite)
+    _refuse_existing(found, [key_added, *([std_key] if std_key else []), *trust.layers], overwrite=overwrite)
     new_emb = new_gene_embeddings(found and found[1], model, extra, descriptions) if extra else None
     rkey, _ = results_table(sdata, tkey, create=True)
     ensure_genes(sdata, rkey, list(model.genes), panel=True)
@@ -162,12 +189,13 @@ def _predict_table(
     adata = sdata.tables[rkey]  # normalize may have grown it
     gidx = adata.var_names.get_indexer(list(model.genes) + extra)
     out, out_std = _run_models(
-        sdata, tkey, models, gidx, (adata.n_obs, adata.n_vars), new_emb=new_emb, n_samples=n_samples,
+        sdata, tkey, models, gidx, (adata.n_obs, adata.n_vars), trust, new_emb=new_emb, n_samples=n_samples,
         with_std=std_key is not None, device=device, batch_size=batch_size, progress=progress,
     )  # fmt: skip
     adata.layers[key_added] = out
     if out_std is not None:
         adata.layers[std_key] = out_std
+    trusted = trust.finish(adata, out, out_std, len(model.genes), gidx)
     record = {
         "layer": key_added,
         "genes": list(model.genes),
@@ -176,9 +204,11 @@ def _predict_table(
         "std_layer": std_key,
         "n_models": len(models),
         "n_samples": n_samples,
+        **trusted,
         **_identity(model),
     }
     uns_set(adata, K.UNS_PREDICT, record)
+    add_spatial_uns(sdata, tkey, rkey, image_key=image_key)  # scanpy / squidpy spatial plots draw the results
     logger.info("Wrote predictions of %d genes to `%s.layers[%r]`.", int((gidx >= 0).sum()), rkey, key_added)
     return rkey
 
@@ -224,6 +254,7 @@ def _run_models(
     models: list[DKANModel],
     gidx: np.ndarray,
     shape: tuple[int, int],
+    trust: TrustPredict,
     *,
     new_emb: np.ndarray | None,
     n_samples: int,
@@ -235,24 +266,28 @@ def _run_models(
     """Predictions (and their standard deviation over models and dropout draws) as ``shape`` arrays, NaN elsewhere.
 
     Column ``gidx[j]`` of the output gets the model's gene ``j`` (the panel, then the new genes); ``-1`` is skipped.
+    Each sample's frozen spot features go to ``trust`` (novelty).
     """
     import torch
     from tqdm.auto import tqdm
 
-    model = models[0]
-    cfg = model.config
-    samples, reader = build_inputs([sdata], model.genes, cfg, table_key=tkey, with_target=False)
-    modules = [m.module.to(device).eval() for m in models]
-    genes = torch.as_tensor(model.gene_embeddings, device=device) if cfg.use_text else None
-    extra_t = torch.as_tensor(new_emb, device=device) if new_emb is not None else None
+    from dkan.nn.inference import draws
+
+    cfg = models[0].config
+    samples, reader = build_inputs([sdata], models[0].genes, cfg, table_key=tkey, with_target=False)
+    # each member queries the genes with its own embeddings (members may be trained on other texts of the panel)
+    members = [_Member(m.module.to(device).eval(), torch.as_tensor(m.gene_embeddings, device=device)) for m in models]
+    extra = torch.as_tensor(new_emb, device=device) if new_emb is not None else None
     out = np.full(shape, np.nan, dtype=np.float32)  # panel (+ requested genes) wide
     out_std = out.copy() if with_std else None
     keep = gidx >= 0
     pairs = list(zip(samples, iter_samples(sdata, table_key=tkey, need_image=False), strict=True))
     for s, (inp, smp) in enumerate(tqdm(pairs, desc="dkan predict", disable=not progress)):
         rd = (lambda r, s=s: reader(s, r, False)) if reader else None
-        run = _runner(inp.to(device), genes, extra_t, read=rd, device=device, batch_size=batch_size, amp=cfg.amp)
-        pred, std = draws(run, modules, n_samples, cfg.seed)
+        inp = inp.to(device)
+        run = _runner(inp, extra, read=rd, device=device, batch_size=batch_size, amp=cfg.amp, use_text=cfg.use_text)
+        pred, std = draws(run, members, n_samples, cfg.seed)
+        trust.add_sample(smp.name, smp.obs_idx, inp.spot)
         out[np.ix_(smp.obs_idx, gidx[keep])] = pred[:, keep]
         if out_std is not None:
             out_std[np.ix_(smp.obs_idx, gidx[keep])] = std[:, keep]
@@ -262,19 +297,31 @@ def _run_models(
 
 
 def _runner(
-    inp: Any, genes: Any, extra: Any, *, read: Any, device: torch.device, batch_size: int, amp: bool
-) -> Callable[[Any, bool], np.ndarray]:
-    """``run(module, mc_dropout) -> (n, genes)``: one sample's prediction by one network (see :func:`draws`)."""
+    inp: Any, extra: Any, *, read: Any, device: torch.device, batch_size: int, amp: bool, use_text: bool
+) -> Callable[[_Member, bool], np.ndarray]:
+    """``run(member, mc_dropout) -> (n, genes)``: one sample's prediction by one member (for ``draws``)."""
     from dkan.nn.inference import Predictor
     from dkan.train.loop import predict_rows
 
     rows = np.arange(len(inp))
 
-    def run(module: Any, mc: bool) -> np.ndarray:
-        wrapped = Predictor(module, new_genes=extra, mc_dropout=mc)
+    def run(member: _Member, mc: bool) -> np.ndarray:
+        wrapped = Predictor(member.module, new_genes=extra, mc_dropout=mc)
+        genes = member.genes if use_text else None
         return predict_rows(wrapped, inp, rows, genes, batch_size=batch_size, device=device, amp=amp, read_patches=read)
 
     return run
+
+
+class _Member:
+    """One model of an ensemble as the prediction loop sees it: its network and its own gene embeddings."""
+
+    def __init__(self, module: Any, genes: Any) -> None:
+        self.module, self.genes = module, genes
+
+    def parameters(self) -> Any:
+        """The network's parameters (where it runs: see :func:`dkan.nn.inference.rng_devices`)."""
+        return self.module.parameters()
 
 
 def _as_model(model: Any) -> DKANModel:
@@ -304,7 +351,6 @@ def check_features(model: DKANModel, feats: dict[str, Any]) -> None:
 
 
 def _identity(model: DKANModel) -> dict[str, Any]:
-
     return {"dkan_version": __version__, "features": model.meta["features"], "tile": model.meta["tile"]}
 
 

@@ -1,118 +1,32 @@
-"""From slide files to prediction stores: one slide (``dkan predict SLIDE``) or a cohort in one call.
+"""From slide files to prediction stores for a cohort: :func:`dkan.tl.predict_slides` (serially or on Dask).
 
-Each slide goes through the stages *read* (:func:`dkan.io.read_wsi` for a slide file, spatialdata for a zarr
-store), *spots* (tissue detection on a low pyramid level and pseudo-spots, :func:`dkan.tl.make_spots`, when the
-slide has no table), *predict* (tiles, frozen features and the model, :func:`dkan.tl.predict`) and *write* (a
-new zarr store written to a temporary sibling and renamed into place). A store at the output path therefore
-means a finished slide: a rerun skips it, and a crash loses at most the slide in progress.
+Each slide goes through the stages of :mod:`dkan.tl._slide`; a store at the output path means a finished slide, so
+a rerun skips it. With a Dask ``client``, one slide per task (:mod:`dkan.tl._cohort`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dkan import _keys as K
-from dkan._docs import shared_docs
-from dkan.io._store import read_slide, record_source, write_new_store
+from dkan.tl._slide import REPORT_COLUMNS, slide_row
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
-    from spatialdata import SpatialData
 
     from dkan.train.fitted import DKANModel
 
 logger = logging.getLogger("dkan")
-
-#: The columns of the table :func:`predict_slides` returns.
-REPORT_COLUMNS = (
-    "slide", "out", "status", "n_spots", "read_s", "spots_s", "features_s", "predict_s", "write_s",
-    "encoder_passes", "error",
-)  # fmt: skip
 
 
 def output_path(slide: str | PathLike[str], out_dir: str | PathLike[str]) -> Path:
     """The store a slide's predictions go to: ``out_dir / f"{name}.zarr"`` (name = file name without suffixes)."""
     name = Path(slide).name.split(".")[0]
     return Path(out_dir) / f"{name}.zarr"
-
-
-@shared_docs
-def predict_slide(
-    slide: str | PathLike[str],
-    model: DKANModel,
-    *,
-    out: str | PathLike[str],
-    um_per_px: float | None = None,
-    overwrite: bool = False,
-    device: str | torch.device | None = None,
-    batch_size: int = 256,
-    with_image: bool | None = None,
-    shared_tiles: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Predict the model's panel on one slide and write a new store; ``out`` is complete or absent.
-
-    Parameters
-    ----------
-    slide
-        Slide file or SpatialData zarr store.
-    model
-        A trained :class:`dkan.DKANModel`.
-    out
-        Path of the new zarr store.
-    um_per_px
-        Pixel size for a slide without one in its metadata (µm/px of the full-resolution image).
-    overwrite
-        Replace an existing store at ``out`` (only once the new one is complete).
-    {device}
-    batch_size
-        Spots per forward pass.
-    with_image
-        Copy the image into the new store. Default: yes for a zarr store, no for a slide file (a decoded
-        whole slide is tens of GB; the store records the slide's path, see :func:`dkan.io.add_slide_image`).
-    shared_tiles
-        Region features from shared grid tiles (``extract_features(shared_tiles=True)``): encoder passes grow
-        with the tissue area instead of 26 per spot; the model was trained on spot-centred tiles; on the her2st
-        benchmark this cost about 0.016 PCC (docs: benchmarks).
-    progress
-        Show progress bars for features and prediction.
-
-    Returns
-    -------
-    One row of the report of :func:`predict_slides` (stage times in seconds).
-    """
-    from dkan._features.make_spots import make_spots
-    from dkan.tl._predict import predict
-
-    slide, out = Path(slide), Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"`out={out}` exists; pass `overwrite=True` to replace it or choose another path.")
-    if out.resolve() == slide.resolve() or slide.resolve() in out.resolve().parents:
-        raise ValueError(f"`out={out}` would be written into the input `{slide}`; choose another path.")
-    row: dict[str, Any] = {"slide": str(slide), "out": str(out), "status": "written", "error": ""}
-    t = time.perf_counter()
-    sdata = read_slide(slide, um_per_px=um_per_px)
-    row["read_s"], t = time.perf_counter() - t, time.perf_counter()
-    if not len(sdata.tables):
-        logger.info("%s: detecting tissue and laying pseudo-spots", slide.name)
-        make_spots(sdata, um_per_px=um_per_px)
-    row["spots_s"], t = time.perf_counter() - t, time.perf_counter()
-    row["encoder_passes"] = _features(sdata, model, device=device, shared_tiles=shared_tiles, progress=progress)
-    row["features_s"], t = time.perf_counter() - t, time.perf_counter()
-    tkey = predict(sdata, model, device=device, batch_size=batch_size, um_per_px=um_per_px, progress=progress)
-    row["n_spots"] = int(sdata.tables[tkey].n_obs)
-    row["predict_s"], t = time.perf_counter() - t, time.perf_counter()
-    record_source(sdata, slide, tkey, with_image=with_image)
-    write_new_store(sdata, out, overwrite=overwrite)
-    row["write_s"] = time.perf_counter() - t
-    logger.info("%s: %d spots predicted, written to %s", slide.name, row["n_spots"], out)
-    return row
 
 
 def predict_slides(
@@ -128,6 +42,7 @@ def predict_slides(
     with_image: bool | None = None,
     shared_tiles: bool = False,
     progress: bool = True,
+    client: Any = None,
 ) -> pd.DataFrame:
     """Predict a cohort of slides, writing each slide's store as soon as it is finished.
 
@@ -147,7 +62,9 @@ def predict_slides(
     overwrite
         Recompute slides whose output store exists (default: skip them).
     errors
-        ``"raise"``: stop at the first slide that fails; ``"skip"``: log the error, report it and go on.
+        ``"raise"``: stop at the first slide that fails with a :class:`SlideError` naming it (the original error
+        chained); ``"skip"``: log the error, report it and go on. A slide fails on any error that is about its
+        file or its content, at any stage (see the module notes); other errors stop the batch.
     device
         Torch device (default CUDA when available).
     batch_size
@@ -155,9 +72,15 @@ def predict_slides(
     with_image
         Copy each slide's image into its store (default: only for zarr store inputs; see :func:`predict_slide`).
     shared_tiles
-        Region features from shared grid tiles (see :func:`predict_slide`).
+        Region features from shared grid tiles (see :func:`dkan.tl._slide.predict_slide`).
     progress
         Show progress bars (slides, features, prediction).
+    client
+        A ``dask.distributed.Client``: one task per slide on its workers (any Dask cluster whose workers see
+        the slides, ``out_dir`` and the model folder, e.g. a ``LocalCluster`` or a dask-jobqueue cluster). Each
+        worker loads the model once (from its folder, or from one broadcast copy of a model object) and writes
+        its slides' stores with the same atomic rule; ``errors="raise"`` raises at the first failure seen
+        (slides already running still finish). Default: one slide after the other in this process.
 
     Returns
     -------
@@ -182,61 +105,25 @@ def predict_slides(
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"`slides` not found: {missing}.")
+    opts = {
+        "um_per_px": um_per_px, "overwrite": overwrite, "device": device, "batch_size": batch_size,
+        "with_image": with_image, "shared_tiles": shared_tiles,
+    }  # fmt: skip
+    pairs = list(zip(paths, outs, strict=True))
+    if client is not None:
+        from dkan.tl._cohort import predict_on_client
+
+        rows = predict_on_client(client, pairs, model, opts, errors=errors, progress=progress)
+        return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
     if not isinstance(model, DKANModel):
         model = DKANModel.load(model)
     rows = []
-    bar = tqdm(list(zip(paths, outs, strict=True)), desc="dkan slides", unit="slide", disable=not progress)
+    bar = tqdm(pairs, desc="dkan slides", unit="slide", disable=not progress)
     for path, out in bar:
         bar.set_postfix_str(path.name)
-        if out.exists() and not overwrite:
-            logger.info("%s: %s exists, skipped (pass overwrite=True to recompute)", path.name, out)
-            rows.append({"slide": str(path), "out": str(out), "status": "skipped", "error": ""})
-            continue
-        try:
-            rows.append(
-                predict_slide(
-                    path,
-                    model,
-                    out=out,
-                    um_per_px=um_per_px,
-                    overwrite=overwrite,
-                    device=device,
-                    batch_size=batch_size,
-                    with_image=with_image,
-                    shared_tiles=shared_tiles,
-                    progress=progress,
-                )
-            )
-        except (KeyError, ValueError, TypeError, OSError) as err:
-            if errors == "raise":
-                raise
-            logger.error("%s: failed, skipped: %s", path.name, err)
-            rows.append({"slide": str(path), "out": str(out), "status": "failed", "error": str(err)})
+        row = slide_row(path, out, model, opts, progress=progress)
+        if row["status"] == "failed" and errors == "raise":
+            raise row.pop("exception")
+        row.pop("exception", None)
+        rows.append(row)
     return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
-
-
-def _features(sdata: SpatialData, model: DKANModel, *, device: Any, shared_tiles: bool, progress: bool) -> int:
-    """Tiles and frozen features of the slide's only table with the model's settings; returns the encoder passes."""
-    import numpy as np
-
-    from dkan._data import prepare as prep
-    from dkan._features.extract import extract_features
-    from dkan._results import results_table
-    from dkan._utils import get_table, uns_get
-
-    tkey, _ = get_table(sdata, None)
-    prep.ensure_tiles(sdata, model.config, table_key=tkey, image_key=None)
-    extract_features(
-        sdata,
-        model.meta["features"]["encoder"],
-        table_key=tkey,
-        device=device,
-        shared_tiles=True if shared_tiles else None,
-        progress=progress,
-    )
-    _, adata = results_table(sdata, tkey)
-    info = uns_get(adata, K.UNS_FEATURES) or {}
-    tiles = info.get("region_tiles_encoded")
-    if tiles is None:
-        tiles = int(np.asarray(adata.obsm[K.REGION_MASK]).sum()) if K.REGION_MASK in adata.obsm else 0
-    return int(adata.n_obs + tiles)

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from dkan import _keys as K
 from dkan._data import prepare as prep
 from dkan._data.training import model_meta, training_inputs
 from dkan._docs import shared_docs
@@ -78,7 +79,10 @@ def train(
     The trained model, with ``model.history`` (one record per epoch; the selected one has ``"selected": True``).
     Its weights are those of the epoch with the best smoothed validation score (``select_metric``, on the data
     ``val_split`` holds out), or of the last epoch when ``val_fraction=0``; ``model.meta["train"]["selection"]``
-    says which epoch and why.
+    says which epoch and why. On those validation spots the model also records its trust signals (``model.trust``,
+    ``model.meta["trust"]``: the calibration of its spread for ``predict(..., interval=)``, each gene's validation
+    PCC, and a novelty reference of the training spots' features; see :mod:`dkan.tl._trust`), at the cost of 11
+    forward passes over the validation spots.
 
     Raises
     ------
@@ -131,4 +135,7 @@ def train(
         "selection": result.selection,
         "device": str(dev),
     }
-    return DKANModel(module.cpu(), cfg, genes, emb, meta, result.history)
+    from dkan.tl._trust import fit_trust
+
+    meta[K.UNS_TRUST], trust = fit_trust(module, samples, emb, cfg, dev, reader=reader)  # intervals, PCC, novelty
+    return DKANModel(module.cpu(), cfg, genes, emb, meta, result.history, trust)

@@ -45,6 +45,15 @@ def update_best(module: nn.Module, result: Any, record: dict, epoch: int, bad: i
     return bad + 1
 
 
+def should_stop(bad: int, epoch: int, config: DKANConfig) -> bool:
+    """Whether training stops after ``epoch``: ``config.patience`` epochs in a row without improvement.
+
+    As in Lightning's ``EarlyStopping``: ``patience=2`` stops at the second epoch without improvement (``0`` at the
+    first one); never before ``config.min_epochs`` epochs have run.
+    """
+    return bad > 0 and bad >= config.patience and epoch + 1 >= config.min_epochs
+
+
 def finish_selection(result: Any, config: DKANConfig, *, has_val: bool, stopped: int | None) -> None:
     """Mark the chosen epoch in the history and say in ``result.selection`` which it is and why."""
     last = int(result.history[-1]["epoch"]) if result.history else -1

@@ -25,8 +25,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dkan._utils import pid_alive
+
 MANIFEST = "dkan.json"
 _TMP_DIR = re.compile(r"^\.(?P<name>.+)\.dkan-tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
+_WRITER_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors (Rust tempfile crate): .tmp + 6 characters
 _OURS = re.compile(r"^(model|genes)(\.[0-9a-f]{8})?\.safetensors$|^dkan\.json\.tmp-\d+-[0-9a-f]{8}$")
 
 
@@ -167,17 +170,24 @@ def clean_stale(path: Path) -> None:
         return
     for entry in path.parent.iterdir():
         m = _TMP_DIR.match(entry.name)
-        if m and m["name"] == path.name and entry.is_dir() and not _alive(int(m["pid"])):
+        if (
+            m
+            and m["name"] == path.name
+            and entry.is_dir()
+            and (int(m["pid"]) == os.getpid() or not pid_alive(int(m["pid"])))
+        ):
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process is not saving to the same path twice at once
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def clean_writer_temps(path: Path) -> None:
+    """Remove the hidden temporary files a killed safetensors write left in a model folder (``.tmpXXXXXX``).
+
+    safetensors writes each tensor file to a hidden sibling named like this and renames it into place; a save
+    killed by SIGKILL leaves it behind. Only called by a save to ``path`` (a load never removes anything: a
+    save running at the same time may own the file).
+    """
+    if not path.is_dir():
+        return
+    for entry in path.iterdir():
+        if _WRITER_TMP.match(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)

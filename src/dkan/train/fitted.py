@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,10 @@ class DKANModel:
         region grid, target µm/px), ``normalize`` (parameters), ``gene_embedding`` (text encoder, pooling).
     history
         Per-epoch training record (losses, loss weights, validation score).
+    trust
+        Arrays of the trust signals (:mod:`dkan.tl._trust`): ``calibration.*`` (conformal calibration of the
+        spread), ``val_pcc`` (per-gene validation PCC), ``novelty.*`` (novelty reference); settings in
+        ``meta["trust"]``. Empty for models saved before dkan recorded them.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class DKANModel:
         gene_embeddings: np.ndarray,
         meta: dict[str, Any],
         history: list[dict[str, float]] | None = None,
+        trust: dict[str, np.ndarray] | None = None,
     ) -> None:
         if len(genes) != len(gene_embeddings):
             raise ValueError(f"{len(genes)} genes but {len(gene_embeddings)} gene embeddings.")
@@ -84,6 +90,7 @@ class DKANModel:
         self.gene_embeddings = np.asarray(gene_embeddings, dtype=np.float32)
         self.meta = dict(meta)
         self.history = list(history or [])
+        self.trust = {k: np.asarray(v) for k, v in (trust or {}).items()}
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.module.parameters())
@@ -118,6 +125,7 @@ class DKANModel:
         path = _store.check_target(path, overwrite=overwrite)
         if path.exists():
             _store.clean_stale(path)
+            _store.clean_writer_temps(path)
             files = self._write(path)
             _store.remove_unreferenced(path, set(files.values()))
             return path
@@ -140,7 +148,8 @@ class DKANModel:
         tok = _store.token()
         files = {"weights": f"model.{tok}.safetensors", "genes": f"genes.{tok}.safetensors"}
         save_model(self.module, str(folder / files["weights"]))
-        save_file({"gene_embeddings": torch.from_numpy(self.gene_embeddings)}, str(folder / files["genes"]))
+        trust = {f"trust.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.trust.items()}
+        save_file({"gene_embeddings": torch.from_numpy(self.gene_embeddings), **trust}, str(folder / files["genes"]))
         for name in files.values():
             _store.follow_umask(folder / name)
             _fsync(folder / name)
@@ -157,8 +166,18 @@ class DKANModel:
         return files
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None) -> DKANModel:
+    def load(
+        cls, path: str | os.PathLike, *, device: str | torch.device | None = None, allow_unchecked: bool = False
+    ) -> DKANModel:
         """Rebuild a model saved with :meth:`save` (no pickle is read), verifying its checksums.
+
+        A folder saved by this dkan (format 2) records the SHA-256 of its tensor files and of its settings, gene
+        panel and history; any change to them is refused. A format-1 folder (saved before checksums existed)
+        carries nothing that shows its gene names, settings or weights are the ones saved, and its ``format``
+        field itself is unprotected: it is loaded only with ``allow_unchecked=True``, and never when it holds
+        what only format 2 writes (a ``files`` or ``sha256`` field, or tensor files with a random suffix), which
+        means a format-2 folder whose format field was edited. Save a trusted format-1 model again to add the
+        checksums: ``DKANModel.load(path, allow_unchecked=True).save(path, overwrite=True)``.
 
         Parameters
         ----------
@@ -166,6 +185,8 @@ class DKANModel:
             Folder written by :meth:`save`.
         device
             Device to put the network on (default CPU).
+        allow_unchecked
+            Load a format-1 folder, which has no checksums (only when you trust where it came from).
 
         Returns
         -------
@@ -176,8 +197,9 @@ class DKANModel:
         FileNotFoundError
             ``path`` holds no saved model, or a file the manifest names is missing.
         ValueError
-            A file is corrupted or edited (checksum mismatch), the manifest is invalid, or a tensor is missing or
-            has the wrong shape; the message names the file and the field.
+            A file is corrupted or edited (checksum mismatch), the manifest is invalid, a tensor is missing or
+            has the wrong shape, or the folder is format 1 without ``allow_unchecked=True`` (or claims format 1
+            but holds format-2 files); the message names the file and the field.
         """
         from safetensors.torch import load_model
 
@@ -194,6 +216,8 @@ class DKANModel:
                 f"Model format {meta['format']!r} in {path / _store.MANIFEST} is not supported (expected "
                 f"{_FORMAT}); it was written by another dkan version ({meta.get('dkan_version')})."
             )
+        if meta["format"] == 1:
+            _check_format_1(path, meta, allow_unchecked=allow_unchecked)
         files = _files(meta)
         if meta["format"] == _FORMAT:
             _verify(path, meta, files)
@@ -207,7 +231,8 @@ class DKANModel:
         _check_tensors(path / files["weights"], module)
         load_model(module, str(path / files["weights"]), strict=True)
         module.to(target).eval()
-        return cls(module, config, genes, emb, meta["meta"], meta.get("history", []))
+        trust = _read_trust(path / files["genes"])
+        return cls(module, config, genes, emb, meta["meta"], meta.get("history", []), trust)
 
 
 def _fsync(file: Path) -> None:
@@ -224,6 +249,31 @@ def _files(meta: dict[str, Any]) -> dict[str, str]:
         if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
             raise ValueError(f"The model manifest's field `files` names an invalid file {name!r}.")
     return files
+
+
+def _check_format_1(path: Path, meta: dict[str, Any], *, allow_unchecked: bool) -> None:
+    """Refuse a format-1 folder that holds format-2 files, and any format-1 folder unless ``allow_unchecked``."""
+    from dkan.train import _store
+
+    traits = [f"field `{k}`" for k in ("files", "sha256") if k in meta]
+    traits += [f"file {e.name}" for e in sorted(path.iterdir()) if _TOKENISED.match(e.name)]
+    if traits:
+        raise ValueError(
+            f"{path / _store.MANIFEST} says format 1, but the folder holds what only format 2 writes "
+            f"({', '.join(traits[:4])}): its format field was edited, so nothing in it can be trusted. Use the "
+            "folder as it was saved (or save the model again from its source)."
+        )
+    if not allow_unchecked:
+        raise ValueError(
+            f"{path} holds a format-1 model, saved without checksums: nothing shows that its gene names, settings "
+            "or weights are the ones saved. If you trust where it came from, load it with "
+            "`dkan.DKANModel.load(path, allow_unchecked=True)` and save it again "
+            "(`.save(path, overwrite=True)`) to add checksums."
+        )
+
+
+#: Tensor files only format 2 writes (a random suffix per save); format 1 used ``model.safetensors``/``genes...``.
+_TOKENISED = re.compile(r"^(model|genes)\.[0-9a-f]{8}\.safetensors$")
 
 
 def _verify(path: Path, meta: dict[str, Any], files: dict[str, str]) -> None:
@@ -281,6 +331,14 @@ def _read_tensor(file: Path, key: str, *, ndim: int, rows: int) -> np.ndarray:
     if t.ndim != ndim or t.shape[0] != rows:
         raise ValueError(f"{file}: tensor `{key}` has shape {tuple(t.shape)}, expected {rows} rows ({ndim}-d).")
     return t.numpy()
+
+
+def _read_trust(file: Path) -> dict[str, np.ndarray]:
+    """The ``trust.*`` tensors stored beside the gene embeddings (none in folders saved before they existed)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return {k.split(".", 1)[1]: f.get_tensor(k).numpy() for k in f.keys() if k.startswith("trust.")}
 
 
 def _check_tensors(file: Path, module: torch.nn.Module) -> None:

@@ -37,7 +37,7 @@ def fit_inputs(
 
     from dkan.train.data import make_validation_split
     from dkan.train.fitted import build_module
-    from dkan.train.loop import fit
+    from dkan.train.loop import fit, start_at_mean
 
     split = make_validation_split(
         [s.name for s in samples],
@@ -54,14 +54,19 @@ def fit_inputs(
     torch.manual_seed(cfg.seed)
     module = build_module(cfg, n_genes=emb.shape[0], gene_dim=emb.shape[1], feature_dim=samples[0].spot.shape[1])
     seen = [s.target[torch.as_tensor(r, dtype=torch.long)] for s, r in zip(samples, train_rows, strict=True)]
-    module.init_from_data(genes=torch.as_tensor(emb), target_mean=torch.cat(seen).float().mean(0))  # training mean
+    target_mean = torch.cat(seen).float().mean(0)  # training mean per gene
+    module.init_from_data(genes=torch.as_tensor(emb), target_mean=target_mean)
     module.to(dev)
+    samples = [s.to(dev) for s in samples]
+    genes_t = torch.as_tensor(emb, device=dev) if cfg.use_text else None
+    if not (resume and checkpoint is not None and os.path.isfile(checkpoint)):  # the first prediction is the mean
+        start_at_mean(module, samples, train_rows, genes_t, target_mean, cfg, dev, read_patches=reader)
     result = fit(
         module,
-        [s.to(dev) for s in samples],
+        samples,
         train_rows,
         val_rows,
-        torch.as_tensor(emb, device=dev) if cfg.use_text else None,
+        genes_t,
         cfg,
         device=dev,
         read_patches=reader,

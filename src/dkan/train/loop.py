@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dkan._config import DKANConfig
 from dkan.train._checkpoint import load_checkpoint, run_identity, save_checkpoint
-from dkan.train._selection import finish_selection, smoothed_score, update_best
+from dkan.train._selection import finish_selection, should_stop, smoothed_score, update_best
 from dkan.train.data import MIN_VAL_SPOTS, SampleInputs, batch_inputs, plan_batches
 
 logger = logging.getLogger("dkan")
@@ -177,7 +177,7 @@ def fit(
         )
         if ckpt is not None and rank == 0:
             save_checkpoint(ckpt, module, opt, sched, result, epoch + 1, bad, ident)
-        if has_val and bad > config.patience and epoch + 1 >= config.min_epochs:
+        if has_val and should_stop(bad, epoch, config):
             stopped = epoch
             logger.info(
                 "Early stopping at epoch %d (best epoch %d, smoothed validation %s %.4f).",
@@ -283,6 +283,45 @@ def predict_rows(
         module.train(was_training)
     n_genes = module.n_genes
     return torch.cat(outs).numpy() if outs else np.zeros((0, n_genes), dtype=np.float32)
+
+
+@torch.no_grad()
+def start_at_mean(
+    module: nn.Module,
+    samples: list[SampleInputs],
+    train_rows: list[np.ndarray],
+    genes: Tensor | None,
+    target_mean: Tensor,
+    config: DKANConfig,
+    device: torch.device,
+    read_patches: PatchReader | None = None,
+    max_rows: int = 2048,
+) -> None:
+    """Shift the per-gene output bias so that the untrained network's mean prediction is ``target_mean``.
+
+    The randomly initialised output layer shared by all genes gives each gene an offset that the per-gene bias
+    (set to the training mean by :meth:`~dkan.nn.network.DKAN.init_from_data`) does not cancel. One forward pass in
+    eval mode over up to ``max_rows`` evenly spaced training rows per sample measures the mean prediction per gene;
+    the per-gene bias is lowered by its difference from ``target_mean`` (exactly the mean over those rows; in
+    float32, without autocast). A no-op for ``gene_output="shared"``.
+    """
+    if not hasattr(module, "gene_bias") or not hasattr(module, "shift_output"):
+        return
+    total, count = torch.zeros(module.n_genes, dtype=torch.float64), 0
+    for s, rows in enumerate(train_rows):
+        rows = np.asarray(rows)
+        if len(rows) > max_rows:
+            rows = rows[np.linspace(0, len(rows) - 1, max_rows).round().astype(np.int64)]
+        if not len(rows):
+            continue
+        reader = (lambda r, s=s: read_patches(s, r, False)) if read_patches else None
+        pred = predict_rows(
+            module, samples[s], rows, genes, batch_size=config.batch_size, device=device, amp=False, read_patches=reader
+        )
+        total += torch.from_numpy(pred).double().sum(0)
+        count += len(rows)
+    if count:
+        module.shift_output((total / count).float() - torch.as_tensor(target_mean, dtype=torch.float32).cpu())
 
 
 def validation_metrics(

@@ -10,9 +10,11 @@ Examples
 
 Writing is never half-done where it can be avoided: ``train`` leaves its input store untouched and saves the
 model folder atomically; ``predict --out`` writes the whole store to a temporary sibling path and renames it
-into place; ``predict --in-place`` first writes a backup copy of the updated table next to the store, then
-replaces the table element (``delete_element_from_disk`` + ``write_element``, spatialdata's pattern) and
-finally removes the backup.
+into place (an existing store is swapped in one step, see :mod:`dkan.io._store_write`); ``predict --in-place``
+first writes a backup copy of the updated table next to the store, then replaces the table element
+(``delete_element_from_disk`` + ``write_element``, spatialdata's pattern) and finally removes the backup. What a
+killed run leaves (temporary stores, a store set aside, a backup) is cleaned up or finished by the next run on
+the same path.
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dkan import _keys as K
 from dkan._utils import error_line
-from dkan.io._store import (
+from dkan.cli import _parser
+from dkan.io._store_read import is_store, read_slide, read_store, record_source
+from dkan.io._store_write import (
     check_replaceable_store,
-    is_store,
-    read_slide,
-    read_store,
-    record_source,
+    recover_store,
+    restore_backups,
     update_in_place,
     write_new_store,
 )
@@ -48,145 +49,12 @@ _USER_ERRORS = (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsEr
 
 
 # ----------------------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    """The ``dkan`` argument parser with its ``train`` and ``predict`` sub-commands."""
-    parser = argparse.ArgumentParser(
-        prog="dkan",
-        description="Train DKAN on SpatialData zarr stores of paired H&E and spot expression, and predict "
-        "spatial expression for new H&E slides.",
-    )
-    from dkan._version import __version__
-
-    parser.add_argument("--version", action="version", version=f"dkan {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,predict}")
-    _add_train(sub)
-    _add_predict(sub)
-    return parser
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--table-key", default=None, help="Table annotating the spots (default: the store's only table).")
-    p.add_argument(
-        "--image-key",
-        default=None,
-        help="Image element to crop spots from (default: per sample, the highest-resolution image that shares a "
-        "coordinate system with the spots). Only for a store with one sample.",
-    )
-    p.add_argument(
-        "--device", default=None, help="Torch device, e.g. 'cuda', 'cuda:1', 'cpu' (default: CUDA if available)."
-    )
-    p.add_argument(
-        "--gene-symbols",
-        default=None,
-        metavar="COLUMN",
-        help="Table var column of gene symbols, when var_names are other ids (e.g. Ensembl ids of a Visium table).",
-    )
-    p.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
-    p.add_argument("-q", "--quiet", action="store_true", help="Log warnings and errors only.")
-    p.add_argument("--debug", action="store_true", help="Debug logging, and full tracebacks on errors.")
-
-
-def _add_train(sub: Any) -> None:
-    from dkan._config import PRESETS, DKANConfig
-
-    p = sub.add_parser(
-        "train",
-        help="Train a model on a SpatialData zarr store and save it to a folder.",
-        description="Train DKAN on every sample of a SpatialData zarr store (H&E image + spot circles + a table of "
-        "raw counts). Steps not yet run on the store (gene panel, normalisation, tiling, frozen features, gene "
-        "embeddings) run in memory with the configuration's settings; the input store is not modified.",
-        epilog="Configuration fields for --set (documented in dkan.DKANConfig): "
-        f"{', '.join(DKANConfig.field_names())}.",
-    )
-    p.add_argument("store", type=Path, help="Input SpatialData zarr store (read with spatialdata.read_zarr).")
-    p.add_argument("--out", required=True, type=Path, help="Folder to save the trained model to (DKANModel.save).")
-    p.add_argument(
-        "--config",
-        default=None,
-        help=f"Preset name ({', '.join(sorted(PRESETS))}; default {DKANConfig.DEFAULT_PRESET}) or a JSON file "
-        'with a mapping of configuration fields, optionally naming its base preset as {"preset": "her2st", ...}.',
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override one configuration field; repeatable. VALUE is read as JSON when it parses "
-        "(5, 0.001, true, null, [1, 2]) and as a string otherwise (efficientnet_lite0).",
-    )
-    p.add_argument(
-        "--descriptions",
-        default=None,
-        help="Gene descriptions for the text embeddings: a TSV of {symbol, text} (e.g. NCBI RefSeq summaries) or "
-        "'ncbi' to fetch them online (cached). Default: gene symbols only, with a warning.",
-    )
-    p.add_argument(
-        "--gene-info",
-        type=Path,
-        default=None,
-        help="NCBI gene_info file (e.g. Homo_sapiens.gene_info.gz): genes without a description get their full "
-        "name, and symbols missing from --descriptions are looked up under their official symbol.",
-    )
-    p.add_argument("--checkpoint", type=Path, default=None, help="File for a resumable checkpoint written every epoch.")
-    p.add_argument("--resume", action="store_true", help="Continue from --checkpoint when it exists.")
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing model folder at --out.")
-    _add_common(p)
-    p.set_defaults(func=_train)
-
-
-def _add_predict(sub: Any) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="Predict expression on a SpatialData zarr store or a whole-slide file with a saved model.",
-        description="Predict the model's gene panel at every spot of a SpatialData zarr store, or of a whole-slide "
-        "file (.svs, .tif/OME-TIFF, .ndpi, .scn; read lazily with its pixel size through dkan.io.read_wsi). With a "
-        "table of spots TABLE, predictions go to layers[KEY_ADDED] of its panel-sized results table TABLE_dkan (var = "
-        "the model's gene panel; the count table is left as it was); on an H&E-only slide, tissue is detected on a "
-        "low pyramid level and pseudo-spots and a new panel-sized table over them are created. "
-        "Missing tiles and frozen features are computed with the model's settings.",
-        epilog="--out writes a new store (to a temporary sibling path, renamed into place when complete). "
-        "--in-place rewrites the results table element of STORE (and adds any new element): the updated table is first "
-        "backed up next to the store as .STORE.TABLE.dkan-backup.zarr, removed again on success.",
-    )
-    p.add_argument("store", type=Path, help="Input SpatialData zarr store or whole-slide file (SLIDE).")
-    p.add_argument("--model", required=True, type=Path, help="Model folder written by `dkan train` / DKANModel.save.")
-    p.add_argument(
-        "--um-per-px",
-        type=float,
-        default=None,
-        help="Pixel size (µm/px) of the full-resolution image, for a slide or H&E-only store that does not record "
-        "one (default: the slide's metadata).",
-    )
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--out", type=Path, default=None, help="Write the store with predictions to this new path.")
-    where.add_argument("--in-place", action="store_true", help="Update STORE itself (see below; not for a slide file).")
-    p.add_argument(
-        "--with-image",
-        action="store_true",
-        help="Copy the slide's image into the --out store (default for a slide file: left out, its path recorded; "
-        "dkan.io.add_slide_image adds it back). Stores keep their images.",
-    )
-    p.add_argument("--key-added", default=K.PRED, help=f"layers key of the predictions (default {K.PRED!r}).")
-    p.add_argument("--batch-size", type=int, default=256, help="Spots per forward pass (default 256).")
-    p.add_argument(
-        "--shared-tiles",
-        action="store_true",
-        help="Compute region features once per tile of a slide-aligned grid and share them between neighbouring "
-        "spots (dkan.tl.extract_features(shared_tiles=True)): encoder passes grow with the tissue area instead of "
-        "26 per spot, much faster on whole slides. A departure from the reference (spot-centred region tiles) "
-        "that lowered PCC-ALL by about 0.016 on the her2st benchmark; recorded in the features' provenance.",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace existing predictions under --key-added, and an existing store at --out.",
-    )
-    _add_common(p)
-    p.set_defaults(func=_predict)
-
-
 # ----------------------------------------------------------------------------------------- helpers
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dkan`` argument parser: subcommands ``train`` and ``predict`` (see :mod:`dkan.cli._parser`)."""
+    return _parser.build_parser(train=_train, predict=_predict)
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["max_epochs=5", "feature_encoder=dummy"]`` -> ``{"max_epochs": 5, "feature_encoder": "dummy"}``."""
     out: dict[str, Any] = {}
@@ -229,7 +97,15 @@ def _config(value: str | None) -> Any:
     path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"`--config {value}` looks like a JSON file but does not exist.")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"`--config {value}` is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix the "
+            "file or pass a preset name."
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"`--config {value}` is not UTF-8 text; pass a JSON file of configuration fields.") from None
     if not isinstance(data, dict):
         raise ValueError(
             f"`--config {value}` must hold a JSON object of configuration fields; found {type(data).__name__}."
@@ -240,6 +116,8 @@ def _config(value: str | None) -> Any:
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logger.setLevel(level)
+    # tifffile logs what it cannot parse in a damaged file as errors; the failure is reported by dkan as one line
+    logging.getLogger("tifffile").setLevel(logging.DEBUG if args.debug else logging.CRITICAL)
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
@@ -256,10 +134,11 @@ def _train(args: argparse.Namespace) -> int:
     check_target(args.out, overwrite=True)  # before training: refuse a folder that is not a dkan model up front
     overrides = parse_overrides(args.overrides)
     check_override_keys(overrides)  # before reading the store
+    config = _config(args.config)  # likewise: a bad JSON file fails at once
     sdata = read_store(args.store)
     model = dkan.tl.train(
         sdata,
-        config=_config(args.config),
+        config=config,
         device=args.device,
         table_key=args.table_key,
         image_key=args.image_key,
@@ -282,27 +161,33 @@ def _predict(args: argparse.Namespace) -> int:
     store = args.store.resolve()
     if args.out is not None:
         _check_out(store, args.out.resolve(), overwrite=args.overwrite)
+    from dkan.tl._slide_errors import slide_stage
 
     if args.in_place and args.store.exists() and not is_store(args.store):
         raise ValueError(f"`--in-place` needs a zarr store; `{args.store}` is a slide file. Use `--out OUT.zarr`.")
     model = _load_model(args.model)
-    sdata = read_slide(args.store, um_per_px=args.um_per_px)
+    if args.in_place:
+        recover_store(args.store)
+        restore_backups(args.store)
+    with slide_stage(args.store, "read", user_errors_as_is=True):
+        sdata = read_slide(args.store, um_per_px=args.um_per_px)
     before = {name: id(el) for _, name, el in sdata.gen_elements()}
-    if args.shared_tiles:
-        _shared_tile_features(sdata, model, args)
-    tkey = dkan.tl.predict(
-        sdata,
-        model,
-        key_added=args.key_added,
-        device=args.device,
-        table_key=args.table_key,
-        image_key=args.image_key,
-        batch_size=args.batch_size,
-        overwrite=args.overwrite,
-        um_per_px=args.um_per_px,
-        gene_symbols=args.gene_symbols,
-        progress=not args.no_progress,
-    )
+    with slide_stage(args.store, "predict", user_errors_as_is=True):  # pixels are decoded here (lazily read)
+        if args.shared_tiles:
+            _shared_tile_features(sdata, model, args)
+        tkey = dkan.tl.predict(
+            sdata,
+            model,
+            key_added=args.key_added,
+            device=args.device,
+            table_key=args.table_key,
+            image_key=args.image_key,
+            batch_size=args.batch_size,
+            overwrite=args.overwrite,
+            um_per_px=args.um_per_px,
+            gene_symbols=args.gene_symbols,
+            progress=not args.no_progress,
+        )
     if args.out is not None:
         record_source(sdata, args.store, tkey, with_image=args.with_image or None)
         write_new_store(sdata, args.out, overwrite=args.overwrite)
@@ -335,6 +220,7 @@ def _shared_tile_features(sdata: SpatialData, model: Any, args: argparse.Namespa
 def _check_out(store: Path, out: Path, *, overwrite: bool) -> None:
     if out == store or store in out.parents or out in store.parents:
         raise ValueError(f"`--out {out}` overlaps the input store {store}; use --in-place to update the input store.")
+    recover_store(out)
     check_replaceable_store(out, overwrite=overwrite)
 
 
@@ -378,7 +264,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"dkan: error: {error_line(err)}", file=sys.stderr)
+        _quiet_exit()
         return 1
+
+
+def _quiet_exit() -> None:
+    """After a reported error, drop the noise zarr's event loop makes at exit about the reads the error cut short.
+
+    A chunk that fails to decode stops zarr's other pending reads; when the interpreter exits, asyncio reports
+    each of them ("Task exception was never retrieved", "Event loop is closed"), repeating the error already
+    reported on one line. ``--debug`` re-raises before this and keeps everything.
+    """
+    import warnings
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 if __name__ == "__main__":  # pragma: no cover

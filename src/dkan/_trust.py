@@ -1,0 +1,167 @@
+"""Trust signals of a prediction, in plain numpy: split-conformal intervals, per-gene reliability, novelty.
+
+* **Intervals.** On held-out (validation) spots, each gene's *normalised score* is ``|y - mu| / sigma`` (``sigma``
+  the spread the model reports there, floored). The model keeps, per gene, quantiles of those scores
+  (:data:`LEVELS`) and their root mean square. At prediction time the interval at level ``a`` is
+  ``mu +- q * sigma`` with ``q`` the split-conformal quantile (level ``ceil((n + 1) a) / n`` of the ``n``
+  scores), and the calibrated standard deviation is ``sigma * rms``.
+* **Reliability.** Per gene, the Pearson r between prediction and target on the validation spots.
+* **Novelty.** Frozen spot features are standardised and projected on their first principal components (plus
+  the norm of what the projection leaves out, as one more coordinate). A spot's novelty is its mean Euclidean
+  distance to its ``k`` nearest reference spots (a capped random subset of the training spots); the threshold is
+  a high quantile of the reference spots' own leave-one-out novelty.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: Quantile levels at which the normalised scores are stored (401 levels, steps of 0.25 %).
+LEVELS = np.linspace(0.0, 1.0, 401)
+#: Most training spots kept as the novelty reference (a random subset).
+MAX_REFERENCE = 2000
+#: Floor of the reported spread, relative to each gene's median spread on the validation spots.
+SIGMA_FLOOR = 1e-3
+
+
+def pearson_per_gene(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Pearson r of each column ``(n, G) -> (G,)``; NaN where a column is constant or ``n < 2``."""
+    p = np.asarray(pred, dtype=np.float64)
+    t = np.asarray(target, dtype=np.float64)
+    if len(p) < 2:
+        return np.full(p.shape[1], np.nan)
+    p, t = p - p.mean(0), t - t.mean(0)
+    den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (p * t).sum(0) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def sigma_floor(sigma: np.ndarray) -> np.ndarray:
+    """Per-gene floor of the spread ``(n, G) -> (G,)``: :data:`SIGMA_FLOOR` times its median (tiny if that is 0)."""
+    med = np.median(np.asarray(sigma, dtype=np.float64), axis=0)
+    return np.where(med > 0, SIGMA_FLOOR * med, 1e-12)
+
+
+def fit_conformal(residual: np.ndarray, sigma: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-gene calibration from validation residuals ``y - mu`` and spreads ``sigma`` (both ``(n, G)``).
+
+    Returns
+    -------
+    ``quantiles`` ``(len(LEVELS), G)`` of the normalised scores, ``rms`` ``(G,)`` their root mean square, ``floor``
+    ``(G,)`` the spread floor, ``n`` ``(1,)`` the number of calibration spots.
+    """
+    residual = np.asarray(residual, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if residual.shape != sigma.shape or residual.ndim != 2 or len(residual) < 2:
+        raise ValueError(f"Need residuals and spreads of one shape (n >= 2, G); found {residual.shape}, {sigma.shape}.")
+    floor = sigma_floor(sigma)
+    scores = np.abs(residual) / np.maximum(sigma, floor)
+    return {
+        "quantiles": np.quantile(scores, LEVELS, axis=0).astype(np.float32),
+        "rms": np.sqrt(np.mean(scores**2, axis=0)).astype(np.float32),
+        "floor": floor.astype(np.float32),
+        "n": np.array([len(scores)], dtype=np.int64),
+    }
+
+
+def conformal_level(level: float, n: int) -> tuple[float, bool]:
+    """The score quantile level giving coverage ``level`` with ``n`` calibration spots; whether it is attainable.
+
+    Split conformal: the ``ceil((n + 1) level)``-th smallest of ``n`` scores. When that exceeds ``n`` the exact
+    interval is unbounded; the largest score is used and ``False`` returned.
+    """
+    rank = math.ceil((n + 1) * level)
+    return min(rank / n, 1.0), rank <= n
+
+
+def interval_factor(calibration: dict[str, np.ndarray], level: float) -> tuple[np.ndarray, bool]:
+    """Per-gene multiplier ``q`` of the spread for a ``level`` interval (``mu +- q sigma``), and if attainable."""
+    q_level, ok = conformal_level(level, int(calibration["n"][0]))
+    table = np.asarray(calibration["quantiles"], dtype=np.float64)
+    return np.array([np.interp(q_level, LEVELS, table[:, g]) for g in range(table.shape[1])]), ok
+
+
+def calibrated_sigma(sigma: np.ndarray, calibration: dict[str, np.ndarray]) -> np.ndarray:
+    """The spread ``(n, G)`` floored and scaled so that its square matches the mean squared validation error."""
+    floor = np.asarray(calibration["floor"], dtype=np.float64)
+    return (np.maximum(sigma, floor) * np.asarray(calibration["rms"], dtype=np.float64)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------- novelty
+def fit_novelty(
+    features: np.ndarray,
+    *,
+    max_reference: int = MAX_REFERENCE,
+    n_components: int = 32,
+    k: int = 10,
+    quantile: float = 0.99,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """The novelty reference of training features ``(n, d)``: standardisation, projection, reference points.
+
+    Returns
+    -------
+    ``mean``, ``scale`` ``(d,)``, ``components`` ``(c, d)``, ``reference`` ``(m, c + 1)`` (projected reference spots
+    plus their residual norm), ``k`` ``(1,)``, ``threshold`` ``(1,)`` (the ``quantile`` of the reference's
+    leave-one-out novelty) and ``quantile`` ``(1,)``.
+    """
+    x = np.asarray(features)
+    if x.ndim != 2 or len(x) < 3:
+        raise ValueError(f"Need training features of shape (n >= 3, d); found shape {x.shape}.")
+    if len(x) > max_reference:  # subsample before any copy
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), max_reference, replace=False))]
+    x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError("The training features hold non-finite values; recompute them (dkan.tl.extract_features).")
+    mean = x.mean(0)
+    scale = x.std(0)
+    scale = np.where(scale > 1e-8 * max(float(scale.max()), 1e-30), scale, 1.0)
+    z = (x - mean) / scale
+    c = max(1, min(n_components, z.shape[1], len(z) - 1))
+    _, _, vt = np.linalg.svd(z, full_matrices=False)
+    ref = {"mean": mean, "scale": scale, "components": vt[:c]}
+    points = _project(ref, x)
+    k = max(1, min(k, len(points) - 1))
+    loo = _knn_mean(points, points, k, exclude_self=True)
+    out = {name: np.asarray(v, dtype=np.float32) for name, v in ref.items()}
+    out["reference"] = points.astype(np.float32)
+    out["k"] = np.array([k], dtype=np.int64)
+    out["threshold"] = np.array([np.quantile(loo, quantile)], dtype=np.float32)
+    out["quantile"] = np.array([quantile], dtype=np.float32)
+    return out
+
+
+def novelty_scores(reference: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """Novelty ``(n,)`` of features ``(n, d)``: mean distance to the ``k`` nearest reference spots."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != len(reference["mean"]):
+        raise ValueError(f"Features of shape {x.shape} do not match the novelty reference ({len(reference['mean'])}).")
+    points = _project(reference, x)
+    return _knn_mean(points, np.asarray(reference["reference"], dtype=np.float64), int(reference["k"][0])).astype(
+        np.float32
+    )
+
+
+def _project(ref: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Standardised features on the components, plus the norm of the residual as a last coordinate."""
+    z = (x - np.asarray(ref["mean"], dtype=np.float64)) / np.asarray(ref["scale"], dtype=np.float64)
+    comp = np.asarray(ref["components"], dtype=np.float64)
+    proj = z @ comp.T
+    rest = np.sqrt(np.maximum((z * z).sum(1) - (proj * proj).sum(1), 0.0))
+    return np.concatenate([proj, rest[:, None]], axis=1)
+
+
+def _knn_mean(query: np.ndarray, points: np.ndarray, k: int, *, exclude_self: bool = False, chunk: int = 1024):
+    """Mean Euclidean distance of each query row to its ``k`` nearest ``points`` (itself excluded if asked)."""
+    out = np.empty(len(query))
+    p2 = (points * points).sum(1)
+    for start in range(0, len(query), chunk):
+        q = query[start : start + chunk]
+        d2 = np.maximum((q * q).sum(1)[:, None] + p2[None, :] - 2.0 * q @ points.T, 0.0)
+        if exclude_self:
+            d2[np.arange(len(q)), np.arange(start, start + len(q))] = np.inf
+        part = np.partition(d2, k - 1, axis=1)[:, :k]
+        out[start : start + len(q)] = np.sqrt(part).mean(1)
+    return out
