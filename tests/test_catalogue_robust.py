@@ -117,7 +117,7 @@ def test_program_errors_still_stop_the_batch(slides, model_dir, tmp_path, monkey
     def broken(*args, **kwargs):
         raise RuntimeError("a bug, not a slide")
 
-    monkeypatch.setattr(dkan.tl, "predict", broken)
+    monkeypatch.setattr("dkan.tl._predict.predict", broken)  # predict_slides calls it from its module
     with pytest.raises(RuntimeError, match="a bug"):
         dkan.tl.predict_slides([good], model_dir, out_dir=tmp_path, errors="skip", progress=False, device="cpu")
 
