@@ -95,3 +95,16 @@ def test_worker_killed_mid_cohort_leaves_no_half_store(cohort, model_dir, client
     assert marker.exists()  # a worker was killed
     assert list(report["status"]) == ["written"] * 3
     assert sorted(p.name for p in out_dir.iterdir()) == ["s0.zarr", "s1.zarr", "s2.zarr"]  # no hidden leftover
+
+
+def test_slide_dask_work_stays_in_its_task(cohort, model_dir, client, tmp_path):
+    """A slide's own dask reads run inside its task: no extra tasks on the cluster, no slide seceding from its
+    worker thread (inside a task, dask's default scheduler is the worker's client: every image read became
+    cluster tasks, and a 1-thread worker ran several slides at once)."""
+    from distributed import get_task_stream
+
+    with get_task_stream(client) as ts:
+        report = dkan.tl.predict_slides(cohort[:2], model_dir, out_dir=tmp_path / "p", device="cpu", client=client)
+    assert list(report["status"]) == ["written", "written"]
+    keys = [str(t["key"]) for t in ts.data]
+    assert len(keys) == 2 and all(k.startswith("dkan-slide-") for k in keys), keys[:5]

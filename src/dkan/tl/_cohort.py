@@ -50,10 +50,19 @@ def models_loaded() -> int:
 
 
 def slide_task(slide: str, out: str, model: DKANModel | str, opts: dict[str, Any]) -> dict[str, Any]:
-    """One slide on a worker: its report row (a failure is a row; the exception object stays on the worker)."""
+    """One slide on a worker: its report row (a failure is a row; the exception object stays on the worker).
+
+    The slide's own dask work (lazy image reads) runs in this task's thread with dask's synchronous scheduler:
+    inside a task, dask's default scheduler is the worker's client, which would send every read to the cluster
+    as tasks and let this task leave its worker thread while it waits, so a 1-thread worker would run several
+    slides at once (more memory than one slide per thread, and slower).
+    """
+    import dask
+
     from dkan.tl._slide import slide_row
 
-    row = slide_row(Path(slide), Path(out), worker_model(model), opts, progress=False)
+    with dask.config.set(scheduler="synchronous"):
+        row = slide_row(Path(slide), Path(out), worker_model(model), opts, progress=False)
     row.pop("exception", None)
     return row
 
