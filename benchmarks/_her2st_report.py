@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from _machine import cpu_model
 
-from dkan.tl._evaluation.probes import PROBES
+from dkan._evaluation.probes import PROBES
 
 if TYPE_CHECKING:
     import argparse
@@ -307,7 +307,7 @@ NOVEL_FEW = 0.10  # "few" novel spots on a held-out her2st section: at most this
 
 def trust_frame(res: Any) -> pd.DataFrame:
     """Per-fold trust figures of the DKAN row (and their mean), from ``res.trust``."""
-    from dkan.tl._evaluation.trust import trust_table
+    from dkan._evaluation.trust import trust_table
 
     return trust_table(res.trust, res.folds)
 

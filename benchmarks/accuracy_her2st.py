@@ -62,7 +62,7 @@ from _her2st_report import (
     validation_splits,
 )
 
-from dkan.tl._evaluation.cv import BASELINES
+from dkan.tl._cv import BASELINES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("DKAN_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -188,8 +188,8 @@ class Stopwatch(logging.Handler):
 def gene_descriptions(sdata: Any, data: Path, n_genes: int) -> pd.DataFrame:
     """Choose the panel of each leave-one-section-out fold on its training sections; describe their union."""
     import dkan
-    from dkan.tl._evaluation.cv import _fold_panels
-    from dkan.train.config import DKANConfig
+    from dkan._config import DKANConfig
+    from dkan.tl._cv import _fold_panels
 
     plan = _fold_panels(sdata, DKANConfig.resolve("small", n_genes=n_genes), "sample", None, 0, None, True)
     panel = list(dict.fromkeys(g for p in plan["panels"] for g in p))  # flagged as the panel to prepare
@@ -203,7 +203,7 @@ def gene_descriptions(sdata: Any, data: Path, n_genes: int) -> pd.DataFrame:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import dkan
-    from dkan.train.config import DKANConfig
+    from dkan._config import DKANConfig
 
     overrides = parse_overrides(args.overrides)
     cfg = DKANConfig.resolve(args.preset, **overrides)
@@ -290,8 +290,8 @@ def prepare_inputs(
     import anndata as ad
     import torch
 
+    from dkan._data import prepare as prep
     from dkan._utils import get_table
-    from dkan.tl import _prepare as prep
 
     key, table = get_table(sdata, None)
     if cache is not None and cache.is_file():
@@ -302,7 +302,7 @@ def prepare_inputs(
         if bool(res.uns[K.UNS][K.UNS_FEATURES].get("shared_tiles")) != shared_tiles:
             raise ValueError(f"--cache {cache} holds features of the other kind than --shared-tiles asks; use another.")
         return
-    if shared_tiles:  # computed first, so that the preparation keeps them (dkan.tl._tiling.shared_tiles)
+    if shared_tiles:  # computed first, so that the preparation keeps them (dkan._features.shared_tiles)
         import dkan
 
         prep.ensure_tiles(sdata, cfg, table_key=key, image_key=None)
@@ -368,7 +368,7 @@ def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     desc = task["desc"]
     if task["name"] == "shuffled_text":  # same model, each gene embedded from another gene's description
-        from dkan.tl._evaluation.cv import shuffle_gene_text
+        from dkan.tl._cv import shuffle_gene_text
 
         desc = desc.copy()
         desc["text"] = shuffle_gene_text(desc["text"].to_numpy())
@@ -410,7 +410,7 @@ def run_parallel(args, cfg, sdata, desc, device, ablations, baselines) -> tuple[
 
     from dkan._results import results_table
     from dkan._utils import get_table
-    from dkan.tl._evaluation.cv import ABLATIONS
+    from dkan.tl._cv import ABLATIONS
 
     key, _ = get_table(sdata, None)
     table = results_table(sdata, key)[1]  # targets, features, tiles (the prepared inputs)
@@ -430,9 +430,9 @@ def run_parallel(args, cfg, sdata, desc, device, ablations, baselines) -> tuple[
 
 
 def merge_outputs(outs: list[dict[str, Any]], baselines: tuple[str, ...]) -> Any:
-    """One :class:`~dkan.tl._evaluation.cv.CVResult` from the workers' outputs (same folds, same fold panels)."""
-    from dkan.tl._evaluation.cv import CVResult, _summarise
-    from dkan.tl._evaluation.folds import summarise_folds
+    """One :class:`~dkan.tl._cv.CVResult` from the workers' outputs (same folds, same fold panels)."""
+    from dkan._evaluation.folds import summarise_folds
+    from dkan.tl._cv import CVResult, _summarise
 
     first = outs[0]
     if any(o["fold_genes"] != first["fold_genes"] or o["folds"] != first["folds"] for o in outs):

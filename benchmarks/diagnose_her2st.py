@@ -47,7 +47,7 @@ def outputs(module, sample, genes, device) -> dict[str, np.ndarray]:
 
 
 def scores(pred: np.ndarray, y: np.ndarray, y_train_mean: np.ndarray) -> dict[str, float]:
-    from dkan.tl._evaluation.metrics import pearson_per_gene
+    from dkan._metrics import pearson_per_gene
 
     r, _ = pearson_per_gene(pred, y)
     offset = float(np.mean((pred.mean(0) - y.mean(0)) ** 2))
@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import dkan
-    from dkan.tl._evaluation.baselines import fit_ridge
-    from dkan.tl._prepare import gene_embeddings
-    from dkan.tl._train import build_inputs, fit_inputs
+    from dkan._data.inputs import build_inputs
+    from dkan._data.prepare import gene_embeddings
+    from dkan._evaluation.baselines import fit_ridge
+    from dkan.train.fitting import fit_inputs
 
     if args.threads:
         torch.set_num_threads(args.threads)

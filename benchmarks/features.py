@@ -104,10 +104,10 @@ def bench(args: argparse.Namespace) -> dict:
 
     import dkan
     from dkan import _keys as K
+    from dkan._features.crops import SpotCrops
+    from dkan._features.encoding import crop_loader, encode
     from dkan._results import results_table
     from dkan.nn.image_encoders import create_image_encoder
-    from dkan.tl._features import crop_loader, encode
-    from dkan.tl._tiling.crops import SpotCrops
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"

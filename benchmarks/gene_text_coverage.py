@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dkan.tl._genes.describe import SOURCES, describe_genes
+from dkan._genetext.describe import SOURCES, describe_genes
 
 SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 

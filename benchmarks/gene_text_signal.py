@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from dkan import _keys as K
-    from dkan.tl._prepare import gene_embeddings
+    from dkan._data.prepare import gene_embeddings
 
     sdata, key, table, desc, genes = load_prepared(args.data, args.cache, 250)
     y = np.asarray(table[:, genes].layers[K.TARGET], dtype=np.float64)

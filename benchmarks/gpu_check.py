@@ -104,8 +104,8 @@ def check_amp_forward(device: str, s: dict) -> dict:
     """Bare encoder forward in fp32 and under autocast (bf16 where supported, else fp16), images/s."""
     import torch
 
+    from dkan._features.encoding import encode
     from dkan.nn.image_encoders import create_image_encoder
-    from dkan.tl._features import encode
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"

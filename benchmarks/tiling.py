@@ -108,7 +108,7 @@ def run_method(method: str, path: str, n: int, batch: int) -> dict:
         return {"crops": len(idx), "seconds": time.perf_counter() - t, "rss": _peak_rss_mb(), "rss0": rss0}
 
     import dkan
-    from dkan.tl._tiling.crops import BatchBySample, SpotCrops
+    from dkan._features.crops import BatchBySample, SpotCrops
 
     dkan.tl.tile(sdata)
     region = not method.startswith("dkan_patch")

@@ -1,7 +1,7 @@
 """Training throughput and peak memory: dkan's batch strategy against the reference's, side by side.
 
 Synthetic her2st-sized inputs built in memory (5 sections, 900 spots on square grids, 250 genes, frozen 1280-d spot
-and 5 x 5 region features, 384-d gene embeddings), one DKAN module (``dkan.train.model.build_module``), Adam, the
+and 5 x 5 region features, 384-d gene embeddings), one DKAN module (``dkan.train.fitted.build_module``), Adam, the
 training loop's autocast / gradient scaling / clipping, and two strategies that differ only in batching and loss form:
 
 - ``ours``: :func:`dkan.train.data.plan_batches` (every batch comes from one section, so the slide encoder runs once
@@ -192,10 +192,10 @@ def worker(spec: dict) -> dict:
     """Train one strategy for ``warmup`` steps and ``epochs`` timed epochs; return timings and memory."""
     import torch
 
+    from dkan._config import DKANConfig
     from dkan.nn.losses import DKANLoss
-    from dkan.train.config import DKANConfig
+    from dkan.train.fitted import build_module
     from dkan.train.loop import _autocast, _step
-    from dkan.train.model import build_module
 
     device = torch.device(spec["device"])
     extra = {} if spec.get("contrastive_genes") == "preset" else {"contrastive_genes": spec["contrastive_genes"]}

@@ -70,8 +70,8 @@ def prepare(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     """Model inputs of every section (tensors with targets), the panel and its text embeddings."""
     import torch
 
-    from dkan.tl import _prepare as prep
-    from dkan.tl._train import build_inputs
+    from dkan._data import prepare as prep
+    from dkan._data.inputs import build_inputs
 
     sdata, key, _, desc, _ = load_prepared(args.data, args.cache, cfg.n_genes)
     table = sdata.tables[key]  # the count table, as dkan.tl.train passes it; results come from the cache
@@ -89,9 +89,8 @@ def prepare(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
 def _fit_predict(samples, train, test, emb, cfg, *, new=None, mc=0) -> dict[str, Any]:
     import torch
 
-    from dkan.nn.inference import Predictor
-    from dkan.tl._query import draws
-    from dkan.tl._train import fit_inputs
+    from dkan.nn.inference import Predictor, draws
+    from dkan.train.fitting import fit_inputs
     from dkan.train.loop import predict_rows
 
     dev = torch.device("cpu")
@@ -192,7 +191,7 @@ def accuracy(done, data, seeds) -> tuple[Any, dict[str, np.ndarray]]:
     """CVSummary of the single-seed rows, the ensemble mean and the training-mean baseline (same folds)."""
     import pandas as pd
 
-    from dkan.tl._evaluation.cv import _summarise
+    from dkan.tl._cv import _summarise
 
     samples, names = data["samples"], [s.name for s in data["samples"]]
     folds = [f for f in range(len(samples)) if all(f"seed{sd}_{names[f]}" in done for sd in seeds)]
@@ -257,7 +256,7 @@ def inner(done, data, args) -> Any:
     """CVSummary of each ``gene_output`` value over the inner folds (the outer section never enters)."""
     import pandas as pd
 
-    from dkan.tl._evaluation.cv import _summarise
+    from dkan.tl._cv import _summarise
 
     samples = data["samples"]
     names = [s.name for s in samples]
@@ -281,7 +280,7 @@ def inner(done, data, args) -> Any:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from dkan.train.config import DKANConfig
+    from dkan._config import DKANConfig
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -97,7 +97,8 @@ def subset_worker(spec: dict) -> dict:
 
     import dkan
     from dkan._utils import iter_samples, spot_pixels
-    from dkan.tl._slides import _features, read_slide
+    from dkan.io._store_read import read_slide
+    from dkan.tl._slide import _features
 
     _threads(spec)
     model = dkan.DKANModel.load(spec["model"])

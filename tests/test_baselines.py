@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from dkan import _keys as K
-from dkan.tl._evaluation.baselines import fit_mean, fit_ridge
-from dkan.tl._evaluation.evaluate import evaluate
+from dkan._evaluation.baselines import fit_mean, fit_ridge
+from dkan._evaluation.evaluate import evaluate
 
 
 def _linear(seed=0, n=300, d=40, g=6):

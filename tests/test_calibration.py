@@ -9,9 +9,9 @@ from conftest import results
 
 import dkan
 from dkan import _keys as K
+from dkan._config import DKANConfig
 from dkan.datasets import copy_sdata
-from dkan.nn.model import DKAN
-from dkan.train.config import DKANConfig
+from dkan.nn.network import DKAN
 from dkan.train.data import SampleInputs
 
 NO_DROPOUT = {
@@ -49,7 +49,7 @@ def _pcc(pred: np.ndarray, y: np.ndarray) -> float:
 
 def _fit(**overrides) -> tuple[float, float]:
     """Held-out PCC and training per-gene offset (mean squared difference of means) after a short fit."""
-    from dkan.tl._train import fit_inputs
+    from dkan.train.fitting import fit_inputs
     from dkan.train.loop import predict_rows
 
     samples, texts = _uninformative_texts()
@@ -149,7 +149,7 @@ def constant_gene(toy_master):
 
 def _constant_gene_error(sdata, gene: str, gene_output: str) -> float:
     """Largest absolute error on the constant gene over the training spots after a short fit."""
-    from dkan.tl._train import build_inputs
+    from dkan._data.inputs import build_inputs
     from dkan.train.loop import predict_rows
 
     model = dkan.tl.train(
@@ -178,7 +178,7 @@ def test_a_gene_with_a_constant_offset_is_fitted_exactly(constant_gene):
 
 
 def test_models_saved_before_calibration_load_with_the_reference_settings():
-    from dkan.train.model import _parse_content
+    from dkan.train.fitted import _parse_content
 
     cfg = DKANConfig.resolve("small").to_dict()
     for key in ("standardize_genes", "gene_output"):

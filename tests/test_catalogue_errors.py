@@ -49,8 +49,8 @@ def _fake_model(genes):
     """A DKANModel shell (no network weights): enough for the checks that run before any forward pass."""
     import torch
 
-    from dkan.train.config import DKANConfig
-    from dkan.train.model import DKANModel
+    from dkan._config import DKANConfig
+    from dkan.train.fitted import DKANModel
 
     return DKANModel(torch.nn.Identity(), DKANConfig(), list(genes), np.zeros((len(genes), 4), np.float32), {})
 
@@ -150,7 +150,7 @@ def test_api_error(case, exc, phrase, sdata, tmp_path):
 
 def test_predict_loads_a_model_path(sdata, tmp_path, monkeypatch):
     """A path given as ``model`` goes to DKANModel.load (and nothing else does)."""
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     seen = []
 
@@ -244,13 +244,13 @@ def test_read_st_truncated_image_fails_when_decoded(section, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ online sources
 def _ncbi(**kw):
-    from dkan.tl._genes.ncbi import NCBIClient
+    from dkan._genetext.ncbi import NCBIClient
 
     return NCBIClient(cache_dir="/nonexistent-dkan-cache", **kw)
 
 
 def _llm(**kw):
-    from dkan.tl._genes.llm import LLMClient
+    from dkan._genetext.llm import LLMClient
 
     return LLMClient(base_url="http://127.0.0.1:9/v1", cache_dir="/nonexistent-dkan-cache", **kw)
 
@@ -292,7 +292,7 @@ class _Refusing:
     ids=["ncbi", "llm"],
 )
 def test_server_error_body_is_redacted(call, monkeypatch):
-    from dkan.tl._genes.ncbi import ServiceError
+    from dkan._genetext.ncbi import ServiceError
 
     monkeypatch.setattr(urllib.request, "urlopen", _http_error(ECHO))
     with pytest.raises(ServiceError, match="HTTP 401") as info:
@@ -312,7 +312,7 @@ def test_server_error_body_is_redacted(call, monkeypatch):
     ],
 )
 def test_redact_patterns(text, kept):
-    from dkan.tl._genes.ncbi import redact
+    from dkan._genetext.ncbi import redact
 
     out = redact(text)
     assert "abcdef123456" not in out

@@ -158,7 +158,7 @@ def test_16_bit_slide_is_served_as_stated_uint8(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="dkan"):
         sd = dkan.io.read_wsi(_tiff(tmp_path / "u16.tif", img))
     assert "16-bit" in caplog.text and "round(v * 255 / 65535)" in caplog.text
-    from dkan.tl._tiling.tile import image_levels
+    from dkan._features.tile import image_levels
 
     level = image_levels(sd.images["u16_image"])[0]
     got = np.asarray(level.data[:, :100, :150])
@@ -178,15 +178,15 @@ def test_other_sample_types_are_refused(tmp_path, dtype):
 
 # ------------------------------------------------------------------------------ item 6: dropout draws without dropout
 def _model(module, genes):
-    from dkan.train.config import DKANConfig
-    from dkan.train.model import DKANModel
+    from dkan._config import DKANConfig
+    from dkan.train.fitted import DKANModel
 
     return DKANModel(module, DKANConfig(), list(genes), np.zeros((len(genes), 4), np.float32), {})
 
 
 def _dkan(**dropouts):
-    from dkan.train.config import DKANConfig
-    from dkan.train.model import build_module
+    from dkan._config import DKANConfig
+    from dkan.train.fitted import build_module
 
     cfg = DKANConfig(**dropouts)
     return build_module(cfg, n_genes=5, gene_dim=8, feature_dim=16, pretrained=False)
@@ -208,7 +208,7 @@ def test_dropout_draws_from_a_model_without_dropout_are_refused(sdata):
 
 
 def test_dropout_only_on_the_training_path_counts_as_none():
-    from dkan.tl._query import check_dropout
+    from dkan.tl._ensemble import check_dropout
 
     genes = [f"g{i}" for i in range(5)]
     only_training = _model(_dkan(**NO_DROPOUT, dropout_expr=0.3, exp_cross_dropout=0.2), genes)
@@ -219,7 +219,7 @@ def test_dropout_only_on_the_training_path_counts_as_none():
 
 
 def test_ensemble_members_without_dropout_are_named(caplog):
-    from dkan.tl._query import check_dropout
+    from dkan.tl._ensemble import check_dropout
 
     genes = [f"g{i}" for i in range(5)]
     with caplog.at_level("WARNING", logger="dkan"):
@@ -273,8 +273,8 @@ def test_predict_overwrite_recomputes_a_target_from_changed_counts(small, tiny_m
 
 
 def test_train_recomputes_a_stale_target_with_its_own_settings(sdata, caplog):
+    from dkan._data.prepare import ensure_target
     from dkan.pp._normalize import FINGERPRINT
-    from dkan.tl._prepare import ensure_target
 
     genes = list(sdata.tables["table"].var_names)
     dkan.pp.normalize(sdata, genes=genes, log="log1p", smooth=False)
@@ -298,8 +298,8 @@ def test_train_recomputes_a_stale_target_with_its_own_settings(sdata, caplog):
 # ------------------------------------------------------------------------------ item 9: a format field edited back to 1
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from dkan.train.config import DKANConfig
-    from dkan.train.model import DKANModel, build_module
+    from dkan._config import DKANConfig
+    from dkan.train.fitted import DKANModel, build_module
 
     config = DKANConfig.resolve("small", d=16, feature_encoder="dummy")
     module = build_module(config, n_genes=4, gene_dim=8, feature_dim=16, pretrained=False)
@@ -334,7 +334,7 @@ def _as_format_1(src, dst, *, rename: bool, drop: tuple[str, ...] = ("sha256",))
     ],
 )
 def test_format_1_holding_format_2_files_is_refused(saved, tmp_path, rename, drop, phrase):
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     path = _as_format_1(saved, tmp_path / "edited", rename=rename, drop=drop)
     for kwargs in ({}, {"allow_unchecked": True}):
@@ -344,7 +344,7 @@ def test_format_1_holding_format_2_files_is_refused(saved, tmp_path, rename, dro
 
 
 def test_format_1_needs_allow_unchecked(saved, tmp_path):
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     path = _as_format_1(saved, tmp_path / "old", rename=True, drop=("sha256", "files"))  # exactly format 1's layout
     with pytest.raises(ValueError, match=r"format-1 model, saved without checksums.*allow_unchecked=True"):

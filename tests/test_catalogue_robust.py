@@ -117,7 +117,7 @@ def test_program_errors_still_stop_the_batch(slides, model_dir, tmp_path, monkey
     def broken(*args, **kwargs):
         raise RuntimeError("a bug, not a slide")
 
-    monkeypatch.setattr(dkan.tl, "predict", broken)
+    monkeypatch.setattr("dkan.tl._predict.predict", broken)  # predict_slides calls it from its module
     with pytest.raises(RuntimeError, match="a bug"):
         dkan.tl.predict_slides([good], model_dir, out_dir=tmp_path, errors="skip", progress=False, device="cpu")
 
@@ -280,8 +280,8 @@ def test_leftovers_of_live_writers_and_other_hosts_are_kept(tmp_path):
 # ------------------------------------------------------------------------------------------------ model folders
 def test_model_save_removes_safetensors_temporaries(tmp_path):
     """safetensors writes ``.tmpXXXXXX`` then renames it (seen with strace); a SIGKILL in between leaves it."""
-    from dkan.train.config import DKANConfig
-    from dkan.train.model import DKANModel, build_module
+    from dkan._config import DKANConfig
+    from dkan.train.fitted import DKANModel, build_module
 
     config = DKANConfig.resolve("small", d=16, feature_encoder="dummy")
     module = build_module(config, n_genes=2, gene_dim=8, feature_dim=16, pretrained=False)

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import dkan
+from dkan._config import DKANConfig
 from dkan.nn._encoders import _weights
-from dkan.train.config import DKANConfig
-from dkan.train.model import DKANModel, build_module
+from dkan.train.fitted import DKANModel, build_module
 
 GENES = ["G1", "G2", "G3", "G4"]
 

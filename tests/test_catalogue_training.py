@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import results
 
-from dkan.train.config import DKANConfig
+from dkan._config import DKANConfig
 from dkan.train.data import SampleInputs, make_validation_split
+from dkan.train.fitted import build_module
 from dkan.train.loop import NonFiniteLossError, fit
-from dkan.train.model import build_module
 
 N_GENES, GENE_DIM, FEAT_DIM, SIDE = 6, 10, 12, 8
 
@@ -128,7 +128,7 @@ def test_normalize_ignores_non_finite_counts_outside_the_genes(toy):
 def test_build_inputs_refuses_a_non_finite_target(toy):
     import dkan
     from dkan import _keys as K
-    from dkan.tl._train import build_inputs
+    from dkan._data.inputs import build_inputs
 
     adata = toy.tables[K.TABLE]
     genes = list(adata.var_names[:5])
@@ -229,7 +229,7 @@ def test_train_refuses_a_split_with_too_few_validation_spots(toy):
 
 # ---------------------------------------------------------------------- issue 14 item 2: model selection
 def test_reference_presets_keep_the_reference_selection_rule():
-    from dkan.train.config import PRESETS
+    from dkan._config import PRESETS
 
     for name in ("her2st", "stnet", "cscc"):
         cfg = PRESETS[name]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dkan import _keys as K
-from dkan.cli import build_parser, main, parse_overrides, update_in_place, write_new_store
+from dkan.cli import build_parser, main, parse_overrides
+from dkan.io._store_write import update_in_place, write_new_store
 
 RES = f"{K.TABLE}{K.RESULTS_SUFFIX}"  # dkan's results table of the toy table
 FAST = ["--set", "max_epochs=1", "--set", "feature_encoder=dummy", "--device", "cpu", "--no-progress", "-q"]

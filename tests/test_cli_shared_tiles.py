@@ -7,8 +7,8 @@ import pytest
 
 import dkan
 from dkan import _keys as K
+from dkan._features.shared_tiles import gather
 from dkan.cli import main
-from dkan.tl._tiling.shared_tiles import gather
 
 FAST = ["--device", "cpu", "--no-progress", "-q"]
 

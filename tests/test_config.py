@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dkan.train.config import PRESETS, DKANConfig
+from dkan._config import PRESETS, DKANConfig
 
 # reference section 1.12: (depth, heads, mlp_ratio, dropout) per module and dataset
 TABLE = {
@@ -149,5 +149,5 @@ def test_json_round_trip(name):
 
 
 def test_config_import_is_torch_free():
-    code = "import sys, dkan.train.config; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, dkan._config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dkan._config import PRESETS, DKANConfig
 from dkan.nn.losses import DKANLoss, nt_xent_dense
-from dkan.train.config import PRESETS, DKANConfig
 
 
 def _outputs(b: int = 4, g: int = 10, d: int = 8) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -53,7 +53,7 @@ def test_model_runs_the_expression_path_for_the_drawn_genes_only():
     """The gene queries do not interact in the cross encoder: a subset gives those genes' rows of the full output."""
     from test_nn_model import CFG, G, TinyConv, make_batch
 
-    from dkan.nn.model import DKAN
+    from dkan.nn.network import DKAN
 
     torch.manual_seed(0)
     model = DKAN(CFG.replace(contrastive_genes=3), G, 12, 10, TinyConv()).eval()

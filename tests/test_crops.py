@@ -8,7 +8,7 @@ from test_tile import EDGE_XY, make_sdata
 
 import dkan
 from dkan import _keys as K
-from dkan.tl._tiling.crops import BatchBySample, ChunkReader, SpotCrops, augment, read_window
+from dkan._features.crops import BatchBySample, ChunkReader, SpotCrops, augment, read_window
 
 P = 32
 
@@ -225,7 +225,7 @@ def test_iter_batches_prefetch_matches_read_batch():
 def test_strip_cache_holds_the_rows_a_window_spans_within_bounds():
     import dask.array as da
 
-    from dkan.tl._tiling.windows import strip_cache_bytes
+    from dkan._features.windows import strip_cache_bytes
 
     img = da.zeros((3, 40_000, 40_000), dtype=np.uint8, chunks=(3, 1024, 1024))
     # a 1120 px window spans up to 3 chunk rows; one more row and rounding up: 4 rows of 3 x 1024 x 40000 bytes

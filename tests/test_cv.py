@@ -5,7 +5,7 @@ import pytest
 
 import dkan
 from dkan.datasets import copy_sdata
-from dkan.tl._evaluation.cv import make_folds
+from dkan.tl._cv import make_folds
 
 
 def test_make_folds():
@@ -53,7 +53,7 @@ def test_cross_validate_rejects_unknown_ablation(toy):
 
 
 def test_shuffled_text_control_gives_every_gene_another_genes_text():
-    from dkan.tl._evaluation.cv import shuffle_gene_text
+    from dkan.tl._cv import shuffle_gene_text
 
     emb = np.arange(20, dtype=np.float32).reshape(10, 2)
     for seed in range(20):
@@ -81,7 +81,7 @@ def test_cross_validate_takes_gene_info_and_warns_on_ensembl_ids(toy_master, cap
     """cross_validate prepares its inputs as train does: `gene_info=` reaches the descriptions, Ensembl ids warn."""
     import logging
 
-    from dkan.tl import _prepare as prep
+    from dkan._data import prepare as prep
 
     seen = {}
 

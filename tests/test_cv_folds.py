@@ -5,10 +5,10 @@ from scipy import sparse
 
 import dkan
 from dkan import _keys as K
+from dkan._config import DKANConfig
+from dkan._evaluation.folds import training_gene_sets, training_panel
 from dkan.datasets import copy_sdata
-from dkan.tl._evaluation.cv import _fold_panels
-from dkan.tl._evaluation.folds import training_gene_sets, training_panel
-from dkan.train.config import DKANConfig
+from dkan.tl._cv import _fold_panels
 
 
 def _boost_sample(sdata, sample: str, genes: list[str]) -> None:

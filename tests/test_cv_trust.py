@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import dkan
+from dkan._evaluation import trust as CT
 from dkan.datasets import copy_sdata
-from dkan.tl._evaluation import trust as CT
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dkan.train.config import DKANConfig
+from dkan._config import DKANConfig
 from dkan.train.data import SampleInputs, split_validation
+from dkan.train.fitted import build_module
 from dkan.train.loop import fit
-from dkan.train.model import build_module
 
 CFG = DKANConfig.resolve(
     "small",

@@ -8,7 +8,7 @@ import logging
 import pytest
 from conftest import data_path
 
-from dkan.tl._genes.describe import describe_genes, read_gene_info, read_text_table
+from dkan._genetext.describe import describe_genes, read_gene_info, read_text_table
 
 GENE_INFO_HEADER = (
     "#tax_id\tGeneID\tSymbol\tLocusTag\tSynonyms\tdbXrefs\tchromosome\tmap_location\tdescription\ttype_of_gene\t"

@@ -13,10 +13,10 @@ from test_text_encoders import _tiny_bert
 
 import dkan
 from dkan import _keys as K
+from dkan._genetext import embed as _embed_genes
+from dkan._genetext.describe import describe_genes
+from dkan._genetext.embed import embed_genes
 from dkan._utils import uns_get
-from dkan.tl._genes import embed as _embed_genes
-from dkan.tl._genes.describe import describe_genes
-from dkan.tl._genes.embed import embed_genes
 
 GENES = ["KRT5", "ERBB2", "IGKC", "XYZ1"]
 DESCRIPTIONS = {"KRT5": "keratin filament .", "ERBB2": "receptor tyrosine kinase .", "IGKC": "immunoglobulin ."}

@@ -9,8 +9,8 @@ import pytest
 from scipy.stats import pearsonr
 
 from dkan import _keys as K
-from dkan.tl._evaluation.combine import CVSummary, combine_folds
-from dkan.tl._evaluation.evaluate import EvalResult, evaluate
+from dkan._evaluation.combine import CVSummary, combine_folds
+from dkan._evaluation.evaluate import EvalResult, evaluate
 
 SAMPLES = ["s0", "s1", "s2", "s3"]
 FOLDS = {"s0": "A", "s1": "A", "s2": "B", "s3": "C"}

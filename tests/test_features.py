@@ -48,7 +48,7 @@ def test_shapes_dtypes_masks(featurised):
 
 def test_features_match_direct_encoding(featurised):
     """The stored feature of a spot is the encoder applied to its normalised crop (a conv net: no resizing)."""
-    from dkan.tl._tiling.crops import SpotCrops
+    from dkan._features.crops import SpotCrops
 
     enc = dkan.nn.create_image_encoder("dummy")
     crops = SpotCrops(featurised, normalize=False)
@@ -61,7 +61,7 @@ def test_features_match_direct_encoding(featurised):
 
 def test_fixed_size_encoder_gets_resized_crops(small):
     """An encoder that only takes its input_size (e.g. a ViT without dynamic size) gets resized crops."""
-    from dkan.tl._tiling.crops import SpotCrops
+    from dkan._features.crops import SpotCrops
 
     enc = dkan.nn.create_image_encoder("dummy")
     enc.fixed_size = True
@@ -89,7 +89,7 @@ def test_provenance(featurised):
 
 
 def test_rerun_is_noop_unless_forced(small, monkeypatch):
-    from dkan.tl import _features
+    from dkan._features import extract as _features
 
     dkan.tl.extract_features(small, "dummy", batch_size=16, region=False)
     first = results(small).obsm[K.SPOT_FEATURES].copy()

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from conftest import results
 
+from dkan._features.encoding import Preprocess
+from dkan._features.shared_tiles import gather
 from dkan.nn.image_encoders import create_image_encoder
-from dkan.tl._features import Preprocess
-from dkan.tl._tiling.shared_tiles import gather
 
 
 def test_preprocess_gives_channels_last_on_cpu_and_the_same_values():
@@ -44,8 +44,8 @@ def test_gather_and_batch_gather_equal_the_dense_assignment():
 def test_model_inputs_share_the_whole_slide_features_instead_of_copying_them():
     import dkan
     from dkan import _keys as K
-    from dkan.tl._train import _take_rows, build_inputs
-    from dkan.train.config import DKANConfig
+    from dkan._config import DKANConfig
+    from dkan._data.inputs import _take_rows, build_inputs
 
     x = np.arange(24, dtype=np.float32).reshape(6, 4)
     assert np.shares_memory(_take_rows(x, np.arange(6), np.float32), x)

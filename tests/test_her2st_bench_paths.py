@@ -13,7 +13,7 @@ import pytest
 
 import dkan
 from dkan.datasets import copy_sdata
-from dkan.tl._evaluation.cv import BASELINES
+from dkan.tl._cv import BASELINES
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 

@@ -84,7 +84,7 @@ def test_train_with_gene_info_and_gene_symbols_quietly(toy_master, tmp_path, cap
 
 
 def test_gene_embeddings_pass_progress_to_the_encoder(capsys):
-    from dkan.tl._prepare import gene_embeddings
+    from dkan._data.prepare import gene_embeddings
 
     sdata = dkan.datasets.toy(n_samples=1, grid_size=2, seed=0)
     genes = list(sdata.tables[K.TABLE].var_names)
@@ -95,7 +95,7 @@ def test_gene_embeddings_pass_progress_to_the_encoder(capsys):
 
 
 def test_train_warns_on_ensembl_names(caplog):
-    from dkan.tl._train import _warn_ensembl
+    from dkan._data.training import _warn_ensembl
 
     table = ad.AnnData(var=pd.DataFrame(index=["ENSG00000141510", "ENSMUSG00000059552", "ENSG00000146648.3"]))
     with caplog.at_level("WARNING", logger="dkan"):
@@ -125,7 +125,7 @@ def test_description_warning_names_options_that_exist(caplog):
 
 
 def test_missing_description_warning_says_gene_info_full_names_are_used(tmp_path, caplog):
-    from dkan.tl._genes.embed import gene_texts
+    from dkan._genetext.embed import gene_texts
 
     info = _gene_info(tmp_path / "gene_info.gz", ["KRT5"])
     with caplog.at_level("WARNING", logger="dkan"):

@@ -15,7 +15,7 @@ def _blank_copy(sdata, key, *, rgba: bool = False):
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Scale, Sequence, get_transformation
 
-    from dkan.tl._tiling.tile import image_levels
+    from dkan._features.levels import image_levels
 
     src = image_levels(sdata.images[f"s0{K.IMAGE_SUFFIX}"])[0]
     tfs = get_transformation(src, get_all=True)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dkan._config import PRESETS
 from dkan.nn.losses import HEADS, DKANLoss, adaptive_weights, nt_xent, nt_xent_dense, supervised_loss
-from dkan.train.config import PRESETS
 
 
 @pytest.fixture(autouse=True)

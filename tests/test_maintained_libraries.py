@@ -82,7 +82,7 @@ def test_buffer_pool_reuses_a_buffer_only_when_nothing_holds_it():
 
     import torch
 
-    from dkan.tl._tiling.windows import _BufferPool
+    from dkan._features.windows import _BufferPool
 
     pool = _BufferPool(size=3)
     a = pool.get((4, 3), np.float32)
@@ -110,7 +110,7 @@ def test_buffer_pool_does_not_depend_on_reference_counts(monkeypatch):
     """Reference-count values change between CPython versions; the pool must reuse buffers whatever they are."""
     import sys
 
-    from dkan.tl._tiling.windows import _BufferPool
+    from dkan._features.windows import _BufferPool
 
     monkeypatch.setattr(sys, "getrefcount", lambda obj: 2)  # e.g. an interpreter that counts one fewer reference
     pool = _BufferPool()
@@ -176,7 +176,7 @@ def _fake_records() -> dict[str, dict]:
 
 def test_ncbi_descriptions_are_fetched_in_batches(tmp_path):
     """Many symbols per esearch call and same records as the former one-request-per-symbol lookup."""
-    from dkan.tl._genes.ncbi import NCBIClient, _pick
+    from dkan._genetext.ncbi import NCBIClient, _pick
 
     symbols = [f"GENE{k}" for k in range(100)] + ["OLD5", "SHARED", "WEIRD NAME"] + [f"NONE{k}" for k in range(17)]
     client = NCBIClient(cache_dir=tmp_path / "batched", rate=1e6)

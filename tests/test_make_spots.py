@@ -4,8 +4,8 @@ from conftest import data_path
 
 import dkan
 from dkan import _keys as K
-from dkan.tl._tiling.make_spots import grid_layout, tissue_mask
-from dkan.tl._tiling.tile import image_levels
+from dkan._features.levels import image_levels
+from dkan._features.make_spots import grid_layout, tissue_mask
 
 
 def he_like_sdata(multiscale=False, tissue=True):
@@ -124,7 +124,7 @@ def test_make_spots_on_tissue_then_tile_and_crop(multiscale):
     rec = table.uns[K.UNS][K.UNS_TILE]["samples"]["he"]
     assert rec["grid_kind"] == "hex" and rec["mpp"] == 1.0
     assert len(np.unique(table.obsm[K.GRID], axis=0)) == table.n_obs
-    from dkan.tl._tiling.crops import SpotCrops
+    from dkan._features.crops import SpotCrops
 
     ds = SpotCrops(sd, table_key=table_key, normalize=False)
     patch = ds[0]["patch"].numpy()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr
 
-from dkan.tl._evaluation import metrics as M
+from dkan import _metrics as M
 
 
 def _scipy_r(pred, target):

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from dkan.tl._genes.describe import describe_genes
-from dkan.tl._genes.llm import LLMClient, _content, parse_reply
-from dkan.tl._genes.ncbi import NCBIClient, ServiceError
+from dkan._genetext.describe import describe_genes
+from dkan._genetext.llm import LLMClient, _content, parse_reply
+from dkan._genetext.ncbi import NCBIClient, ServiceError
 
 # esummary records in NCBI's JSON layout (fields trimmed to those a client reads, plus a few others)
 GENES = {

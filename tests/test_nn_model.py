@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from dkan._config import DKANConfig
 from dkan.nn.losses import DKANLoss
-from dkan.nn.model import DKAN
-from dkan.train.config import DKANConfig
+from dkan.nn.network import DKAN
 
 G, DT, DF, C = 6, 12, 10, 8
 CFG = DKANConfig(

@@ -61,7 +61,7 @@ def test_core_dependencies_have_floors_and_no_unused_entries():
 def test_version_has_one_source():
     assert "version" not in PYPROJECT["project"]
     assert PYPROJECT["project"]["dynamic"] == ["version"]
-    assert PYPROJECT["tool"]["hatch"]["version"]["path"] == "src/dkan/__init__.py"
+    assert PYPROJECT["tool"]["hatch"]["version"]["path"] == "src/dkan/_version.py"
     assert re.fullmatch(r"\d+\.\d+\.\d+([ab]|rc)?\d*", dkan.__version__)
 
 
@@ -98,7 +98,7 @@ def test_update_in_place_needs_no_private_spatialdata_api(tmp_path, monkeypatch)
     from spatialdata import SpatialData, read_zarr
 
     from dkan import _keys as K
-    from dkan.cli import update_in_place
+    from dkan.io._store_write import update_in_place
 
     toy = dkan.datasets.toy(n_samples=1, grid_size=4, n_genes=6, seed=0)
     toy.write(tmp_path / "toy.zarr")

@@ -12,10 +12,10 @@ import pytest
 from matplotlib.patches import PathPatch, Rectangle
 
 from dkan import _keys as K
+from dkan._evaluation.combine import combine_folds
+from dkan._evaluation.evaluate import evaluate
 from dkan.pl._metrics import metrics
 from dkan.pl._utils import finish_figure
-from dkan.tl._evaluation.combine import combine_folds
-from dkan.tl._evaluation.evaluate import evaluate
 
 METHODS = ["dkan", "ridge", "mean_noise"]
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from dkan.tl._evaluation import probes
-from dkan.tl._evaluation.cv import BASELINES, baseline_fold
+from dkan._evaluation import probes
+from dkan._evaluation.probes import baseline_fold
+from dkan.tl._cv import BASELINES
 from dkan.train.data import SampleInputs
 
 N_SIDE, D, G, T = 12, 16, 6, 25

@@ -60,15 +60,15 @@ def test_read_st_overrides_and_single_scale(tmp_path):
 
 
 def test_read_st_is_lazy_and_lifts_pil_limit_locally(tmp_path, monkeypatch):
-    from dkan.io import _st
+    from dkan.io import _image
 
     f = write_section(tmp_path, image_ext=".jpg")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the 220 x 180 image is now a "decompression bomb"
     with pytest.raises(Image.DecompressionBombError), Image.open(f["image"]) as im:
         im.load()
     calls = []
-    load = _st._LazyImage._load
-    monkeypatch.setattr(_st._LazyImage, "_load", lambda self: calls.append(1) or load(self))
+    load = _image.LazyImage._load
+    monkeypatch.setattr(_image.LazyImage, "_load", lambda self: calls.append(1) or load(self))
     sd = _read(f)
     assert not calls  # nothing decoded while reading
     crop = sd.images["S1_image"]["scale0"]["image"].data[:, :50, :50].compute()

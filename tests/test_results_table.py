@@ -176,7 +176,7 @@ def test_stale_results_table_is_refused(toy):
 def test_predict_target_uses_the_counts_layer_the_model_was_trained_on(toy):
     from scipy import sparse
 
-    from dkan.tl._prepare import ensure_model_target
+    from dkan._data.prepare import ensure_model_target
 
     table = toy.tables[K.TABLE]
     table.layers["counts"] = table.X.copy()

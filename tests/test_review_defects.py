@@ -25,9 +25,9 @@ def test_first_prediction_is_the_training_mean(toy):
 
 
 def test_start_at_mean_is_a_no_op_for_the_shared_output():
-    from dkan.train.config import DKANConfig
+    from dkan._config import DKANConfig
+    from dkan.train.fitted import build_module
     from dkan.train.loop import start_at_mean
-    from dkan.train.model import build_module
 
     cfg = DKANConfig.resolve("small", gene_output="shared")
     module = build_module(cfg, n_genes=3, gene_dim=8, feature_dim=8)
@@ -66,7 +66,7 @@ class _OnDevice(torch.nn.Module):
 def test_mc_dropout_forks_the_generator_of_the_models_device(monkeypatch):
     import contextlib
 
-    from dkan.tl._query import draws, rng_devices
+    from dkan.nn.inference import draws, rng_devices
 
     assert rng_devices([torch.nn.Linear(2, 2)]) == ([], "cuda")  # CPU: only the CPU generator
     assert rng_devices([_OnDevice("cuda:1"), _OnDevice("cuda:1")]) == ([1], "cuda")
@@ -115,7 +115,7 @@ def test_train_with_new_descriptions_embeds_them_again(toy, toy_master, caplog):
 def test_ensemble_members_use_their_own_gene_embeddings(toy):
     import copy
 
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     a = dkan.tl.train(toy, config="small", progress=False, max_epochs=1, **FAST)
     other = a.gene_embeddings[::-1].copy()  # the same panel embedded from other texts
@@ -144,7 +144,7 @@ def _her2st_report():
 
 
 def test_her2st_report_states_the_validation_split_that_training_used():
-    from dkan.train.config import DKANConfig
+    from dkan._config import DKANConfig
 
     rep = _her2st_report()
     names = ["C2", "C3", "C4", "C5", "C6"]
@@ -165,8 +165,8 @@ def test_shuffled_texts_give_the_shuffled_embeddings_over_stored_ones(toy):
     """The parallel `shuffled_text` benchmark path: stored embeddings, then the same panel with permuted texts."""
     import pandas as pd
 
-    from dkan.tl import _prepare as prep
-    from dkan.tl._evaluation.cv import shuffle_gene_text
+    from dkan._data import prepare as prep
+    from dkan.tl._cv import shuffle_gene_text
 
     genes = list(toy.tables[K.TABLE].var_names[:12])
     desc = pd.DataFrame({"text": [f"{g} marks cell type number {i}." for i, g in enumerate(genes)]}, index=genes)

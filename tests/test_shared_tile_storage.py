@@ -10,7 +10,7 @@ from test_shared_tiles import G, P, _sdata
 
 import dkan
 from dkan import _keys as K
-from dkan.tl._tiling.shared_tiles import gather, snapped_tiles
+from dkan._features.shared_tiles import gather, snapped_tiles
 
 SMALL_TILES = {"patch_size": 64, "region_grid": 5, "target_mpp": 2.0}
 TRAIN = {"config": "small", "progress": False, "max_epochs": 2, "feature_encoder": "dummy", "device": "cpu"}
@@ -34,8 +34,8 @@ def test_shared_tiles_are_stored_once_per_tile_with_a_per_spot_index():
 
 
 def test_gathered_features_are_each_grid_tile_encoded_alone():
+    from dkan._features.encoding import Preprocess
     from dkan.nn.image_encoders import create_image_encoder
-    from dkan.tl._features import Preprocess
 
     sdata = _sdata()
     dkan.tl.extract_features(sdata, "dummy", shared_tiles=True, device="cpu", progress=False)
@@ -105,7 +105,7 @@ def test_shared_tiles_survive_a_zarr_round_trip_and_still_predict(tmp_path):
 
 
 def test_an_index_without_its_tiles_is_a_clear_error():
-    from dkan.tl._train import region_inputs
+    from dkan._data.inputs import region_inputs
 
     sdata, _ = _pair()
     t = results(sdata)

@@ -8,7 +8,7 @@ from conftest import results
 
 import dkan
 from dkan import _keys as K
-from dkan.tl._tiling.shared_tiles import gather, snapped_tiles
+from dkan._features.shared_tiles import gather, snapped_tiles
 
 P, G = 16, 5  # patch side and region grid: region windows of 80 px, origin = floor(centre) - 40
 

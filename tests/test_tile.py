@@ -205,7 +205,7 @@ def test_tile_visium_layout():
     import spatialdata_io
     from spatialdata.transformations import get_transformation
 
-    from dkan.tl._tiling.crops import SpotCrops, read_window
+    from dkan._features.crops import SpotCrops, read_window
 
     path = data_path("visium_tiny")
     sd = spatialdata_io.visium(path, dataset_id="tiny")

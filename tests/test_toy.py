@@ -49,8 +49,8 @@ def test_toy_bad_arguments(kwargs):
 def test_toy_gene_descriptions_cover_every_toy_gene_without_warnings(caplog):
     import logging
 
+    from dkan._genetext.embed import gene_texts
     from dkan.datasets._toy import TOY_GENES
-    from dkan.tl._genes.embed import gene_texts
 
     texts = dkan.datasets.toy_gene_descriptions()
     assert set(texts) == set(TOY_GENES)

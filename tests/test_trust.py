@@ -138,7 +138,7 @@ def test_predict_with_an_interval_writes_calibrated_layers(model, split):
 
 
 def test_interval_is_refused_for_models_without_calibration(model, split, tmp_path):
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     old = DKANModel(model.module, model.config, model.genes, model.gene_embeddings, model.meta, model.history)
     old.meta.pop(K.UNS_TRUST, None)
@@ -156,7 +156,7 @@ def test_interval_is_refused_for_models_without_calibration(model, split, tmp_pa
 
 
 def test_a_later_prediction_without_the_signals_drops_the_earlier_ones(model, split):
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     new = copy_sdata(split[1])
     tkey = dkan.tl.predict(new, model, interval=0.9, progress=False)
@@ -202,7 +202,7 @@ def test_interval_arguments_are_checked(model, split):
 
 
 def test_trust_signals_survive_save_and_load(model, tmp_path):
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     loaded = DKANModel.load(model.save(tmp_path / "m"))
     assert set(loaded.trust) == set(model.trust)

@@ -63,7 +63,7 @@ def test_space_ranger_layout(folders):
 
 
 def test_reads_with_full_resolution_image_symbols_and_ensembl_ids(folders, toy_sd):
-    from dkan._genes import looks_like_ensembl
+    from dkan._symbols import looks_like_ensembl
 
     sd = _read(folders[0])
     assert {"s0_full_image", "s0_hires_image", "s0_lowres_image"} <= set(sd.images)

@@ -10,8 +10,8 @@ import tifffile
 
 import dkan
 from dkan import _keys as K
+from dkan._features.levels import image_levels
 from dkan.cli import main
-from dkan.tl._tiling.tile import image_levels
 
 MPP = 0.5
 FAST = ["--device", "cpu", "--no-progress", "-q"]
@@ -172,7 +172,7 @@ def _st_section(tmp_path, ext):
 
 
 def test_read_st_jpeg_lower_levels_never_decode_full_resolution(tmp_path, monkeypatch):
-    from dkan.io import _st
+    from dkan.io import _image
 
     files = _st_section(tmp_path, ".jpg")
     sdata = dkan.io.read_st(files["counts"], files["spots"], files["image"], sample_id="S1", scale_factors=(2, 2))
@@ -182,7 +182,7 @@ def test_read_st_jpeg_lower_levels_never_decode_full_resolution(tmp_path, monkey
     def refuse(self):
         raise AssertionError("the full-resolution image was decoded")
 
-    monkeypatch.setattr(_st._LazyImage, "_load", refuse)
+    monkeypatch.setattr(_image.LazyImage, "_load", refuse)
     low = np.asarray(levels[2].data).astype(float)  # decoded at 1/4 size, full resolution untouched
     monkeypatch.undo()
     full = np.asarray(levels[0].data).astype(float)
@@ -191,7 +191,7 @@ def test_read_st_jpeg_lower_levels_never_decode_full_resolution(tmp_path, monkey
 
 
 def test_read_st_tiled_tiff_is_read_a_tile_at_a_time(tmp_path, monkeypatch):
-    from dkan.io import _st
+    from dkan.io import _image
 
     files = _st_section(tmp_path, ".png")
     tif = tmp_path / "S1.tif"
@@ -201,6 +201,6 @@ def test_read_st_tiled_tiff_is_read_a_tile_at_a_time(tmp_path, monkeypatch):
     sdata = dkan.io.read_st(files["counts"], files["spots"], tif, sample_id="S1")
     levels = image_levels(sdata.images["S1_image"])
     assert [lv.shape for lv in levels] == [(3, 800, 1000), (3, 400, 500)]  # the file's own pyramid
-    monkeypatch.setattr(_st._LazyImage, "_load", lambda self: pytest.fail("the whole image was decoded"))
+    monkeypatch.setattr(_image.LazyImage, "_load", lambda self: pytest.fail("the whole image was decoded"))
     crop = np.asarray(levels[0].data[:, 100:300, 50:400])
     np.testing.assert_array_equal(crop, files["img"][100:300, 50:400].transpose(2, 0, 1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from dkan._version import __version__
 
 _SUBMODULES = ("datasets", "io", "pp", "tl", "pl", "nn", "train")
 _LAZY_ATTRS = {"DKANModel": "dkan.train", "DKANConfig": "dkan.train"}

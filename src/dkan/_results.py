@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dkan import _keys as K
+from dkan._utils import get_table, results_of, table_attrs
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -36,21 +37,9 @@ def results_key(table_key: str) -> str:
     return f"{table_key}{K.RESULTS_SUFFIX}"
 
 
-def results_of(adata: AnnData) -> str | None:
-    """The count table a results table belongs to (its own name for a table dkan created), or None."""
-    value = adata.uns.get(K.UNS, {}).get(K.UNS_RESULTS_OF)
-    return None if value is None else str(value)
-
-
 def mark(adata: AnnData, owner: str) -> None:
     """Mark ``adata`` as the results table of count table ``owner``."""
     adata.uns.setdefault(K.UNS, {})[K.UNS_RESULTS_OF] = owner
-
-
-def is_derived(sdata: SpatialData, key: str) -> bool:
-    """Whether table ``key`` is the results table of *another* table of ``sdata`` (so not a count table)."""
-    owner = results_of(sdata.tables[key])
-    return owner is not None and owner != key and owner in sdata.tables
 
 
 def results_table(sdata: SpatialData, table_key: str | None = None, *, create: bool = False) -> tuple[str, AnnData]:
@@ -70,8 +59,6 @@ def results_table(sdata: SpatialData, table_key: str | None = None, *, create: b
     -------
     The results table's name and the table (an element of ``sdata.tables``).
     """
-    from dkan._utils import get_table
-
     tkey, table = get_table(sdata, table_key)
     owner = results_of(table)
     if owner is not None and (owner == tkey or owner in sdata.tables):
@@ -175,8 +162,6 @@ def _new(table: AnnData, tkey: str, genes: list[str]) -> AnnData:
     import pandas as pd
     from scipy import sparse
     from spatialdata.models import TableModel
-
-    from dkan._utils import table_attrs
 
     regions, region_key, instance_key = table_attrs(table, table_key=tkey)
     cols = [c for c in dict.fromkeys([region_key, instance_key, *OBS_COLUMNS]) if c in table.obs]

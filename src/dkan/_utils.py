@@ -50,13 +50,23 @@ def get_table(sdata: SpatialData, table_key: str | None = None) -> tuple[str, An
     one count table and its results table infers the count table.
     """
     if table_key is None:
-        from dkan._results import is_derived
-
         available = [k for k in sdata.tables.keys() if not is_derived(sdata, k)]
     else:
         available = list(sdata.tables.keys())
     key = choose_key("tables", "table_key", table_key, available)
     return key, sdata.tables[key]
+
+
+def results_of(adata: AnnData) -> str | None:
+    """The count table a results table belongs to (its own name for a table dkan created), or None."""
+    value = adata.uns.get(K.UNS, {}).get(K.UNS_RESULTS_OF)
+    return None if value is None else str(value)
+
+
+def is_derived(sdata: SpatialData, key: str) -> bool:
+    """Whether table ``key`` is the results table of *another* table of ``sdata`` (so not a count table)."""
+    owner = results_of(sdata.tables[key])
+    return owner is not None and owner != key and owner in sdata.tables
 
 
 def table_attrs(adata: AnnData, *, table_key: str = "table") -> tuple[list[str], str, str]:
@@ -298,3 +308,23 @@ def resolve_device(device: str | int | torch.device | None, *, param: str = "dev
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"`{param}={device!r}` but MPS is not available here; use `{param}='cpu'`.")
     return dev
+
+
+def error_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (a KeyError's message without the quotes ``str`` adds)."""
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    text = " ".join(str(msg).split())
+    return text or type(err).__name__
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` runs on this machine."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -108,12 +108,12 @@ class _ReducedLevel:
     def _load(self) -> np.ndarray:
         from PIL import Image
 
-        from dkan.io._st import _no_pixel_limit
+        from dkan.io._image import no_pixel_limit
 
         with self._lock:
             if self._data is None:
                 h, w = self.shape[1:]
-                with _no_pixel_limit(), Image.open(self.path) as im:
+                with no_pixel_limit(), Image.open(self.path) as im:
                     if im.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 size directly (never larger than needed)
                         im.draft("RGB", (max(w, 1), max(h, 1)))
                     rgb = im if im.mode == "RGB" else im.convert("RGB")

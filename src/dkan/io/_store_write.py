@@ -30,6 +30,7 @@ import socket
 import sys
 import uuid
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,7 +56,7 @@ def temp_sibling(path: Path, kind: str) -> Path:
 
 def _stale(host: str | None, pid: str | None) -> bool:
     """Whether a leftover's writer is gone: no recorded writer, or a dead process on this host."""
-    from dkan.train._store import pid_alive
+    from dkan._utils import pid_alive
 
     if host is None or pid is None:
         return True
@@ -245,3 +246,46 @@ def pending_backups(store: Path) -> dict[str, Path]:
             elif name.startswith(prefix) and _BACKUP + ".tmp-" in name:
                 recover_store(entry.with_name(name.split(".tmp-")[0]))  # a backup killed while written
     return found
+
+
+def update_in_place(sdata: SpatialData, table_key: str, *, added: Sequence[str] = ()) -> None:
+    """Rewrite table ``table_key`` of a backed SpatialData on disk and write the new elements ``added``.
+
+    The updated table is first saved as a one-table store next to the store (``.STORE.TABLE.dkan-backup.zarr``,
+    renamed into place once complete) so an interruption between deleting and rewriting the element loses
+    nothing; the backup is removed when the element is written. A killed or failed update leaves the backup,
+    and the next in-place run finishes the update from it before reading the store.
+
+    Parameters
+    ----------
+    sdata
+        A SpatialData read from a zarr store (``sdata.path`` set).
+    table_key
+        The table to replace on disk with its in-memory version.
+    added
+        Names of elements that are new in memory and not yet on disk.
+    """
+    if sdata.path is None:
+        raise ValueError("The SpatialData is not backed by a zarr store; write it with `sdata.write(path)` instead.")
+    store = Path(sdata.path)
+    # public API: paths are "<element type>/<element name>"
+    on_disk = {p.rsplit("/", 1)[-1] for p in sdata.elements_paths_on_disk()}
+    for name in added:
+        if name not in on_disk:
+            sdata.write_element(name)
+    if table_key not in on_disk:
+        sdata.write_element(table_key)
+        return
+    backup = backup_path(store, table_key)
+    write_backup(sdata.tables[table_key], table_key, backup)
+    try:
+        sdata.delete_element_from_disk(table_key)
+        sdata.write_element(table_key)
+    except BaseException:
+        logger.error(
+            "Rewriting table `%s` in %s failed; the updated table is kept in %s. The next `dkan predict "
+            "--in-place` on the store restores it (dkan.io._store_write.restore_backups).",
+            table_key, store, backup,
+        )  # fmt: skip
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

@@ -11,7 +11,7 @@ __getattr__, __dir__, __all__ = lazy_module(
         "create_text_encoder": "text_encoders",
         "list_text_encoders": "text_encoders",
         "register_text_encoder": "text_encoders",
-        "DKAN": "model",
+        "DKAN": "network",
         "convert_checkpoint": "_encoders._weights",
     },
 )

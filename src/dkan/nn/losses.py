@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from dkan.train.config import DKANConfig
+    from dkan._config import DKANConfig
 
 __all__ = ["HEADS", "DKANLoss", "adaptive_weights", "nt_xent", "nt_xent_dense", "supervised_loss"]
 
@@ -207,7 +207,7 @@ class DKANLoss:
 
     @classmethod
     def from_config(cls, config: DKANConfig) -> DKANLoss:
-        """Loss settings of a :class:`~dkan.train.config.DKANConfig`."""
+        """Loss settings of a :class:`~dkan._config.DKANConfig`."""
         return cls(
             temperature=config.temperature,
             distill=config.distill,

@@ -13,13 +13,13 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from dkan.tl._evaluation.combine import CVSummary
+    from dkan._evaluation.combine import CVSummary
 
 _BAR_METRICS = ("mae", "mse", "pcc_all", "pcc_hpg", "pcc_heg", "pcc_hvg")
 
 
 def _as_summary(result: Any) -> CVSummary:
-    from dkan.tl._evaluation.combine import CVSummary, combine_folds
+    from dkan._evaluation.combine import CVSummary, combine_folds
 
     if isinstance(result, CVSummary):
         return result

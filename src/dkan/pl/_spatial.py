@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from dkan import _keys as K
+from dkan._docs import shared_docs
 from dkan._utils import Sample, iter_samples, spot_pixels
+from dkan.pl._draw import color_scale, colorbar, draw_spots, gene_column, read_image
 from dkan.pl._utils import finish_figure
 
 if TYPE_CHECKING:
@@ -21,8 +23,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
-#: Longest side, in screen pixels of the chosen pyramid level, that is enough for one panel's background.
-_MAX_IMAGE_PX = 1000
 #: Margin around the spots' bounding box, in spot radii.
 _MARGIN_RADII = 2.0
 
@@ -37,6 +37,7 @@ class _Row:
     pcc: float | None
 
 
+@shared_docs
 def spatial_pred(
     sdata: SpatialData,
     gene: str,
@@ -67,8 +68,7 @@ def spatial_pred(
 
     Parameters
     ----------
-    sdata
-        SpatialData with predictions from :func:`dkan.tl.predict`.
+    {sdata_pred}
     gene
         Gene symbol (a ``var_name`` of the table).
     sample
@@ -131,8 +131,8 @@ def spatial_pred(
     adata = sdata.tables[tkey]
     col = _gene_index(adata, gene, tkey)
     samples = _pick_samples(iter_samples(sdata, table_key=tkey, image_key=image_key), sample)
-    pred = _column(adata, pred_layer, col)
-    observed = _column(adata, target_layer, col) if target_layer in adata.layers else None
+    pred = gene_column(adata, pred_layer, col)
+    observed = gene_column(adata, target_layer, col) if target_layer in adata.layers else None
     rows = [_make_row(s, pred, observed) for s in samples]
     from dkan.pl._std import std_column
 
@@ -153,7 +153,7 @@ def spatial_pred(
         for row, row_axes, (xy, r), window in zip(rows, axes, geometry, windows, strict=True):
             draw_std(sdata, row.sample, row_axes.pop(), xy, r, window, std[row.sample.obs_idx], gene=gene, **kwargs)
     given = _pop_scale(kwargs)
-    norm = _norm([v for r in rows for v in (r.pred, r.observed) if v is not None], *given)
+    norm = color_scale([v for r in rows for v in (r.pred, r.observed) if v is not None], *given)
     for row, row_axes, (xy, r), window in zip(rows, axes, geometry, windows, strict=True):
         panel_norm = None if scale == "panel" else norm
         _draw_row(sdata, row, row_axes, xy, r, window, gene=gene, cmap=cmap, norm=panel_norm, given=given, **kwargs)
@@ -162,7 +162,7 @@ def spatial_pred(
     annotate(adata, col, rows, axes, geometry, show_novel=show_novel)
     fig = axes[0][0].figure
     if scale == "shared":
-        _colorbar(
+        colorbar(
             fig,
             [a for r in axes for a in r],
             norm,
@@ -218,16 +218,6 @@ def _gene_index(adata: AnnData, gene: str, table_key: str) -> int:
     raise KeyError(f"`gene={gene!r}` is not in table `{table_key}`. {hint}Genes include {list(names[:8])}.")
 
 
-def _column(adata: AnnData, layer: str, col: int) -> np.ndarray:
-    """One gene's values of a layer (dense or sparse) as float64."""
-    from scipy import sparse
-
-    x = adata.layers[layer][:, col]
-    if sparse.issparse(x):
-        x = x.toarray()
-    return np.asarray(x, dtype=np.float64).ravel()
-
-
 def _pick_samples(samples: list[Sample], sample: str | Sequence[str] | None) -> list[Sample]:
     if sample is None:
         return samples[:1]
@@ -242,7 +232,7 @@ def _pick_samples(samples: list[Sample], sample: str | Sequence[str] | None) -> 
 
 
 def _make_row(sample: Sample, pred: np.ndarray, observed: np.ndarray | None) -> _Row:
-    from dkan.tl._evaluation.metrics import pearson_per_gene
+    from dkan._metrics import pearson_per_gene
 
     p = pred[sample.obs_idx]
     o = None if observed is None else observed[sample.obs_idx]
@@ -256,23 +246,6 @@ def _make_row(sample: Sample, pred: np.ndarray, observed: np.ndarray | None) -> 
 def _pop_scale(kwargs: dict[str, Any]) -> tuple[Normalize | None, float | None, float | None]:
     """The user's ``norm``, ``vmin`` and ``vmax`` (removed from ``kwargs``)."""
     return kwargs.pop("norm", None), kwargs.pop("vmin", None), kwargs.pop("vmax", None)
-
-
-def _norm(values: list[np.ndarray], norm: Normalize | None, vmin: float | None, vmax: float | None) -> Normalize:
-    """A colour scale spanning the finite ``values`` (the user's ``norm``/``vmin``/``vmax`` take precedence)."""
-    from matplotlib.colors import Normalize
-
-    if norm is not None:
-        return norm
-    vals = np.concatenate(values) if values else np.zeros(0)
-    vals = vals[np.isfinite(vals)]
-    if not len(vals):
-        vals = np.zeros(1)
-    lo = float(vals.min()) if vmin is None else float(vmin)
-    hi = float(vals.max()) if vmax is None else float(vmax)
-    if hi <= lo:
-        hi = lo + 1.0
-    return Normalize(vmin=lo, vmax=hi)
 
 
 # ----------------------------------------------------------------------------------------- drawing
@@ -321,17 +294,17 @@ def _draw_row(
         panels.insert(0, (row.observed, f"{name}: {gene} observed"))
         if row.pcc is not None:
             panels[1] = (row.pred, f"{panels[1][1]}\nPCC = {row.pcc:.3f}")
-    image = _read_image(sdata, row.sample.image_key, window)
+    image = read_image(sdata, row.sample.image_key, window)
     for a, (values, title) in zip(axes, panels, strict=True):
         if image is not None:
             a.imshow(image[0], extent=image[1], interpolation="antialiased", zorder=0)
         if values is None:
             a.text(0.5, 0.5, "not measured", ha="center", va="center", transform=a.transAxes)
         else:
-            own = norm if norm is not None else _norm([values], *given)
-            _draw_spots(a, xy, r, values, cmap=cmap, norm=own, **kwargs)
+            own = norm if norm is not None else color_scale([values], *given)
+            draw_spots(a, xy, r, values, cmap=cmap, norm=own, **kwargs)
             if norm is None:
-                _colorbar(a.figure, [a], own, cmap, label=gene)
+                colorbar(a.figure, [a], own, cmap, label=gene)
         a.set_title(title)
         a.set_xlim(window[0], window[2])
         a.set_ylim(window[3], window[1])
@@ -349,82 +322,3 @@ def _window(xy: np.ndarray, r: np.ndarray) -> tuple[float, float, float, float]:
         float(np.nanmax(xy[:, 0]) + pad),
         float(np.nanmax(xy[:, 1]) + pad),
     )
-
-
-def _read_image(
-    sdata: SpatialData, image_key: str | None, window: tuple[float, ...]
-) -> tuple[np.ndarray, tuple] | None:
-    """The part of the image under ``window`` at about ``_MAX_IMAGE_PX`` pixels across, and its extent."""
-    from dkan.tl._tiling.tile import image_levels
-
-    if image_key is None:
-        return None
-    levels = image_levels(sdata.images[image_key])
-    h0, w0 = levels[0].sizes["y"], levels[0].sizes["x"]
-    side = max(window[2] - window[0], window[3] - window[1])
-    level = _pick_level(levels, side)
-    sy, sx = h0 / level.sizes["y"], w0 / level.sizes["x"]
-    step = max(1, int(side / sx // _MAX_IMAGE_PX))  # subsample a level finer than needed
-    xa, xb = max(int(np.floor(window[0] / sx)), 0), min(int(np.ceil(window[2] / sx)), level.sizes["x"])
-    ya, yb = max(int(np.floor(window[1] / sy)), 0), min(int(np.ceil(window[3] / sy)), level.sizes["y"])
-    if xb <= xa or yb <= ya:
-        return None
-    crop = np.asarray(level.data[:, ya:yb:step, xa:xb:step])
-    xb, yb = xa + crop.shape[2] * step, ya + crop.shape[1] * step
-    return _to_rgb(crop), (xa * sx, xb * sx, yb * sy, ya * sy)
-
-
-def _pick_level(levels: list[Any], side: float) -> Any:
-    """The coarsest stored pyramid level with at least ``_MAX_IMAGE_PX`` pixels across ``side`` (scale-0 px).
-
-    Levels computed lazily from a finer one (an in-memory pyramid: more dask graph layers than level 0) cost
-    a full-resolution read each, so they are skipped; the finer level is then subsampled instead.
-    """
-    w0 = levels[0].sizes["x"]
-    base = _graph_layers(levels[0])
-    for cand in reversed(levels[1:]):
-        if _graph_layers(cand) <= base and side * cand.sizes["x"] / w0 >= _MAX_IMAGE_PX:
-            return cand
-    return levels[0]
-
-
-def _graph_layers(level: Any) -> int:
-    graph = getattr(level.data, "dask", None)
-    return len(graph.layers) if graph is not None and hasattr(graph, "layers") else 0
-
-
-def _to_rgb(crop: np.ndarray) -> np.ndarray:
-    """``(c, y, x)`` -> ``(y, x, 3)`` for imshow: uint8 as is, other types scaled to [0, 1]."""
-    img = crop[:3] if crop.shape[0] >= 3 else np.repeat(crop[:1], 3, axis=0)
-    img = np.moveaxis(img, 0, -1)
-    if img.dtype == np.uint8:
-        return img
-    img = img.astype(np.float64)
-    lo, hi = np.nanmin(img), np.nanmax(img)
-    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-
-
-def _draw_spots(
-    ax: Axes, xy: np.ndarray, r: np.ndarray, values: np.ndarray, *, cmap: str, norm: Any, **kwargs: Any
-) -> None:
-    from matplotlib.collections import EllipseCollection
-
-    coll = EllipseCollection(
-        widths=2 * r,
-        heights=2 * r,
-        angles=np.zeros(len(r)),
-        units="xy",
-        offsets=xy,
-        offset_transform=ax.transData,
-        cmap=cmap,
-        norm=norm,
-        **kwargs,
-    )
-    coll.set_array(np.ma.masked_invalid(values))
-    ax.add_collection(coll)
-
-
-def _colorbar(fig: Figure, axes: list[Axes], norm: Any, cmap: str, *, label: str) -> None:
-    from matplotlib.cm import ScalarMappable
-
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, label=label, shrink=0.8 if len(axes) <= 2 else 0.6)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dkan import _keys as K
+from dkan.pl._draw import color_scale, colorbar, draw_spots, gene_column, read_image
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -18,15 +19,13 @@ if TYPE_CHECKING:
 
 def std_column(adata: AnnData, pred_layer: str, col: int, table_key: str) -> np.ndarray:
     """One gene's predicted standard deviation (``layers[pred_layer + "_std"]``)."""
-    from dkan.pl._spatial import _column
-
     key = f"{pred_layer}{K.STD_SUFFIX}"
     if key not in adata.layers:
         raise KeyError(
             f"`show_std=True` needs `layers[{key!r}]` in table `{table_key}` (layers: {sorted(adata.layers)}). Predict "
             "with `dkan.tl.predict(sdata, model, n_samples=10)` (test-time dropout) or a list of models (an ensemble)."
         )
-    return _column(adata, key, col)
+    return gene_column(adata, key, col)
 
 
 def draw_std(
@@ -42,15 +41,13 @@ def draw_std(
     **kwargs: Any,
 ) -> None:
     """A panel of the predicted standard deviation, on its own colour scale (another quantity than expression)."""
-    from dkan.pl._spatial import _colorbar, _draw_spots, _norm, _read_image
-
     kwargs = {k: v for k, v in kwargs.items() if k not in ("norm", "vmin", "vmax")}
-    image = _read_image(sdata, sample.image_key, window)
+    image = read_image(sdata, sample.image_key, window)
     if image is not None:
         ax.imshow(image[0], extent=image[1], interpolation="antialiased", zorder=0)
-    norm = _norm([values], None, 0.0, None)
-    _draw_spots(ax, xy, r, values, cmap="magma", norm=norm, **kwargs)
-    _colorbar(ax.figure, [ax], norm, "magma", label=f"{gene} predicted SD")
+    norm = color_scale([values], None, 0.0, None)
+    draw_spots(ax, xy, r, values, cmap="magma", norm=norm, **kwargs)
+    colorbar(ax.figure, [ax], norm, "magma", label=f"{gene} predicted SD")
     ax.set_title(f"{sample.name}: {gene} predicted SD")
     ax.set_xlim(window[0], window[2])
     ax.set_ylim(window[3], window[1])

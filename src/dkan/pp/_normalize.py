@@ -10,6 +10,7 @@ import pandas as pd
 from scipy import sparse
 
 from dkan import _keys as K
+from dkan._docs import shared_docs
 from dkan._utils import grid_coords, uns_get, uns_set
 from dkan.pp._grid import detect_grid, neighbour_average
 from dkan.pp._select import _as_table, _counts, _sample_labels
@@ -51,6 +52,7 @@ def _panel_genes(adata: AnnData, genes: Sequence[str] | None) -> list[str]:
     return [str(g) for g in adata.var_names]
 
 
+@shared_docs
 def normalize(
     data: SpatialData | AnnData,
     *,
@@ -96,8 +98,7 @@ def normalize(
     layer
         Layer holding raw (integer) counts; default ``X``. Non-integer values (normalised or log-transformed data)
         are refused with a ValueError.
-    table_key
-        Table of a SpatialData; inferred when it holds one table.
+    {table_key_any}
     key_added
         ``layers`` key of the result.
     inplace

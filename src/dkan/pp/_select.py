@@ -10,6 +10,7 @@ import pandas as pd
 from scipy import sparse
 
 from dkan import _keys as K
+from dkan._docs import shared_docs
 from dkan._utils import check_int, get_table, uns_set
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ def _valid_genes(adata: AnnData) -> np.ndarray:
     return ~(missing | dup)
 
 
+@shared_docs
 def select_genes(
     data: SpatialData | AnnData,
     *,
@@ -139,8 +141,7 @@ def select_genes(
         reported and left out of the ``var`` flag, but kept in the recorded order.
     layer
         Layer holding raw (integer) counts; default ``X``. Non-integer values are refused (ValueError).
-    table_key
-        Table of a SpatialData; inferred when it holds one table.
+    {table_key_any}
     key_added
         ``var`` column of the panel flag.
     inplace
@@ -159,7 +160,7 @@ def select_genes(
         raise ValueError(f"`flavor={flavor!r}` is not one of {_FLAVORS}.")
     adata = _as_table(data, table_key)
     if gene_symbols is not None:
-        from dkan._genes import use_symbols
+        from dkan._symbols import use_symbols
 
         with use_symbols(adata, gene_symbols):
             return select_genes(

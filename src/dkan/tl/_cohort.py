@@ -1,6 +1,6 @@
 """A cohort of slides on a Dask distributed cluster: one task per slide, the model loaded once per worker.
 
-:func:`dkan.tl.predict_slides` with ``client=`` comes here. Each task runs :func:`dkan.tl._slides.slide_row` on
+:func:`dkan.tl.predict_slides` with ``client=`` comes here. Each task runs :func:`dkan.tl._slide.slide_row` on
 a worker: recover what a killed run left at the slide's output, skip a finished store, else predict and write the
 store atomically. A slide that fails comes back as a ``failed`` row; an error that is not the slide's (see
 :func:`dkan.tl._slide_errors.is_slide_error`) fails its task and is raised here. A task whose worker died (killed,
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
 logger = logging.getLogger("dkan")
 
@@ -30,7 +30,7 @@ _LOCK = threading.Lock()
 def worker_model(model: DKANModel | str) -> DKANModel:
     """The model for a task: a model object as it is, a folder loaded once per process (cached)."""
     from dkan.train._store import MANIFEST
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     if isinstance(model, DKANModel):
         return model
@@ -59,7 +59,7 @@ def slide_task(slide: str, out: str, model: DKANModel | str, opts: dict[str, Any
     """
     import dask
 
-    from dkan.tl._slides import slide_row
+    from dkan.tl._slide import slide_row
 
     with dask.config.set(scheduler="synchronous"):
         row = slide_row(Path(slide), Path(out), worker_model(model), opts, progress=False)
@@ -87,7 +87,7 @@ def predict_on_client(
     model
         A model object (sent to every worker once) or its folder (loaded once per worker).
     opts
-        Keyword arguments of :func:`dkan.tl._slides.predict_slide`.
+        Keyword arguments of :func:`dkan.tl._slide.predict_slide`.
     errors
         ``"raise"`` or ``"skip"`` (see :func:`dkan.tl.predict_slides`).
     progress
@@ -101,7 +101,7 @@ def predict_on_client(
     from tqdm.auto import tqdm
 
     from dkan.tl._slide_errors import SlideError
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     if isinstance(model, DKANModel):
         ref: Any = client.scatter(model, broadcast=True)

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dkan import _keys as K
-from dkan._utils import check_int, check_unique_genes, resolve_device, uns_get, uns_set
-from dkan.tl import _prepare as prep
+from dkan._data import prepare as prep
+from dkan._data.inputs import build_inputs
+from dkan._genetext.unseen import new_gene_embeddings, new_genes
+from dkan._results import ensure_genes, find_results, mark, results_table
+from dkan._scanpy_spatial import add_spatial_uns
+from dkan._symbols import missing_genes_hint, use_symbols
+from dkan._utils import check_int, check_unique_genes, get_table, iter_samples, resolve_device, uns_get, uns_set
+from dkan._version import __version__
+from dkan.tl._ensemble import as_models, check_dropout
+from dkan.tl._trust import TrustPredict
 
 if TYPE_CHECKING:
     import torch
     from anndata import AnnData
     from spatialdata import SpatialData
 
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
 logger = logging.getLogger("dkan")
 
@@ -119,9 +127,6 @@ def predict(
     -------
     The name of the (results) table holding the predictions.
     """
-    from dkan._genes import use_symbols
-    from dkan.tl._query import as_models, check_dropout, new_genes
-
     models = as_models([_as_model(m) for m in model] if isinstance(model, list | tuple) else [_as_model(model)])
     model = models[0]
     extra = new_genes(model, genes)
@@ -158,89 +163,129 @@ def _predict_table(
     n_samples: int,
     interval: float | None,
     key_added: str,
-    device: str | torch.device | None,
+    device: torch.device,
     image_key: str | Mapping[str, str] | None,
     batch_size: int,
     overwrite: bool,
     progress: bool,
 ) -> str:
     """Predict for the spots of table ``tkey`` into its results table; returns the results table's name."""
-    from tqdm.auto import tqdm
-
-    from dkan._results import ensure_genes, find_results, results_table
-    from dkan._scanpy_spatial import add_spatial_uns
-    from dkan.tl._query import draws, new_gene_embeddings
-    from dkan.tl._train import build_inputs, resolve_device
-    from dkan.tl._trust import TrustPredict
-    from dkan.train.loop import predict_rows
-
     model = models[0]
     trust = TrustPredict(models, interval, n_samples, key_added)  # refuses an interval the model cannot give
     n_samples = trust.n_samples
     counts = sdata.tables[tkey]
     check_unique_genes(counts, table_key=tkey)
     measured = _has_counts(counts) and _check_measured(counts, model, tkey)
+    std_key = f"{key_added}{K.STD_SUFFIX}" if len(models) > 1 or n_samples > 1 else None
     found = find_results(sdata, tkey)  # checked before anything is written: a refused call writes nothing
-    std_key = f"{key_added}{K.STD_SUFFIX}"
-    for key in [*((key_added, std_key) if len(models) > 1 or n_samples > 1 else (key_added,)), *trust.layers]:
-        if found is not None and key in found[1].layers and not overwrite:
-            raise ValueError(
-                f"`layers[{key!r}]` exists in table `{found[0]}`; pass `overwrite=True` or another `key_added`."
-            )
+    _refuse_existing(found, [key_added, *([std_key] if std_key else []), *trust.layers], overwrite=overwrite)
     new_emb = new_gene_embeddings(found and found[1], model, extra, descriptions) if extra else None
     rkey, _ = results_table(sdata, tkey, create=True)
     ensure_genes(sdata, rkey, list(model.genes), panel=True)
     ensure_genes(sdata, rkey, extra)
-    dev = resolve_device(device)
-    cfg = model.config
-    prep.ensure_tiles(sdata, cfg, table_key=tkey, image_key=image_key)
+    with_target = _model_inputs(
+        sdata, tkey, rkey, model, image_key=image_key, device=device, measured=measured, progress=progress
+    )
+    adata = sdata.tables[rkey]  # normalize may have grown it
+    gidx = adata.var_names.get_indexer(list(model.genes) + extra)
+    out, out_std = _run_models(
+        sdata, tkey, models, gidx, (adata.n_obs, adata.n_vars), trust, new_emb=new_emb, n_samples=n_samples,
+        with_std=std_key is not None, device=device, batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    adata.layers[key_added] = out
+    if out_std is not None:
+        adata.layers[std_key] = out_std
+    trusted = trust.finish(adata, out, out_std, len(model.genes), gidx)
+    record = {
+        "layer": key_added,
+        "genes": list(model.genes),
+        "target_written": with_target,
+        "new_genes": extra,
+        "std_layer": std_key,
+        "n_models": len(models),
+        "n_samples": n_samples,
+        **trusted,
+        **_identity(model),
+    }
+    uns_set(adata, K.UNS_PREDICT, record)
+    add_spatial_uns(sdata, tkey, rkey, image_key=image_key)  # scanpy / squidpy spatial plots draw the results
+    logger.info("Wrote predictions of %d genes to `%s.layers[%r]`.", int((gidx >= 0).sum()), rkey, key_added)
+    return rkey
+
+
+def _refuse_existing(found: tuple[str, AnnData] | None, keys: list[str], *, overwrite: bool) -> None:
+    """Refuse to replace an existing prediction layer unless ``overwrite``."""
+    for key in keys:
+        if found is not None and key in found[1].layers and not overwrite:
+            raise ValueError(
+                f"`layers[{key!r}]` exists in table `{found[0]}`; pass `overwrite=True` or another `key_added`."
+            )
+
+
+def _model_inputs(
+    sdata: SpatialData,
+    tkey: str,
+    rkey: str,
+    model: DKANModel,
+    *,
+    image_key: Any,
+    device: torch.device,
+    measured: bool,
+    progress: bool,
+) -> bool:
+    """Tiles and frozen features with the model's settings (checked against it); the target when measured.
+
+    Returns whether ``layers["dkan_target"]`` was written with the model's normalisation.
+    """
+    prep.ensure_tiles(sdata, model.config, table_key=tkey, image_key=image_key)
     stored = uns_get(sdata.tables[rkey], K.UNS_FEATURES)
     if stored is not None:
         check_features(model, stored)
     feats = prep.ensure_features(
-        sdata, model.meta["features"]["encoder"], table_key=tkey, device=dev, batch_size=64, progress=progress
+        sdata, model.meta["features"]["encoder"], table_key=tkey, device=device, batch_size=64, progress=progress
     )
     check_features(model, feats)
-    with_target = measured and prep.ensure_model_target(
-        sdata, list(model.genes), model.meta["normalize"], table_key=tkey
-    )
-    adata = sdata.tables[rkey]  # normalize may have grown it
+    return measured and prep.ensure_model_target(sdata, list(model.genes), model.meta["normalize"], table_key=tkey)
 
-    samples, reader = build_inputs([sdata], model.genes, cfg, table_key=tkey, with_target=False)
+
+def _run_models(
+    sdata: SpatialData,
+    tkey: str,
+    models: list[DKANModel],
+    gidx: np.ndarray,
+    shape: tuple[int, int],
+    trust: TrustPredict,
+    *,
+    new_emb: np.ndarray | None,
+    n_samples: int,
+    with_std: bool,
+    device: torch.device,
+    batch_size: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predictions (and their standard deviation over models and dropout draws) as ``shape`` arrays, NaN elsewhere.
+
+    Column ``gidx[j]`` of the output gets the model's gene ``j`` (the panel, then the new genes); ``-1`` is skipped.
+    Each sample's frozen spot features go to ``trust`` (novelty).
+    """
     import torch
+    from tqdm.auto import tqdm
 
-    from dkan.nn.inference import Predictor
+    from dkan.nn.inference import draws
 
-    modules = [m.module.to(dev).eval() for m in models]
+    cfg = models[0].config
+    samples, reader = build_inputs([sdata], models[0].genes, cfg, table_key=tkey, with_target=False)
     # each member queries the genes with its own embeddings (members may be trained on other texts of the panel)
-    members = [
-        _Member(mod, torch.as_tensor(m.gene_embeddings, device=dev)) for mod, m in zip(modules, models, strict=True)
-    ]
-    extra_t = torch.as_tensor(new_emb, device=dev) if new_emb is not None else None
-    from dkan._utils import iter_samples
-
-    out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)  # panel (+ requested genes) wide
-    out_std = out.copy() if len(models) > 1 or n_samples > 1 else None
-    gidx = adata.var_names.get_indexer(list(model.genes) + extra)
+    members = [_Member(m.module.to(device).eval(), torch.as_tensor(m.gene_embeddings, device=device)) for m in models]
+    extra = torch.as_tensor(new_emb, device=device) if new_emb is not None else None
+    out = np.full(shape, np.nan, dtype=np.float32)  # panel (+ requested genes) wide
+    out_std = out.copy() if with_std else None
     keep = gidx >= 0
-    for s, (inp, smp) in enumerate(
-        tqdm(
-            list(zip(samples, iter_samples(sdata, table_key=tkey, need_image=False), strict=True)),
-            desc="dkan predict",
-            disable=not progress,
-        )
-    ):
+    pairs = list(zip(samples, iter_samples(sdata, table_key=tkey, need_image=False), strict=True))
+    for s, (inp, smp) in enumerate(tqdm(pairs, desc="dkan predict", disable=not progress)):
         rd = (lambda r, s=s: reader(s, r, False)) if reader else None
-        inp = inp.to(dev)
-
-        def run(member: _Member, mc: bool, inp: Any = inp, rd: Any = rd) -> np.ndarray:
-            wrapped = Predictor(member.module, new_genes=extra_t, mc_dropout=mc)
-            rows = np.arange(len(inp))
-            genes = member.genes if cfg.use_text else None
-            return predict_rows(
-                wrapped, inp, rows, genes, batch_size=batch_size, device=dev, amp=cfg.amp, read_patches=rd
-            )
-
+        inp = inp.to(device)
+        run = _runner(inp, extra, read=rd, device=device, batch_size=batch_size, amp=cfg.amp, use_text=cfg.use_text)
         pred, std = draws(run, members, n_samples, cfg.seed)
         trust.add_sample(smp.name, smp.obs_idx, inp.spot)
         out[np.ix_(smp.obs_idx, gidx[keep])] = pred[:, keep]
@@ -248,28 +293,24 @@ def _predict_table(
             out_std[np.ix_(smp.obs_idx, gidx[keep])] = std[:, keep]
     for m in models:
         m.module.cpu()
-    adata.layers[key_added] = out
-    if out_std is not None:
-        adata.layers[std_key] = out_std
-    trusted = trust.finish(adata, out, out_std, len(model.genes), gidx)
-    uns_set(
-        adata,
-        K.UNS_PREDICT,
-        {
-            "layer": key_added,
-            "genes": list(model.genes),
-            "target_written": with_target,
-            "new_genes": extra,
-            "std_layer": std_key if out_std is not None else None,
-            "n_models": len(models),
-            "n_samples": n_samples,
-            **trusted,
-            **_identity(model),
-        },
-    )
-    add_spatial_uns(sdata, tkey, rkey, image_key=image_key)  # scanpy / squidpy spatial plots draw the results
-    logger.info("Wrote predictions of %d genes to `%s.layers[%r]`.", int(keep.sum()), rkey, key_added)
-    return rkey
+    return out, out_std
+
+
+def _runner(
+    inp: Any, extra: Any, *, read: Any, device: torch.device, batch_size: int, amp: bool, use_text: bool
+) -> Callable[[_Member, bool], np.ndarray]:
+    """``run(member, mc_dropout) -> (n, genes)``: one sample's prediction by one member (for ``draws``)."""
+    from dkan.nn.inference import Predictor
+    from dkan.train.loop import predict_rows
+
+    rows = np.arange(len(inp))
+
+    def run(member: _Member, mc: bool) -> np.ndarray:
+        wrapped = Predictor(member.module, new_genes=extra, mc_dropout=mc)
+        genes = member.genes if use_text else None
+        return predict_rows(wrapped, inp, rows, genes, batch_size=batch_size, device=device, amp=amp, read_patches=read)
+
+    return run
 
 
 class _Member:
@@ -279,13 +320,13 @@ class _Member:
         self.module, self.genes = module, genes
 
     def parameters(self) -> Any:
-        """The network's parameters (where it runs: see :func:`dkan.tl._query.rng_devices`)."""
+        """The network's parameters (where it runs: see :func:`dkan.nn.inference.rng_devices`)."""
         return self.module.parameters()
 
 
 def _as_model(model: Any) -> DKANModel:
     """``model`` itself, or the model saved in the folder ``model`` names (:meth:`DKANModel.load`)."""
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     if isinstance(model, DKANModel):
         return model
@@ -310,9 +351,7 @@ def check_features(model: DKANModel, feats: dict[str, Any]) -> None:
 
 
 def _identity(model: DKANModel) -> dict[str, Any]:
-    import dkan
-
-    return {"dkan_version": dkan.__version__, "features": model.meta["features"], "tile": model.meta["tile"]}
+    return {"dkan_version": __version__, "features": model.meta["features"], "tile": model.meta["tile"]}
 
 
 def _has_counts(adata: AnnData) -> bool:
@@ -329,29 +368,21 @@ def _table_for(
     extra: Sequence[str] = (),
 ) -> str:
     """The table to predict into; on an H&E-only slide, pseudo-spots and a new table over the panel (+ ``extra``)."""
-    from dkan._results import mark
-
     if table_key is not None or len(sdata.tables):
-        from dkan._utils import get_table
-
         tkey, adata = get_table(sdata, table_key)
         if adata.n_vars == 0:  # an empty table over pseudo-spots: it is its own results table
             mark(adata, tkey)
         return tkey
-    import dkan
+    from dkan._features.make_spots import make_spots
 
     logger.info("No table on this slide: laying pseudo-spots over the tissue (`dkan.tl.make_spots`).")
-    _, tkey = dkan.tl.make_spots(
-        sdata, image_key=image_key if isinstance(image_key, str) else None, um_per_px=um_per_px
-    )
+    _, tkey = make_spots(sdata, image_key=image_key if isinstance(image_key, str) else None, um_per_px=um_per_px)
     mark(sdata.tables[tkey], tkey)
     return tkey
 
 
 def _check_measured(counts: AnnData, model: DKANModel, tkey: str) -> bool:
     """Whether the count table shares genes with the model (an error when it shares none: a naming mismatch)."""
-    from dkan._genes import missing_genes_hint
-
     gidx = counts.var_names.get_indexer(model.genes)
     if (gidx < 0).all():
         raise ValueError(

@@ -1,189 +1,32 @@
-"""From slide files to prediction stores: one slide (``dkan predict SLIDE``) or a cohort in one call.
+"""From slide files to prediction stores for a cohort: :func:`dkan.tl.predict_slides` (serially or on Dask).
 
-Each slide goes through the stages *read* (:func:`dkan.io.read_wsi` for a slide file, spatialdata for a zarr
-store), *spots* (tissue detection on a low pyramid level and pseudo-spots, :func:`dkan.tl.make_spots`, when the
-slide has no table), *predict* (tiles, frozen features and the model, :func:`dkan.tl.predict`) and *write* (a
-new zarr store written to a temporary sibling and renamed into place). A store at the output path therefore
-means a finished slide: a rerun skips it, and a crash loses at most the slide in progress.
-
-Which errors are a slide's own failure: see :mod:`dkan.tl._slide_errors`.
+Each slide goes through the stages of :mod:`dkan.tl._slide`; a store at the output path means a finished slide, so
+a rerun skips it. With a Dask ``client``, one slide per task (:mod:`dkan.tl._cohort`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dkan import _keys as K
-from dkan.tl._slide_errors import SlideError, slide_stage
+from dkan.tl._slide import REPORT_COLUMNS, slide_row
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
-    from spatialdata import SpatialData
 
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
 logger = logging.getLogger("dkan")
-
-#: The columns of the table :func:`predict_slides` returns.
-REPORT_COLUMNS = (
-    "slide", "out", "status", "n_spots", "read_s", "spots_s", "features_s", "predict_s", "write_s",
-    "encoder_passes", "error",
-)  # fmt: skip
-
-
-def is_store(path: str | PathLike[str]) -> bool:
-    """Whether ``path`` is a zarr store (a folder) rather than a slide file."""
-    return Path(path).is_dir()
-
-
-def read_slide(path: str | PathLike[str], *, um_per_px: float | None = None) -> SpatialData:
-    """Read a SpatialData zarr store, or open a whole-slide file with :func:`dkan.io.read_wsi`.
-
-    Parameters
-    ----------
-    path
-        A zarr store (folder) or a slide file (``.svs``, ``.tif``, ``.ndpi``, ...).
-    um_per_px
-        Pixel size for a slide file whose metadata lacks it (ignored for a store; give it to
-        :func:`dkan.tl.predict` instead).
-
-    Returns
-    -------
-    The SpatialData (images lazy in both cases).
-    """
-    import spatialdata as sd
-
-    from dkan.io import read_wsi
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Slide `{path}` does not exist.")
-    if is_store(path):
-        try:
-            return sd.read_zarr(path)
-        except Exception as err:
-            raise ValueError(
-                f"Cannot read `{path}` as a SpatialData zarr store ({type(err).__name__}: {err})."
-            ) from err
-    return read_wsi(path, um_per_px=um_per_px)
 
 
 def output_path(slide: str | PathLike[str], out_dir: str | PathLike[str]) -> Path:
     """The store a slide's predictions go to: ``out_dir / f"{name}.zarr"`` (name = file name without suffixes)."""
     name = Path(slide).name.split(".")[0]
     return Path(out_dir) / f"{name}.zarr"
-
-
-def record_source(sdata: SpatialData, slide: Path, table_key: str, *, with_image: bool | None = None) -> None:
-    """Before writing a prediction store: record a slide file as its source and, by default, leave its image out.
-
-    Parameters
-    ----------
-    sdata
-        The predicted SpatialData.
-    slide
-        Its input: a slide file or a zarr store.
-    table_key
-        The table holding the predictions (gets ``uns["dkan"]["source"]`` for a slide file).
-    with_image
-        Keep the image elements; default: only when the input is a zarr store.
-    """
-    from dkan._utils import uns_set
-
-    if not is_store(slide):
-        uns_set(
-            sdata.tables[table_key], K.UNS_SOURCE, {"slide": str(Path(slide).resolve()), "images": list(sdata.images)}
-        )
-    if not (with_image if with_image is not None else is_store(slide)):
-        for key in list(sdata.images):
-            del sdata[key]
-
-
-def predict_slide(
-    slide: str | PathLike[str],
-    model: DKANModel,
-    *,
-    out: str | PathLike[str],
-    um_per_px: float | None = None,
-    overwrite: bool = False,
-    device: str | torch.device | None = None,
-    batch_size: int = 256,
-    with_image: bool | None = None,
-    shared_tiles: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Predict the model's panel on one slide and write a new store; ``out`` is complete or absent.
-
-    Parameters
-    ----------
-    slide
-        Slide file or SpatialData zarr store.
-    model
-        A trained :class:`dkan.DKANModel`.
-    out
-        Path of the new zarr store.
-    um_per_px
-        Pixel size for a slide without one in its metadata (µm/px of the full-resolution image).
-    overwrite
-        Replace an existing store at ``out`` (only once the new one is complete).
-    device
-        Torch device (default CUDA when available).
-    batch_size
-        Spots per forward pass.
-    with_image
-        Copy the image into the new store. Default: yes for a zarr store, no for a slide file (a decoded
-        whole slide is tens of GB; the store records the slide's path, see :func:`dkan.io.add_slide_image`).
-    shared_tiles
-        Region features from shared grid tiles (``extract_features(shared_tiles=True)``): encoder passes grow
-        with the tissue area instead of 26 per spot; the model was trained on spot-centred tiles; on the her2st
-        benchmark this cost about 0.016 PCC (docs: benchmarks).
-    progress
-        Show progress bars for features and prediction.
-
-    Returns
-    -------
-    One row of the report of :func:`predict_slides` (stage times in seconds).
-    """
-    import dkan
-    from dkan.io._store_write import recover_store, write_new_store
-
-    slide, out = Path(slide), Path(out)
-    recover_store(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"`out={out}` exists; pass `overwrite=True` to replace it or choose another path.")
-    if out.resolve() == slide.resolve() or slide.resolve() in out.resolve().parents:
-        raise ValueError(f"`out={out}` would be written into the input `{slide}`; choose another path.")
-    row: dict[str, Any] = {"slide": str(slide), "out": str(out), "status": "written", "error": ""}
-    t = time.perf_counter()
-    with slide_stage(slide, "read"):
-        sdata = read_slide(slide, um_per_px=um_per_px)
-    row["read_s"], t = time.perf_counter() - t, time.perf_counter()
-    if not len(sdata.tables):
-        logger.info("%s: detecting tissue and laying pseudo-spots", slide.name)
-        with slide_stage(slide, "spots"):
-            dkan.tl.make_spots(sdata, um_per_px=um_per_px)
-    row["spots_s"], t = time.perf_counter() - t, time.perf_counter()
-    with slide_stage(slide, "features"):
-        row["encoder_passes"] = _features(sdata, model, device=device, shared_tiles=shared_tiles, progress=progress)
-    row["features_s"], t = time.perf_counter() - t, time.perf_counter()
-    with slide_stage(slide, "predict"):
-        tkey = dkan.tl.predict(
-            sdata, model, device=device, batch_size=batch_size, um_per_px=um_per_px, progress=progress
-        )
-    row["n_spots"] = int(sdata.tables[tkey].n_obs)
-    row["predict_s"], t = time.perf_counter() - t, time.perf_counter()
-    with slide_stage(slide, "write"):
-        record_source(sdata, slide, tkey, with_image=with_image)
-        write_new_store(sdata, out, overwrite=overwrite)
-    row["write_s"] = time.perf_counter() - t
-    logger.info("%s: %d spots predicted, written to %s", slide.name, row["n_spots"], out)
-    return row
 
 
 def predict_slides(
@@ -229,7 +72,7 @@ def predict_slides(
     with_image
         Copy each slide's image into its store (default: only for zarr store inputs; see :func:`predict_slide`).
     shared_tiles
-        Region features from shared grid tiles (see :func:`predict_slide`).
+        Region features from shared grid tiles (see :func:`dkan.tl._slide.predict_slide`).
     progress
         Show progress bars (slides, features, prediction).
     client
@@ -248,7 +91,7 @@ def predict_slides(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     if errors not in ("raise", "skip"):
         raise ValueError(f"`errors` must be 'raise' or 'skip'; got {errors!r}.")
@@ -284,61 +127,3 @@ def predict_slides(
         row.pop("exception", None)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
-
-
-def slide_row(path: Path, out: Path, model: DKANModel, opts: dict[str, Any], *, progress: bool) -> dict[str, Any]:
-    """Skip a finished slide, else predict it; a :class:`SlideError` becomes a ``failed`` row (``exception`` key).
-
-    Parameters
-    ----------
-    path, out
-        The slide and its output store.
-    model
-        The model.
-    opts
-        Keyword arguments of :func:`predict_slide` (``overwrite`` among them).
-    progress
-        Show progress bars.
-
-    Returns
-    -------
-    One row of the report.
-    """
-    from dkan.io._store_write import recover_store
-
-    recover_store(out)  # a store a killed run set aside is back before deciding to skip
-    if out.exists() and not opts["overwrite"]:
-        logger.info("%s: %s exists, skipped (pass overwrite=True to recompute)", path.name, out)
-        return {"slide": str(path), "out": str(out), "status": "skipped", "error": ""}
-    try:
-        return predict_slide(path, model, out=out, progress=progress, **opts)
-    except SlideError as err:
-        logger.error("%s: failed, skipped: %s", path.name, err)
-        return {"slide": str(path), "out": str(out), "status": "failed", "error": str(err), "exception": err}
-
-
-def _features(sdata: SpatialData, model: DKANModel, *, device: Any, shared_tiles: bool, progress: bool) -> int:
-    """Tiles and frozen features of the slide's only table with the model's settings; returns the encoder passes."""
-    import numpy as np
-
-    import dkan
-    from dkan._results import results_table
-    from dkan._utils import get_table, uns_get
-    from dkan.tl import _prepare as prep
-
-    tkey, _ = get_table(sdata, None)
-    prep.ensure_tiles(sdata, model.config, table_key=tkey, image_key=None)
-    dkan.tl.extract_features(
-        sdata,
-        model.meta["features"]["encoder"],
-        table_key=tkey,
-        device=device,
-        shared_tiles=True if shared_tiles else None,
-        progress=progress,
-    )
-    _, adata = results_table(sdata, tkey)
-    info = uns_get(adata, K.UNS_FEATURES) or {}
-    tiles = info.get("region_tiles_encoded")
-    if tiles is None:
-        tiles = int(np.asarray(adata.obsm[K.REGION_MASK]).sum()) if K.REGION_MASK in adata.obsm else 0
-    return int(adata.n_obs + tiles)

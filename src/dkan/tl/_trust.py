@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-    from dkan.train.config import DKANConfig
-    from dkan.train.model import DKANModel
+    from dkan._config import DKANConfig
+    from dkan.train.fitted import DKANModel
 
 logger = logging.getLogger("dkan")
 
@@ -44,7 +44,7 @@ def fit_trust(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Calibration, per-gene validation PCC and novelty reference of a trained network.
 
-    The validation rows are those :func:`dkan.tl._train.fit_inputs` held out (the same seeded split). Returns the
+    The validation rows are those :func:`dkan.train.fitting.fit_inputs` held out (the same seeded split). Returns the
     settings (for ``model.meta["trust"]``) and the arrays (``model.trust``).
     """
     from dkan.train.data import make_validation_split
@@ -89,13 +89,12 @@ def _validation_predictions(
     """``(mu, sigma, target, per-gene PCC, sigma kind)`` over the validation rows, or None without any."""
     import torch
 
-    from dkan.nn.inference import Predictor
-    from dkan.tl._query import _TRAINING_ONLY, draws, has_dropout
+    from dkan.nn.inference import TRAINING_ONLY, Predictor, draws, has_dropout
     from dkan.train.data import MIN_VAL_SPOTS
     from dkan.train.loop import predict_rows
 
     genes = torch.as_tensor(emb, device=dev) if cfg.use_text else None
-    kind = "mc_dropout" if has_dropout(module, skip=_TRAINING_ONLY) else "residual"
+    kind = "mc_dropout" if has_dropout(module, skip=TRAINING_ONLY) else "residual"
     n_draws = CALIBRATION_DRAWS if kind == "mc_dropout" else 1
     mus, sigmas, targets, pccs = [], [], [], []
     for s, rows in enumerate(val_rows):
@@ -280,7 +279,7 @@ def reliable_genes(data: SpatialData | DKANModel, *, min_pcc: float = 0.3, table
     -------
     Gene names, ordered by decreasing validation PCC.
     """
-    from dkan.train.model import DKANModel
+    from dkan.train.fitted import DKANModel
 
     if isinstance(min_pcc, bool) or not isinstance(min_pcc, int | float):
         raise TypeError(f"`min_pcc` must be a number, found {type(min_pcc).__name__}.")

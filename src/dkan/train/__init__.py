@@ -7,6 +7,6 @@ __getattr__, __dir__, __all__ = lazy_module(
     {
         "DKANConfig": "config",
         "PRESETS": "config",
-        "DKANModel": "model",
+        "DKANModel": "fitted",
     },
 )

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from dkan.train.config import DKANConfig
+    from dkan._config import DKANConfig
     from dkan.train.data import SampleInputs
 
 #: configuration fields that may change when a run is resumed (they do not change what has been learned so far)

@@ -11,7 +11,7 @@ import numpy as np
 if TYPE_CHECKING:
     from torch import nn
 
-    from dkan.train.config import DKANConfig
+    from dkan._config import DKANConfig
 
 logger = logging.getLogger("dkan")
 

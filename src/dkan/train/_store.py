@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dkan._utils import pid_alive
+
 MANIFEST = "dkan.json"
 _TMP_DIR = re.compile(r"^\.(?P<name>.+)\.dkan-tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
 _WRITER_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors (Rust tempfile crate): .tmp + 6 characters
@@ -189,14 +191,3 @@ def clean_writer_temps(path: Path) -> None:
     for entry in path.iterdir():
         if _WRITER_TMP.match(entry.name) and entry.is_file() and not entry.is_symlink():
             entry.unlink(missing_ok=True)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with id ``pid`` runs on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

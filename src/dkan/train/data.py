@@ -163,7 +163,7 @@ def make_validation_split(
     fraction
         Share of the data to hold out (``0``: none).
     strategy
-        ``"sections"``, ``"blocks"``, ``"random"`` or ``"auto"`` (see :class:`~dkan.train.config.DKANConfig`).
+        ``"sections"``, ``"blocks"``, ``"random"`` or ``"auto"`` (see :class:`~dkan._config.DKANConfig`).
     seed
         Random seed.
 

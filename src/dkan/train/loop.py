@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from dkan._config import DKANConfig
 from dkan.train._checkpoint import load_checkpoint, run_identity, save_checkpoint
 from dkan.train._selection import finish_selection, should_stop, smoothed_score, update_best
-from dkan.train.config import DKANConfig
 from dkan.train.data import MIN_VAL_SPOTS, SampleInputs, batch_inputs, plan_batches
 
 logger = logging.getLogger("dkan")
@@ -300,7 +300,7 @@ def start_at_mean(
     """Shift the per-gene output bias so that the untrained network's mean prediction is ``target_mean``.
 
     The randomly initialised output layer shared by all genes gives each gene an offset that the per-gene bias
-    (set to the training mean by :meth:`~dkan.nn.model.DKAN.init_from_data`) does not cancel. One forward pass in
+    (set to the training mean by :meth:`~dkan.nn.network.DKAN.init_from_data`) does not cancel. One forward pass in
     eval mode over up to ``max_rows`` evenly spaced training rows per sample measures the mean prediction per gene;
     the per-gene bias is lowered by its difference from ``target_mean`` (exactly the mean over those rows; in
     float32, without autocast). A no-op for ``gene_output="shared"``.
@@ -340,7 +340,7 @@ def validation_metrics(
     ``1 - MSE / variance`` of the target. Samples with fewer than :data:`MIN_VAL_SPOTS` validation rows are skipped;
     NaN when no value is defined.
     """
-    from dkan.tl._evaluation.metrics import pearson_per_gene
+    from dkan._metrics import pearson_per_gene
 
     rs, r2s, sq, n = [], [], 0.0, 0
     for s, rows in enumerate(val_rows):
@@ -372,16 +372,3 @@ def _nanmean(parts: list[np.ndarray]) -> float:
         return float("nan")
     values = np.concatenate(parts)
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-
-
-def validation_score(
-    module: nn.Module,
-    samples: list[SampleInputs],
-    val_rows: list[np.ndarray],
-    genes: Tensor | None,
-    config: DKANConfig,
-    device: torch.device,
-    read_patches: PatchReader | None = None,
-) -> float:
-    """Mean over (sample, gene) of the Pearson r on the validation rows (the reference's ``R``)."""
-    return validation_metrics(module, samples, val_rows, genes, config, device, read_patches)["val_pcc"]

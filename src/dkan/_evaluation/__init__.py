@@ -1,0 +1,1 @@
+"""Evaluation of predictions: metrics per gene and summary, fold summaries, baselines."""

@@ -1,1 +1,0 @@
-"""Evaluation: metrics, cross-validation, baselines, fold summaries."""

@@ -1,1 +1,0 @@
-"""Tiling: spot geometry, crop reading, pseudo-spots, image checks, shared tiles."""
