@@ -474,8 +474,8 @@ def add_blends(res: Any) -> Any:
     """``res`` with the :data:`BLENDS` rows whose members it holds, every method re-scored over the same folds."""
     import dataclasses
 
-    from dkan.tl._evaluation.cv import _summarise
-    from dkan.tl._evaluation.folds import summarise_folds
+    from dkan._evaluation.folds import summarise_folds
+    from dkan.tl._cv import _summarise
 
     preds = dict(res.predictions)
     for name, members in BLENDS.items():
