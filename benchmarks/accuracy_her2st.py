@@ -326,6 +326,9 @@ def inject(sdata: Any, key: str, prepared: Any, *, source: str) -> Any:
     from dkan._results import results_key, results_of
 
     table = sdata.tables[key]
+    attrs = prepared.uns.get("spatialdata_attrs", {})
+    if attrs.get("region") is not None and not isinstance(attrs["region"], str | list):
+        attrs["region"] = [str(r) for r in attrs["region"]]  # h5ad gives a list of regions back as an ndarray
     if results_of(prepared) != key:
         raise SystemExit(f"{source} is not a dkan results table of `{key}` (an older cache layout?); delete it.")
     if list(prepared.obs_names) != list(table.obs_names) or not set(prepared.var_names) <= set(table.var_names):
