@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
         results[n] = fig
         log.info("%s: %s (%.0f s)", n, json.dumps(fig), time.perf_counter() - t0)
     base = results.get("spot_by_spot", {}).get("encoder_passes")
-    print("| variant | passes (per spot) | fewer than spot by spot | offset mean / max (tiles) | ridge_ctx PCC-ALL | per fold |")
+    head = "| variant | passes (per spot) | fewer than spot by spot | offset mean / max (tiles) | ridge_ctx PCC-ALL |"
+    print(head + " per fold |")
     print("|---|---|---|---|---|---|")
     for n, f in results.items():
         ratio = f"{base / f['encoder_passes']:.2f}x" if base else "n/a"
