@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, required=True, help="folder for the encoded tiles (npz)")
     p.add_argument("--variants", default="spot_by_spot,exact_tiles,grid/1,grid/1+patch,grid/2,grid/2+patch")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--no-probe", dest="probe", action="store_false", help="geometry and feature error only")
+    p.add_argument(
+        "--mismatch", action="store_true",
+        help="also: probe fitted on spot-by-spot features, test section from the variant's (a model trained by "
+        "default, then predicting with shared tiles)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -170,22 +176,69 @@ def region_layout(res, name: str, store: dict[str, dict]) -> tuple[np.ndarray, n
     return tiles, index, figures
 
 
-def probe_folds(sdata, desc) -> dict:
-    """``ridge_ctx`` over the leave-one-section-out folds of ``accuracy_her2st.py`` (DKAN not trained)."""
+def feature_error(tiles: np.ndarray, index: np.ndarray, region: np.ndarray, mask: np.ndarray) -> dict:
+    """Relative L2 distance to the spot-by-spot features: per valid region cell, and of each spot's masked mean."""
+    from dkan.tl._tiling.shared_tiles import gather
+
+    cells, means = [], []
+    for start in range(0, len(index), 128):
+        sl = slice(start, start + 128)
+        got, want, m = gather(tiles, index[sl]), region[sl], mask[sl]
+        err = np.linalg.norm(got - want, axis=-1) / np.maximum(np.linalg.norm(want, axis=-1), 1e-8)
+        cells.append(err[m])
+        w = m[..., None].astype(np.float32)
+        gm, wm = (got * w).sum(1) / w.sum(1), (want * w).sum(1) / w.sum(1)
+        means.append(np.linalg.norm(gm - wm, axis=-1) / np.linalg.norm(wm, axis=-1))
+    cell, mean = float(np.concatenate(cells).mean()), float(np.concatenate(means).mean())
+    return {"cell_rel_error": cell, "mean_rel_error": mean}
+
+
+def context_inputs(res, region_rows) -> dict[str, np.ndarray]:
+    """Per sample, the ``ridge_ctx`` input ``[spot, masked mean of the region tiles]`` (float64)."""
+    from dkan import _keys as K
+
+    spot = np.asarray(res.obsm[K.SPOT_FEATURES], dtype=np.float64)
+    mask = np.asarray(res.obsm[K.REGION_MASK], dtype=np.float64)
+    samples = res.obs["sample"].to_numpy()
+    out = {}
+    for name in dict.fromkeys(samples):
+        rows = np.flatnonzero(samples == name)
+        reg = region_rows(rows).astype(np.float64)
+        m = mask[rows]
+        mean = (reg * m[..., None]).sum(1) / np.maximum(m.sum(1, keepdims=True), 1.0)
+        out[str(name)] = np.concatenate([spot[rows], mean], axis=1)
+    return out
+
+
+def probe_folds(sdata, desc, mismatch: tuple[dict, dict] | None = None) -> dict:
+    """``ridge_ctx`` over the leave-one-section-out folds of ``accuracy_her2st.py`` (DKAN not trained).
+
+    ``mismatch``: per-sample context inputs ``(train, test)``: the probe is fitted on the first (spot-by-spot
+    features, as a model trained by default) and predicts the test section from the second (a variant's).
+    """
     import dkan.tl._evaluation.cv as cv
+    from dkan.tl._evaluation.probes import fit_probe
 
     def no_dkan(samples, train, test, emb, cfg, dev, reader, progress, *, trust=False):
         return [np.zeros(tuple(samples[i].target.shape), np.float32) for i in test], [], None
 
-    real = cv._dkan_fold
+    def crossed(name, samples, train, test, *, seed, cache=None):
+        y = [samples[i].target.numpy() for i in train]
+        grids = [samples[i].grid.numpy() for i in train]
+        model = fit_probe(name, [mismatch[0][samples[i].name] for i in train], y, grids, seed=seed)
+        return [model.predict(mismatch[1][samples[i].name]) for i in test], dict(model.params)
+
+    real, real_bf = cv._dkan_fold, cv.baseline_fold
     cv._dkan_fold = no_dkan
+    if mismatch is not None:
+        cv.baseline_fold = crossed
     try:
         res = cv.cross_validate(
             sdata, groupby="sample", config="small", baselines=("ridge_ctx",), descriptions=desc, device="cpu",
             progress=False, panel_per_fold=True,
         )  # fmt: skip
     finally:
-        cv._dkan_fold = real
+        cv._dkan_fold, cv.baseline_fold = real, real_bf
     pf = res.summary.per_fold
     pf = pf[pf["method"] == "ridge_ctx"]
     return {
@@ -258,7 +311,16 @@ def main(argv: list[str] | None = None) -> None:
         else:
             tiles, index, fig = region_layout(res, n, store)
             install(res, n, tiles, index, region)
-        fig.update(probe_folds(sdata, desc))
+            fig.update(feature_error(tiles, index, region, mask))
+        if args.probe:
+            fig.update(probe_folds(sdata, desc))
+        if args.mismatch and n != "spot_by_spot":
+            from dkan.tl._tiling.shared_tiles import gather
+
+            exact = context_inputs(res, lambda rows: region[rows])
+            ctx = context_inputs(res, lambda rows, t=tiles, i=index: gather(t, i[rows]))
+            cross = probe_folds(sdata, desc, (exact, ctx))
+            fig.update({f"mismatch_{k}": v for k, v in cross.items()})
         results[n] = fig
         log.info("%s: %s (%.0f s)", n, json.dumps(fig), time.perf_counter() - t0)
     base = results.get("spot_by_spot", {}).get("encoder_passes")
@@ -266,6 +328,14 @@ def main(argv: list[str] | None = None) -> None:
     print(head + " per fold |")
     print("|---|---|---|---|---|---|")
     for n, f in results.items():
+        if "cell_rel_error" in f:
+            err = f"per cell {f['cell_rel_error']:.3f}, of the mean {f['mean_rel_error']:.3f}"
+            print(f"{n}: relative feature error {err}")
+        if "mismatch_pcc_all" in f:
+            folds = ", ".join(f"{v:.3f}" for v in f["mismatch_pcc_all_folds"])
+            print(f"{n}: fitted on spot by spot, tested on it: PCC-ALL {f['mismatch_pcc_all']:.4f} ({folds})")
+        if "pcc_all" not in f:
+            continue
         ratio = f"{base / f['encoder_passes']:.2f}x" if base else "n/a"
         folds = ", ".join(f"{v:.3f}" for v in f["pcc_all_folds"])
         print(
