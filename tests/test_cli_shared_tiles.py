@@ -61,3 +61,14 @@ def test_shared_tiles_flag_reaches_the_features_and_still_predicts(source, slide
     assert K.REGION_FEATURES not in shared.obsm and rec_shared["region_storage"] == "tiles"  # once per tile
     region = gather(shared.uns[K.REGION_TILES], shared.obsm[K.REGION_INDEX])
     assert region.shape[:2] == (shared.n_obs, 25) and np.abs(region).sum() > 0
+
+
+def test_shared_tiles_takes_a_grid_subdivision(store, model_dir, tmp_path):
+    recs = {}
+    for n in ("1", "2"):
+        out = tmp_path / f"pred{n}.zarr"
+        args = ["predict", str(store), "--model", str(model_dir), "--out", str(out), "--shared-tiles", n]
+        assert main([*args, *FAST]) == 0
+        recs[n] = _predicted(out)[1]
+    assert recs["1"]["subdivide"] == 1 and recs["2"]["subdivide"] == 2
+    assert recs["2"]["region_tiles_encoded"] > recs["1"]["region_tiles_encoded"]  # tiles half a tile apart
