@@ -14,9 +14,15 @@ Per variant: encoder passes (spots + distinct region tiles), the distance betwee
 position and the tile used (mean / max, in tiles), and ``ridge_ctx`` PCC-ALL per fold. Tile features are
 encoded once per distinct pixel position and cached in ``--work`` (``.npz``), so reruns take seconds.
 
+``--mismatch`` also fits the probe on spot-by-spot features and tests it on a variant's (a model trained by
+default that then predicts with shared tiles); ``--wsi-geometry`` prints the encoder passes of each grid on
+whole-slide pseudo-spots (geometry only, no data).
+
 Usage::
 
-    python benchmarks/shared_tiles_her2st.py --cache her2st_small.h5ad --work /tmp/tiles [--variants ...]
+    python benchmarks/accuracy_her2st.py --preset small --cache her2st_small.h5ad --ablations none --baselines mean
+    python benchmarks/shared_tiles_her2st.py --cache her2st_small.h5ad --work /tmp/tiles [--variants ...] [--mismatch]
+    python benchmarks/shared_tiles_her2st.py --wsi-geometry
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--cache", type=Path, required=True, help="accuracy_her2st.py --cache table (spot by spot)")
-    p.add_argument("--work", type=Path, required=True, help="folder for the encoded tiles (npz)")
+    p.add_argument("--wsi-geometry", action="store_true", help="only the whole-slide pass counts (no data)")
+    p.add_argument("--cache", type=Path, default=None, help="accuracy_her2st.py --cache table (spot by spot)")
+    p.add_argument("--work", type=Path, default=Path("shared_tiles_work"), help="folder for the encoded tiles (npz)")
     p.add_argument("--variants", default="spot_by_spot,exact_tiles,grid/1,grid/1+patch,grid/2,grid/2+patch")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--no-probe", dest="probe", action="store_false", help="geometry and feature error only")
@@ -281,11 +288,47 @@ def load_cache(data: Path, cache: Path, n_genes: int):
     return sdata, inject(sdata, key, table, source=str(cache)), desc
 
 
+def _row(x: np.ndarray, y: float) -> np.ndarray:
+    return np.c_[x, np.full_like(x, y)]
+
+
+def wsi_passes(subdivisions=(1, 2, 3, 4), *, radius_um: float = 6430.0) -> list[dict]:
+    """Encoder passes on whole-slide pseudo-spots (geometry only): a disc of the 100 µm hex layout of
+    :func:`dkan.tl.make_spots`, 2 µm/px, 64 px tiles, 5 x 5 regions; every region tile inside the image."""
+    from dkan.tl._tiling.shared_tiles import grid_step, snapped_tiles
+
+    pitch, side, g, r = 50.0, 64, 5, radius_um / 2.0  # px at 2 µm/px
+    dy = pitch * np.sqrt(3) / 2
+    rows = [
+        _row(np.arange(0, 2 * r + pitch, pitch) + (pitch / 2 if i % 2 else 0), i * dy)
+        for i in range(int(2 * r / dy) + 2)
+    ]
+    xy = np.concatenate(rows) + 1000.3
+    xy = xy[np.hypot(*(xy - (1000 + r)).T) < r]
+    n = len(xy)
+    out = [{"subdivide": 0, "spots": n, "passes": n * (1 + g * g)}]
+    for d in subdivisions:
+        idx = snapped_tiles(xy, tile_side=side, region_side=g * side, grid=g, step=grid_step(side, d))
+        tiles = len(np.unique(idx.reshape(-1, 2), axis=0))
+        out.append({"subdivide": d, "spots": n, "grid_tiles": tiles, "passes": n + tiles})
+    for row in out:
+        print(
+            f"whole-slide pseudo-spots, subdivide {row['subdivide']}: {row['passes']} passes "
+            f"({row['passes'] / n:.2f} per spot, {out[0]['passes'] / row['passes']:.1f}x fewer than spot by spot)"
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from dkan import _keys as K
     from dkan.train.config import DKANConfig
 
     args = parse_args(argv)
+    if args.wsi_geometry:
+        wsi_passes()
+        return
+    if args.cache is None:
+        raise SystemExit("--cache FILE is needed (an accuracy_her2st.py --cache table, spot by spot).")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
     args.work.mkdir(parents=True, exist_ok=True)
