@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default="spot_by_spot,exact_tiles,grid/1,grid/1+patch,grid/2,grid/2+patch")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--no-probe", dest="probe", action="store_false", help="geometry and feature error only")
+    p.add_argument("--max-epochs", type=int, default=None, help="override of the preset (smoke runs)")
+    p.add_argument(
+        "--dkan-mismatch", action="store_true",
+        help="train DKAN spot by spot per fold (5 trainings) and predict each test section from spot-by-spot and "
+        "from every variant's region tiles",
+    )  # fmt: skip
     p.add_argument(
         "--mismatch", action="store_true",
         help="also: probe fitted on spot-by-spot features, test section from the variant's (a model trained by "
@@ -288,6 +294,87 @@ def load_cache(data: Path, cache: Path, n_genes: int):
     return sdata, inject(sdata, key, table, source=str(cache)), desc
 
 
+def dkan_mismatch(sdata, res, desc, layouts: dict[str, tuple[np.ndarray, np.ndarray]], **overrides) -> dict:
+    """DKAN trained spot by spot per fold, its test section predicted from spot-by-spot and each variant's tiles.
+
+    One training per fold (the ``small`` preset, as ``accuracy_her2st.py``), so the variants differ only in the
+    test section's region features: a model trained by default that then predicts with shared tiles.
+    """
+    import dataclasses
+
+    import torch
+
+    import dkan.tl._evaluation.cv as cv
+    from dkan.tl._evaluation.folds import summarise_folds
+    from dkan.tl._train import fit_inputs
+    from dkan.train.loop import predict_rows
+
+    samples_col = res.obs["sample"].to_numpy()
+    extra: dict[str, list[tuple[str, np.ndarray]]] = {n: [] for n in layouts}
+
+    def fold(samples, train, test, emb, cfg, dev, reader, progress, *, trust=False):
+        sub = (lambda s, rows, aug: reader(train[s], rows, aug)) if reader else None
+        module, result = fit_inputs([samples[i] for i in train], emb, cfg, dev, reader=sub, progress=progress)
+        genes = torch.as_tensor(emb, device=dev) if cfg.use_text else None
+        outs = []
+        for i in test:
+            rd = (lambda rows, i=i: reader(i, rows, False)) if reader else None
+            s = samples[i]
+
+            def run(x, rd=rd):
+                x = x.to(dev)
+                return predict_rows(module, x, np.arange(len(x)), genes, batch_size=256, device=dev, amp=cfg.amp,
+                                    read_patches=rd)  # fmt: skip
+
+            outs.append(run(s))
+            rows = np.flatnonzero(samples_col == s.name)
+            for name, (tiles, index) in layouts.items():
+                v = dataclasses.replace(
+                    s, region=torch.as_tensor(tiles), region_index=torch.as_tensor(index[rows], dtype=torch.int64)
+                )
+                extra[name].append((s.name, run(v)))
+        return outs, result.history, None
+
+    real = cv._dkan_fold
+    cv._dkan_fold = fold
+    try:
+        out = cv.cross_validate(
+            sdata, groupby="sample", config="small", baselines=(), descriptions=desc, device="cpu", progress=False,
+            panel_per_fold=True, **overrides,
+        )  # fmt: skip
+    finally:
+        cv._dkan_fold = real
+    names = list(dict.fromkeys(out.obs["sample"]))
+    offsets = np.r_[0, np.cumsum([int((out.obs["sample"] == n).sum()) for n in names])]
+    preds = {"spot_by_spot": out.predictions["DKAN"]}
+    genes = list(out.genes)
+    for name, parts in extra.items():
+        p = np.full_like(preds["spot_by_spot"], np.nan)
+        for sample, pred in parts:
+            k = names.index(sample)
+            f = int(out.obs["fold"].to_numpy()[offsets[k]])
+            cols = [genes.index(g) for g in out.fold_genes[f]]
+            p[offsets[k] : offsets[k + 1], cols] = pred
+        preds[name] = p
+    sets = out.summary.gene_sets
+    fold_sets = [{"heg": h, "hvg": v} for h, v in zip(sets["heg"], sets["hvg"], strict=True)]
+    summary = summarise_folds(preds, out.target, out.obs, genes, out.fold_genes, fold_sets)
+    pf = summary.per_fold
+    table = {}
+    for name in preds:
+        rows = pf[pf["method"] == name]
+        table[name] = {
+            "pcc_all": float(rows["pcc_all"].mean()),
+            "pcc_all_folds": [float(v) for v in rows["pcc_all"]],
+            "pcc_heg": float(rows["pcc_heg"].mean()),
+        }
+        print(
+            f"DKAN trained spot by spot, test region tiles {name}: PCC-ALL {table[name]['pcc_all']:.4f} "
+            f"({', '.join(f'{v:.3f}' for v in table[name]['pcc_all_folds'])}), PCC-HEG {table[name]['pcc_heg']:.4f}"
+        )
+    return table
+
+
 def _row(x: np.ndarray, y: float) -> np.ndarray:
     return np.c_[x, np.full_like(x, y)]
 
@@ -344,6 +431,13 @@ def main(argv: list[str] | None = None) -> None:
         for sample, (orig, _) in variant_origins(res, n).items():
             wanted.setdefault(sample, []).append(orig[mask[samples == sample]])
     store = encode_positions(sdata, res, {s: np.concatenate(v) for s, v in wanted.items()}, args.work)
+    if args.dkan_mismatch:
+        layouts = {n: region_layout(res, n, store)[:2] for n in grids}
+        extra = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+        table = dkan_mismatch(sdata, res, desc, layouts, **extra)
+        if args.json is not None:
+            args.json.write_text(json.dumps(table, indent=1))
+        return
     results = {}
     for n in names:
         t0 = time.perf_counter()
