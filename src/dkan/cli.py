@@ -183,8 +183,8 @@ def _add_predict(sub: Any) -> None:
         metavar="N",
         help="Compute region features once per tile of a slide-aligned grid and share them between neighbouring "
         "spots (dkan.tl.extract_features(shared_tiles=True)): encoder passes grow with the tissue area instead of "
-        "26 per spot, much faster on whole slides. A departure from the reference (spot-centred region tiles) "
-        "that lowered PCC-ALL by about 0.016 on the her2st benchmark; recorded in the features' provenance. "
+        "26 per spot, much faster on whole slides. A departure from the reference (spot-centred region tiles), "
+        "recorded in the features' provenance. "
         "N > 1 puts the grid tiles 1/N of a tile apart (closer to spot-centred tiles, about N^2 times the tiles); "
         "0: spot by spot. Default: 2 for a slide file (within 0.001 PCC-ALL of spot by spot on her2st, 8x fewer "
         "encoder passes on whole slides), spot by spot for a zarr store.",

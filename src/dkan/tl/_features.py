@@ -106,8 +106,8 @@ def extract_features(
     shared_tiles
         Compute region features once per tile of a slide-aligned grid and share them between spots (each region
         tile is replaced by the nearest grid tile; the spot patch stays exact): encoder passes grow with the
-        tissue, not with 26 x spots. A departure from the reference that cost about 0.016 PCC on the her2st
-        benchmark, so off by default (see ``dkan.tl._tiling.shared_tiles``). Stored once per tile, not per spot:
+        tissue, not with 26 x spots. A departure from the reference, off by default here (whole-slide
+        prediction turns it on with ``2``; see ``dkan.tl._tiling.shared_tiles``). Stored once per tile, not per spot:
         ``uns["dkan_region_tiles"]`` float32 ``(n_tiles, D)`` plus ``obsm["dkan_region_index"]`` int32
         ``(n, G*G)``, the row of each spot's region tile in it (-1 where the mask is 0); training and prediction
         gather them a batch of spots at a time (:func:`dkan.tl.region_features` does it for given
