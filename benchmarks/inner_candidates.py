@@ -84,12 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------- inputs and the inner split
 def setup(args: argparse.Namespace) -> dict[str, Any]:
-    """Prepared inputs, per-fold panels and the inner split of every fold."""
-    import torch
-
+    """The her2st sections with their prepared inputs (``--cache``, built when absent), as :func:`build_env`."""
     from dkan._config import DKANConfig
-    from dkan._data.training import training_inputs
-    from dkan.tl._cv import _fold_panels, _sample_groups, make_folds
 
     cfg = DKANConfig.resolve("small", **parse_overrides(args.overrides))
     if not args.cache.is_file():
@@ -101,6 +97,16 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
         desc = gene_descriptions(sdata, args.data, cfg.n_genes)
         prepare_inputs(sdata, cfg, desc, "cpu", args.cache, progress=False, shared_tiles=False)
     sdata, key, _, desc, _ = load_prepared(args.data, args.cache, cfg.n_genes)
+    return build_env(sdata, key, desc, cfg)
+
+
+def build_env(sdata: Any, key: str | None, desc: Any, cfg: Any) -> dict[str, Any]:
+    """Per-fold panels (chosen on each fold's training sections), the model inputs and the inner split of every fold."""
+    import torch
+
+    from dkan._data.training import training_inputs
+    from dkan.tl._cv import _fold_panels, _sample_groups, make_folds
+
     plan = _fold_panels(sdata, cfg, "sample", None, 0, key, True)
     dev = torch.device("cpu")
     sdatas, tables, genes, emb, _, _, samples, _ = training_inputs(
