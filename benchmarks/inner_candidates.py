@@ -284,8 +284,8 @@ def report(args: argparse.Namespace, env: dict[str, Any]) -> str:
         for cand, z in saved.items():
             row[cand] = mean_pcc(z["held"], y)
             row[f"{cand} s"] = float(z["seconds"])
-        if "default" in saved:
-            row.update(default_blends(saved["default"]["held"], probes, y, own_section(saved["default"], fs, fold)))
+            if cand == "default":
+                row.update(default_blends(z["held"], probes, y, own_section(z, fs, fold)))
         row.update(seed_blends([saved[c]["held"] for c in ("default", "default_seed1") if c in saved], probes, y))
         rows.append(row)
     text = table_text(rows)
