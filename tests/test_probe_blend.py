@@ -144,3 +144,27 @@ def test_ensemble_mixing_blended_and_plain_models_is_refused(blended, split):
     model, network, _ = blended
     with pytest.raises(ValueError, match="probe_blend"):
         dkan.tl.predict(copy_sdata(split[1]), [model, network], progress=False)
+
+
+def test_trust_calibrates_on_probes_fitted_on_training_rows_only(split, monkeypatch):
+    import dkan._evaluation.blend as B
+    from dkan.train.data import make_validation_split
+
+    calls = []
+    original = B.fit_blend_probes
+
+    def spy(samples, train, *, seed, cache=None, rows=None):
+        calls.append((list(train), rows, [s.name for s in samples], [s.grid.numpy() for s in samples]))
+        return original(samples, train, seed=seed, cache=cache, rows=rows)
+
+    monkeypatch.setattr(B, "fit_blend_probes", spy)
+    model = dkan.tl.train(copy_sdata(split[0]), config="small", progress=False, probe_blend=True, **FAST)
+    assert len(calls) == 2  # trust (training rows of the validation split), then the stored probes (all spots)
+    (_, rows, names, grids), (_, stored_rows, _, _) = calls
+    cfg = model.config
+    val = make_validation_split(names, grids, cfg.val_fraction, strategy=cfg.val_split, seed=cfg.seed)
+    assert stored_rows is None
+    for got, train_rows, val_rows in zip(rows, val.train, val.val, strict=True):
+        np.testing.assert_array_equal(got, train_rows)
+        assert not set(np.asarray(got).tolist()) & set(np.asarray(val_rows).tolist())
+    assert sum(len(v) for v in val.val) > 0
