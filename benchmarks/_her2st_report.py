@@ -228,7 +228,8 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         "test-selected).",
         f"- Inputs shared by every method and fold: frozen `{cfg.feature_encoder}` features of each spot "
         f"({cfg.patch_size} px crops at {cfg.target_mpp} µm/px) and of its {cfg.region_grid}x{cfg.region_grid} "
-        f"region; `{cfg.text_encoder}` embeddings of the gene descriptions (sources: {out['text_sources']}).",
+        f"region ({region_kind(getattr(args, 'shared_tiles', 0))}); `{cfg.text_encoder}` embeddings of the gene "
+        f"descriptions (sources: {out['text_sources']}).",
         f"- DKAN preset `{args.preset}`"
         + (f" with overrides {out['overrides']}" if out["overrides"] else "")
         + f": d={cfg.d}, lr={cfg.lr}, batch {cfg.batch_size}, <= {cfg.max_epochs} epochs, patience {cfg.patience}, "
@@ -374,3 +375,11 @@ def trust_section(res: Any) -> list[str]:
         *trust_lines(res),
         "",
     ]
+
+
+def region_kind(shared_tiles: int) -> str:
+    """How the region tiles were made: spot by spot, or shared grid tiles ``1/N`` of a tile apart."""
+    if not shared_tiles:
+        return "spot-centred region tiles, spot by spot"
+    step = "a tile" if int(shared_tiles) == 1 else f"1/{int(shared_tiles)} of a tile"
+    return f"shared grid tiles {step} apart, `--shared-tiles {int(shared_tiles)}`"

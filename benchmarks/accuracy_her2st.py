@@ -100,8 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip the issue-23 trust figures (per fold: calibration, val PCC and novelty of the DKAN row)",
     )  # fmt: skip
     p.add_argument(
-        "--shared-tiles", action="store_true", help="region features from shared grid tiles (extract_features option)"
-    )
+        "--shared-tiles", nargs="?", type=int, const=1, default=0, metavar="N",
+        help="region features from shared grid tiles every 1/N of a tile (extract_features(shared_tiles=N); "
+        "N defaults to 1)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -284,7 +286,7 @@ def fold_validation(sdata: Any, cfg: Any, folds: list[list[str]]) -> dict[str, s
 
 # ---------------------------------------------------------------------- inputs once, methods in parallel
 def prepare_inputs(
-    sdata: Any, cfg: Any, desc: pd.DataFrame, device: str, cache: Path | None, progress: bool, shared_tiles: bool
+    sdata: Any, cfg: Any, desc: pd.DataFrame, device: str, cache: Path | None, progress: bool, shared_tiles: int
 ) -> None:
     """Run the input steps of ``cross_validate`` once (or load them from ``cache``), so later calls skip them."""
     import anndata as ad
@@ -299,16 +301,19 @@ def prepare_inputs(
         res = inject(sdata, key, ad.read_h5ad(cache), source=f"--cache {cache}")
         from dkan import _keys as K
 
-        if bool(res.uns[K.UNS][K.UNS_FEATURES].get("shared_tiles")) != shared_tiles:
-            raise ValueError(f"--cache {cache} holds features of the other kind than --shared-tiles asks; use another.")
+        rec = res.uns[K.UNS][K.UNS_FEATURES]
+        stored = int(rec.get("subdivide", 1)) if rec.get("shared_tiles") else 0
+        if stored != int(shared_tiles):
+            raise ValueError(f"--cache {cache} holds features of another kind than --shared-tiles asks; use another.")
         return
     if shared_tiles:  # computed first, so that the preparation keeps them (dkan._features.shared_tiles)
         import dkan
 
         prep.ensure_tiles(sdata, cfg, table_key=key, image_key=None)
         dkan.tl.extract_features(
-            sdata, cfg.feature_encoder, table_key=key, device=torch.device(device), shared_tiles=True, progress=progress
-        )
+            sdata, cfg.feature_encoder, table_key=key, device=torch.device(device), shared_tiles=int(shared_tiles),
+            progress=progress,
+        )  # fmt: skip
     prep.prepare_training(
         [sdata], [table], cfg, table_key=key, image_key=None, descriptions=desc, device=torch.device(device),
         progress=progress,

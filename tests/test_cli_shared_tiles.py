@@ -48,10 +48,10 @@ def _predicted(out):
 def test_shared_tiles_flag_reaches_the_features_and_still_predicts(source, slide, store, model_dir, tmp_path, request):
     src = request.getfixturevalue(source)
     runs = {}
-    for flag in ([], ["--shared-tiles"]):
-        out = tmp_path / f"pred{len(flag)}.zarr"
+    for flag in (["--shared-tiles", "0"], ["--shared-tiles"]):
+        out = tmp_path / f"pred{len(flag)}.zarr"  # 0: spot by spot, 1: shared tiles
         assert main(["predict", str(src), "--model", str(model_dir), "--out", str(out), *flag, *FAST]) == 0
-        runs[bool(flag)] = _predicted(out)
+        runs[len(flag) == 1] = _predicted(out)
     (plain, rec_plain), (shared, rec_shared) = runs[False], runs[True]
     assert rec_plain["shared_tiles"] is False or not rec_plain["shared_tiles"]
     assert bool(rec_shared["shared_tiles"]) is True
@@ -61,3 +61,29 @@ def test_shared_tiles_flag_reaches_the_features_and_still_predicts(source, slide
     assert K.REGION_FEATURES not in shared.obsm and rec_shared["region_storage"] == "tiles"  # once per tile
     region = gather(shared.uns[K.REGION_TILES], shared.obsm[K.REGION_INDEX])
     assert region.shape[:2] == (shared.n_obs, 25) and np.abs(region).sum() > 0
+
+
+def test_shared_tiles_takes_a_grid_subdivision(store, model_dir, tmp_path):
+    recs = {}
+    for n in ("1", "2"):
+        out = tmp_path / f"pred{n}.zarr"
+        args = ["predict", str(store), "--model", str(model_dir), "--out", str(out), "--shared-tiles", n]
+        assert main([*args, *FAST]) == 0
+        recs[n] = _predicted(out)[1]
+    assert recs["1"]["subdivide"] == 1 and recs["2"]["subdivide"] == 2
+    assert recs["2"]["region_tiles_encoded"] > recs["1"]["region_tiles_encoded"]  # tiles half a tile apart
+
+
+@pytest.mark.parametrize("source", ["slide", "store"])
+def test_whole_slide_files_default_to_half_tile_shared_tiles(source, slide, store, model_dir, tmp_path, request):
+    out = tmp_path / "pred.zarr"
+    src = request.getfixturevalue(source)
+    assert main(["predict", str(src), "--model", str(model_dir), "--out", str(out), *FAST]) == 0
+    rec = _predicted(out)[1]
+    if source == "slide":  # a slide file: shared tiles half a tile apart unless asked otherwise
+        assert rec["shared_tiles"] is True and rec["subdivide"] == 2 and rec["region_storage"] == "tiles"
+    else:  # a store (real spots): spot by spot, as before
+        assert not rec["shared_tiles"] and rec["region_storage"] == "spots"
+    report = dkan.tl.predict_slides([src], model_dir, out_dir=tmp_path / "lib", device="cpu", progress=False)
+    back = _predicted(report["out"].iloc[0])[1]
+    assert back["region_storage"] == rec["region_storage"] and back.get("subdivide") == rec.get("subdivide")

@@ -143,6 +143,12 @@ class DKANConfig:
     numpy_dropout
         ``True``: dropout masks on the CPU are drawn with numpy (faster there, see
         :class:`dkan.nn.layers.Dropout`); ``False`` (default): torch's own dropout on every device.
+    probe_blend
+        ``True``: :func:`dkan.tl.train` also fits the tuned ``ridge_ctx`` and ``knn`` probes
+        (:mod:`dkan._evaluation.probes`) on all training spots and stores them with the model;
+        :func:`dkan.tl.predict` then gives the panel genes the equal-weight mean of the network's and the two
+        probes' predictions ("DKAN+probes", see the method page). Genes outside the panel stay network-only.
+        Needs region features.
     """
 
     d: int = 64
@@ -213,6 +219,7 @@ class DKANConfig:
     standardize_genes: bool = True
     gene_output: str = "affine"
     numpy_dropout: bool = False
+    probe_blend: bool = False
 
     DEFAULT_PRESET: ClassVar[str] = "small"
 

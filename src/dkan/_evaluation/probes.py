@@ -280,15 +280,48 @@ def baseline_fold(
         model = fit_ridge(np.concatenate([samples[i].spot.numpy() for i in train]), np.concatenate(y), seed=seed)
     else:
         cache = {} if cache is None else cache
-
-        def inputs(i: int) -> np.ndarray:
-            return samples[i].spot.numpy() if name == "ridge" else _context_input(samples, i, cache)
-
-        grids = [samples[i].grid.numpy() for i in train]
-        model = fit_probe(name, [inputs(i) for i in train], y, grids, seed=seed)
-        outs = [np.asarray(model.predict(inputs(i)), dtype=np.float32) for i in test]
+        model = fit_probes([name], samples, train, seed=seed, cache=cache)[name]
+        outs = [np.asarray(model.predict(probe_input(name, samples, i, cache)), dtype=np.float32) for i in test]
         return outs, dict(model.params)
     return [np.asarray(model.predict(samples[i].spot.numpy()), dtype=np.float32) for i in test], dict(model.params)
+
+
+def fit_probes(
+    names: list[str],
+    samples: list[Any],
+    train: list[int],
+    *,
+    seed: int,
+    cache: dict[int, np.ndarray] | None = None,
+    rows: list[np.ndarray] | None = None,
+) -> dict[str, ProbePredictor]:
+    """Fit the tuned probes ``names`` on the ``train`` samples (only ``rows[k]`` of ``train[k]`` when given).
+
+    The one fitting path of the probes: the baselines of :func:`dkan.tl.cross_validate` and the probes a model
+    stores with ``DKANConfig(probe_blend=True)`` both come from here. Samples left without rows are skipped.
+    """
+    cache = {} if cache is None else cache
+    picked = [(i, slice(None) if rows is None else np.asarray(rows[k])) for k, i in enumerate(train)]
+    picked = [(i, r) for i, r in picked if rows is None or len(r)]
+    if not picked:
+        raise ValueError("No training rows to fit the probes on; check `rows` (every entry is empty).")
+    out = {}
+    for name in names:
+        x = [probe_input(name, samples, i, cache)[r] for i, r in picked]
+        y = [samples[i].target.numpy()[r] for i, r in picked]
+        grids = [samples[i].grid.numpy()[r] for i, r in picked]
+        out[name] = fit_probe(name, x, y, grids, seed=seed)
+    return out
+
+
+def probe_input(name: str, samples: list[Any], i: int, cache: dict[int, np.ndarray]) -> np.ndarray:
+    """Input of probe ``name`` for sample ``i``: its spot features (``ridge``), else :func:`context_input`."""
+    return samples[i].spot.numpy().astype(np.float64) if name == "ridge" else _context_input(samples, i, cache)
+
+
+def context_input(sample: Any) -> np.ndarray:
+    """``[spot features, masked mean of the region tiles]`` of one sample's model inputs (float64)."""
+    return _context_input([sample], 0, {})
 
 
 def _context_input(samples: list[Any], i: int, cache: dict[int, np.ndarray]) -> np.ndarray:

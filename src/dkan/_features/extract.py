@@ -63,7 +63,7 @@ def extract_features(
     overwrite: bool = False,
     force: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
-    shared_tiles: bool | None = None,
+    shared_tiles: bool | int | None = None,
     progress: bool = True,
 ) -> None:
     """Encode every spot's patch (and its region tiles) with a frozen image encoder.
@@ -107,12 +107,15 @@ def extract_features(
     shared_tiles
         Compute region features once per tile of a slide-aligned grid and share them between spots (each region
         tile is replaced by the nearest grid tile; the spot patch stays exact): encoder passes grow with the
-        tissue, not with 26 x spots. A departure from the reference that cost about 0.016 PCC on the her2st
-        benchmark, so off by default (see ``dkan._features.shared_tiles``). Stored once per tile, not per spot:
+        tissue, not with 26 x spots. A departure from the reference, off by default here (whole-slide
+        prediction turns it on with ``2``; see ``dkan._features.shared_tiles``). Stored once per tile, not per spot:
         ``uns["dkan_region_tiles"]`` float32 ``(n_tiles, D)`` plus ``obsm["dkan_region_index"]`` int32
         ``(n, G*G)``, the row of each spot's region tile in it (-1 where the mask is 0); training and prediction
         gather them a batch of spots at a time (:func:`dkan.tl.region_features` does it for given
-        rows). ``None`` (default) keeps stored features of either kind and computes new ones spot by spot.
+        rows). An int ``n >= 1`` places the grid tiles every ``1/n`` of a tile (overlapping for ``n > 1``;
+        ``True`` is ``1``), each region tile then at most ``1/(2n)`` of a tile from its exact position in x and y,
+        for about ``n**2`` times the grid tiles (recorded as ``subdivide``). ``None`` (default) keeps stored
+        features of either kind and computes new ones spot by spot.
     {progress}
 
     Returns
@@ -136,7 +139,8 @@ def extract_features(
     keys = feature_keys(key_added)
     enc = create_image_encoder(encoder, checkpoint_path=checkpoint_path)
     old = uns_get(adata, keys["uns"])
-    shared = bool(shared_tiles) and region
+    subdivide = _subdivide(shared_tiles) if region else 0
+    shared = subdivide > 0
     crops = SpotCrops(sdata, table_key=tkey, tile_key=tile_key, with_region=region and not shared, normalize=False)
     geometry = uns_get(adata, tile_keys(tile_key)["uns"] if tile_key is not None else K.UNS_TILE)
     settings = {
@@ -145,7 +149,7 @@ def extract_features(
         "tile_key": tile_key or K.UNS_TILE,
         "tile": _plain(geometry),
     }
-    same_kind = shared_tiles is None or bool(old and old.get("shared_tiles")) == shared
+    same_kind = shared_tiles is None or _stored_subdivide(old) == subdivide
     if old is not None and not force and same_kind and _up_to_date(adata, old, settings, keys, region):
         logger.info("Features `%s` are up to date (%s); pass `force=True` to recompute.", keys["spot"], enc.name)
         return
@@ -163,7 +167,7 @@ def extract_features(
 
         tiles, index, mask, run = shared_region_features(
             sdata, adata, enc, table_key=tkey, tile_key=tile_key, patch_size=crops.patch_size, device=device,
-            batch_size=batch_size, progress=progress,
+            batch_size=batch_size, subdivide=subdivide, progress=progress,
         )  # fmt: skip
         info = {**info, **run}
     adata.obsm[keys["spot"]] = spot
@@ -184,6 +188,26 @@ def extract_features(
         **info,
     }
     uns_set(adata, keys["uns"], record)
+
+
+def _subdivide(shared_tiles: bool | int | None) -> int:
+    """Grid subdivision asked for by ``shared_tiles``: 0 spot by spot (None/False), 1 for True, else the int."""
+    if shared_tiles is None or shared_tiles is False:
+        return 0
+    if shared_tiles is True:
+        return 1
+    if isinstance(shared_tiles, int | np.integer) and shared_tiles >= 1:
+        return int(shared_tiles)
+    raise ValueError(
+        f"`shared_tiles` must be None, a bool or a positive int (grid tiles every 1/n of a tile); got {shared_tiles!r}."
+    )
+
+
+def _stored_subdivide(old: dict | None) -> int:
+    """Grid subdivision of stored features (0: spot by spot; shared tiles from before the option: 1)."""
+    if not old or not old.get("shared_tiles"):
+        return 0
+    return int(old.get("subdivide", 1))
 
 
 def _stored(region: bool, shared: bool) -> tuple[str, ...]:

@@ -161,6 +161,7 @@ def _predict(args: argparse.Namespace) -> int:
     store = args.store.resolve()
     if args.out is not None:
         _check_out(store, args.out.resolve(), overwrite=args.overwrite)
+    from dkan.tl._slide import default_shared_tiles
     from dkan.tl._slide_errors import slide_stage
 
     if args.in_place and args.store.exists() and not is_store(args.store):
@@ -172,6 +173,7 @@ def _predict(args: argparse.Namespace) -> int:
     with slide_stage(args.store, "read", user_errors_as_is=True):
         sdata = read_slide(args.store, um_per_px=args.um_per_px)
     before = {name: id(el) for _, name, el in sdata.gen_elements()}
+    args.shared_tiles = int(default_shared_tiles(args.store, args.shared_tiles))  # 2 for a slide file
     with slide_stage(args.store, "predict", user_errors_as_is=True):  # pixels are decoded here (lazily read)
         if args.shared_tiles:
             _shared_tile_features(sdata, model, args)
@@ -212,7 +214,7 @@ def _shared_tile_features(sdata: SpatialData, model: Any, args: argparse.Namespa
         model.meta["features"]["encoder"],
         table_key=args.table_key,
         device=args.device,
-        shared_tiles=True,
+        shared_tiles=int(args.shared_tiles),
         progress=not args.no_progress,
     )
 

@@ -51,6 +51,8 @@ def shuffle_gene_text(emb: np.ndarray, seed: int = 0) -> np.ndarray:
     return emb[source]
 
 
+#: Row of the network alone when the configuration blends it with the probes (``probe_blend=True``).
+NETWORK_ROW = "DKAN_network"
 #: Baselines: the training mean, the HEST-Benchmark fixed-alpha ridge and the tuned probes (:mod:`.probes`).
 BASELINES = ("mean", "ridge_hest", "ridge", "ridge_ctx", "knn")
 
@@ -140,7 +142,10 @@ def cross_validate(
     n_folds
         ``None``: leave one group out; an int: that many folds over shuffled groups.
     config
-        DKAN configuration (preset name, :class:`dkan.DKANConfig` or overrides).
+        DKAN configuration (preset name, :class:`dkan.DKANConfig` or overrides). With ``probe_blend=True`` the
+        ``DKAN`` row (and every ablation's) is the DKAN+probes blend, with the probes fitted per fold exactly as
+        the ``ridge_ctx`` and ``knn`` baselines (same training samples, ``seed`` and inner tuning), and the row
+        ``"DKAN_network"`` holds the network alone.
     baselines
         Any of ``"mean"`` (training mean per gene), ``"ridge_hest"`` (HEST-Benchmark ridge on the frozen spot
         features, fixed alpha), and the tuned probes ``"ridge"`` (spot features), ``"ridge_ctx"`` (spot features
@@ -189,7 +194,8 @@ def cross_validate(
     folds = make_folds(groups, n_folds=n_folds, seed=seed)
     methods = {"DKAN": cfg, **{a: cfg.replace(**ABLATIONS[a]) for a in ablations}}
     offsets = np.cumsum([0] + [len(s) for s in samples])
-    preds = {m: np.full((offsets[-1], len(genes)), np.nan, np.float32) for m in [*methods, *baselines]}
+    network_rows = [NETWORK_ROW] if cfg.probe_blend else []
+    preds = {m: np.full((offsets[-1], len(genes)), np.nan, np.float32) for m in [*methods, *network_rows, *baselines]}
     target = np.full((offsets[-1], len(genes)), np.nan, np.float32)
     histories: dict[str, list] = {m: [] for m in methods}
     params: dict[str, list] = {b: [] for b in baselines}
@@ -209,16 +215,22 @@ def cross_validate(
             fold_sets.append(training_gene_sets(y_train, plan["panels"][f]))
         for i in test:
             target[offsets[i] : offsets[i + 1], cols] = fsamples[i].target.numpy()
+        probes = None
         for name, mcfg in methods.items():
+            if mcfg.probe_blend and probes is None:  # the baselines' fit: same samples, seed and inner tuning
+                probes = _fold_probes(fsamples, train, test, seed, context)
             memb = shuffle_gene_text(femb, seed) if name == "shuffled_text" else femb
-            out, hist, figures = _dkan_fold(
-                fsamples, train, test, memb, mcfg, dev, reader, progress, trust=trust and name == "DKAN"
-            )
+            out, hist, figures, network = _dkan_fold(
+                fsamples, train, test, memb, mcfg, dev, reader, progress, trust=trust and name == "DKAN",
+                probes=probes if mcfg.probe_blend else None,
+            )  # fmt: skip
             histories[name].append(hist)
             if figures is not None:
                 trusts.append(figures)
-            for i, p in zip(test, out, strict=True):
+            for i, p, q in zip(test, out, network, strict=True):
                 preds[name][offsets[i] : offsets[i + 1], cols] = p
+                if name == "DKAN" and network_rows:
+                    preds[NETWORK_ROW][offsets[i] : offsets[i + 1], cols] = q
         for name in baselines:
             outs, fitted = baseline_fold(name, fsamples, train, test, seed=seed, cache=context)
             params[name].append(fitted)
@@ -331,7 +343,22 @@ def _sample_groups(sdatas: list[Any], tables: list[Any], groupby: str, table_key
     return out
 
 
-def _dkan_fold(samples, train, test, emb, cfg, dev, reader, progress, *, trust=False) -> tuple[list, list, Any]:
+def _fold_probes(samples, train, test, seed, cache) -> list[list[np.ndarray]]:
+    """Per test sample, the ``ridge_ctx`` and ``knn`` probes' predictions, fitted on the ``train`` samples."""
+    from dkan._evaluation.blend import fit_blend_probes
+    from dkan._evaluation.probes import probe_input
+
+    fitted = fit_blend_probes(samples, train, seed=seed, cache=cache)
+    return [[p.predict(probe_input(n, samples, i, cache)) for n, p in fitted.items()] for i in test]
+
+
+def _dkan_fold(
+    samples, train, test, emb, cfg, dev, reader, progress, *, trust=False, probes=None
+) -> tuple[list, list, Any, list]:
+    """Fit on ``train``, predict ``test``: (predictions, history, trust figures or None, network predictions).
+
+    With ``probes`` (per test sample, the probes' predictions) the predictions are the DKAN+probes blend.
+    """
     from dkan.train.fitting import fit_inputs
     from dkan.train.loop import predict_rows
 
@@ -347,8 +374,13 @@ def _dkan_fold(samples, train, test, emb, cfg, dev, reader, progress, *, trust=F
         outs.append(
             predict_rows(module, s, np.arange(len(s)), genes, batch_size=256, device=dev, amp=cfg.amp, read_patches=rd)
         )
+    network = outs
+    if probes is not None:
+        from dkan._evaluation.blend import blend
+
+        outs = [blend(o, p) for o, p in zip(network, probes, strict=True)]
     if not trust:
-        return outs, result.history, None
+        return outs, result.history, None, network
     from dkan._evaluation.trust import fold_trust
     from dkan.tl._trust import fit_trust
 
@@ -356,7 +388,7 @@ def _dkan_fold(samples, train, test, emb, cfg, dev, reader, progress, *, trust=F
     settings, arrays = fit_trust(module, [samples[i] for i in train], emb, cfg, dev, reader=sub_reader)
     read = [(lambda rows, i=i: reader(i, rows, False)) if reader else None for i in test]
     figures = fold_trust(module, settings, arrays, [samples[i] for i in test], outs, emb, cfg, dev, read=read)
-    return outs, result.history, figures
+    return outs, result.history, figures, network
 
 
 def _summarise(preds: dict[str, np.ndarray], target: np.ndarray, obs: pd.DataFrame, genes: list[str]) -> CVSummary:

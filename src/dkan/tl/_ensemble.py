@@ -1,10 +1,12 @@
-"""Ensembles for :func:`dkan.tl.predict`: a list of models with one panel and one set of inputs, and their dropout."""
+"""Ensembles for :func:`dkan.tl.predict`: one panel and one set of inputs, their dropout, the probe blend."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:
     from dkan.train.fitted import DKANModel
@@ -68,3 +70,41 @@ def check_dropout(models: list[DKANModel], n_samples: int) -> None:
         without,
         n_samples,
     )
+
+
+def probe_sets(models: list[DKANModel]) -> list[tuple[dict, dict]] | None:
+    """Per model, its stored probes and their settings (``probe_blend`` models); None when no model has them.
+
+    An ensemble mixing blended and network-only models is refused: its prediction would be neither.
+    """
+    from dkan._evaluation.blend import check_arrays
+
+    has = [bool(m.probes) for m in models]
+    if not any(has):
+        return None
+    if not all(has):
+        raise ValueError(
+            f"`model`: {sum(has)} of the {len(models)} models carry the DKAN+probes blend (`probe_blend=True`) and "
+            "the others do not; predict with models trained with the same `probe_blend`."
+        )
+    sets = []
+    for k, m in enumerate(models):
+        check_arrays(m.probes, m.meta.get("probe_blend"), n_genes=len(m.genes), where=f"model {k}")
+        sets.append((m.probes, m.meta["probe_blend"]))
+    return sets
+
+
+def blend_sample(sets: list[tuple[dict, dict]], sample: object, pred: np.ndarray, n_panel: int) -> np.ndarray:
+    """``pred`` with its first ``n_panel`` columns (the panel) replaced by mean(network, ridge_ctx, knn).
+
+    ``sample`` is one sample's model inputs (on the CPU); each probe's prediction is its mean over the models.
+    """
+    from dkan._evaluation.blend import blend, predict_probes
+    from dkan._evaluation.probes import context_input
+
+    x = context_input(sample)
+    parts = [predict_probes(arrays, settings, x) for arrays, settings in sets]
+    probes = [np.mean([p[j] for p in parts], axis=0) for j in range(len(parts[0]))]
+    out = pred.copy()
+    out[:, :n_panel] = blend(pred[:, :n_panel], probes)
+    return out

@@ -18,7 +18,7 @@ from dkan._scanpy_spatial import add_spatial_uns
 from dkan._symbols import missing_genes_hint, use_symbols
 from dkan._utils import check_int, check_unique_genes, get_table, iter_samples, resolve_device, uns_get, uns_set
 from dkan._version import __version__
-from dkan.tl._ensemble import as_models, check_dropout
+from dkan.tl._ensemble import as_models, blend_sample, check_dropout, probe_sets
 from dkan.tl._trust import TrustPredict
 
 if TYPE_CHECKING:
@@ -71,7 +71,10 @@ def predict(
     model
         A trained :class:`dkan.DKANModel`, or the folder it was saved to (loaded with :meth:`dkan.DKANModel.load`),
         or a list of models with the same panel and inputs (an ensemble, e.g. trained with different seeds): the
-        prediction is their mean and ``layers[key_added + "_std"]`` their standard deviation.
+        prediction is their mean and ``layers[key_added + "_std"]`` their standard deviation. A model trained with
+        ``probe_blend=True`` predicts its panel genes as the mean of the network's and its stored ``ridge_ctx``
+        and ``knn`` probes' predictions (genes in ``genes`` and the spread stay the network's);
+        ``uns["dkan"]["predict"]["probe_blend"]`` records it.
     key_added
         ``layers`` key of the predictions.
     device
@@ -134,6 +137,7 @@ def predict(
     batch_size = check_int(batch_size, "batch_size")
     n_samples = check_int(n_samples, "n_samples")
     check_dropout(models, n_samples)
+    probe_sets(models)  # a mixed or broken blend fails here, before any work
     device = resolve_device(device)  # a bad name fails here, before any work
     tkey = _table_for(sdata, model, table_key=table_key, image_key=image_key, um_per_px=um_per_px, extra=extra)
     with use_symbols(sdata.tables[tkey], gene_symbols):
@@ -205,6 +209,7 @@ def _predict_table(
         "std_layer": std_key,
         "n_models": len(models),
         "n_samples": n_samples,
+        "probe_blend": bool(model.probes),
         **trusted,
         **_identity(model),
     }
@@ -275,6 +280,7 @@ def _run_models(
     from dkan.nn.inference import draws
 
     cfg = models[0].config
+    sets = probe_sets(models)
     samples, reader = build_inputs([sdata], models[0].genes, cfg, table_key=tkey, with_target=False)
     # each member queries the genes with its own embeddings (members may be trained on other texts of the panel)
     members = [_Member(m.module.to(device).eval(), torch.as_tensor(m.gene_embeddings, device=device)) for m in models]
@@ -288,6 +294,8 @@ def _run_models(
         inp = inp.to(device)
         run = _runner(inp, extra, read=rd, device=device, batch_size=batch_size, amp=cfg.amp, use_text=cfg.use_text)
         pred, std = draws(run, members, n_samples, cfg.seed)
+        if sets is not None:  # DKAN+probes on the panel; the spread stays the network's
+            pred = blend_sample(sets, samples[s], pred, len(models[0].genes))
         trust.add_sample(smp.name, smp.obs_idx, inp.spot)
         out[np.ix_(smp.obs_idx, gidx[keep])] = pred[:, keep]
         if out_std is not None:

@@ -40,7 +40,7 @@ def predict_slides(
     device: str | torch.device | None = None,
     batch_size: int = 256,
     with_image: bool | None = None,
-    shared_tiles: bool = False,
+    shared_tiles: bool | int | None = None,
     progress: bool = True,
     client: Any = None,
 ) -> pd.DataFrame:
@@ -72,7 +72,8 @@ def predict_slides(
     with_image
         Copy each slide's image into its store (default: only for zarr store inputs; see :func:`predict_slide`).
     shared_tiles
-        Region features from shared grid tiles (see :func:`dkan.tl._slide.predict_slide`).
+        Region features from shared grid tiles (see :func:`dkan.tl._slide.predict_slide`; default ``2`` for slide
+        files, spot by spot for zarr stores).
     progress
         Show progress bars (slides, features, prediction).
     client

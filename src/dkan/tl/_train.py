@@ -82,7 +82,9 @@ def train(
     says which epoch and why. On those validation spots the model also records its trust signals (``model.trust``,
     ``model.meta["trust"]``: the calibration of its spread for ``predict(..., interval=)``, each gene's validation
     PCC, and a novelty reference of the training spots' features; see :mod:`dkan.tl._trust`), at the cost of 11
-    forward passes over the validation spots.
+    forward passes over the validation spots. With ``probe_blend=True`` the model also stores the tuned
+    ``ridge_ctx`` and ``knn`` probes fitted on all training spots (``model.probes``, ``model.meta["probe_blend"]``),
+    and its trust signals are those of the blended prediction (probes fitted on the training rows only).
 
     Raises
     ------
@@ -138,4 +140,10 @@ def train(
     from dkan.tl._trust import fit_trust
 
     meta[K.UNS_TRUST], trust = fit_trust(module, samples, emb, cfg, dev, reader=reader)  # intervals, PCC, novelty
-    return DKANModel(module.cpu(), cfg, genes, emb, meta, result.history, trust)
+    probes: dict[str, Any] = {}
+    if cfg.probe_blend:  # the tuned probes refitted on all training spots (trust used the training rows only)
+        from dkan._evaluation.blend import fit_blend_probes, probe_arrays
+
+        probes, meta["probe_blend"] = probe_arrays(fit_blend_probes(samples, list(range(len(samples))), seed=cfg.seed))
+        logger.info("Stored the ridge_ctx and knn probes for the DKAN+probes blend (`probe_blend=True`).")
+    return DKANModel(module.cpu(), cfg, genes, emb, meta, result.history, trust, probes)

@@ -57,7 +57,12 @@ def fit_trust(
     arrays = {f"novelty.{k}": v for k, v in novelty.items()}
     settings: dict[str, Any] = {"novelty": {"k": int(novelty["k"][0]), "quantile": float(novelty["quantile"][0])}}
     settings["novelty"].update(threshold=float(novelty["threshold"][0]), version=int(novelty["version"][0]))
-    val = _validation_predictions(module, samples, split.val, emb, cfg, dev, reader)
+    probes, cache = None, {}
+    if cfg.probe_blend and any(len(r) for r in split.val):  # calibrate the blend: probes on training rows only
+        from dkan._evaluation.blend import fit_blend_probes
+
+        probes = fit_blend_probes(samples, list(range(len(samples))), seed=cfg.seed, cache=cache, rows=split.train)
+    val = _validation_predictions(module, samples, split.val, emb, cfg, dev, reader, probes=probes, cache=cache)
     if val is None:
         logger.info("No validation spots: the model records no calibration and no per-gene validation PCC.")
         return settings, arrays
@@ -67,6 +72,7 @@ def fit_trust(
     arrays["val_pcc"] = pcc.astype(np.float32)
     draws = CALIBRATION_DRAWS if kind == "mc_dropout" else 1
     settings["calibration"] = {"sigma": kind, "draws": draws, "n_spots": len(mu), "validation": split.description}
+    settings["calibration"]["probe_blend"] = probes is not None
     logger.info("Calibrated the predictive spread (%s) on %d validation spots (%s).", kind, len(mu), split.description)
     return settings, arrays
 
@@ -84,9 +90,21 @@ def _training_features(samples: list[Any], cap: int, seed: int) -> np.ndarray:
 
 
 def _validation_predictions(
-    module: Any, samples: list[Any], val_rows: list[np.ndarray], emb: np.ndarray, cfg: Any, dev: Any, reader: Any
+    module: Any,
+    samples: list[Any],
+    val_rows: list[np.ndarray],
+    emb: np.ndarray,
+    cfg: Any,
+    dev: Any,
+    reader: Any,
+    *,
+    probes: dict[str, Any] | None = None,
+    cache: dict[int, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str] | None:
-    """``(mu, sigma, target, per-gene PCC, sigma kind)`` over the validation rows, or None without any."""
+    """``(mu, sigma, target, per-gene PCC, sigma kind)`` over the validation rows, or None without any.
+
+    With ``probes`` (fitted on the training rows), ``mu`` is the DKAN+probes blend; ``sigma`` stays the network's.
+    """
     import torch
 
     from dkan.nn.inference import TRAINING_ONLY, Predictor, draws, has_dropout
@@ -110,6 +128,12 @@ def _validation_predictions(
             )  # fmt: skip
 
         mu, sd = draws(run, [module], n_draws, cfg.seed)
+        if probes is not None:
+            from dkan._evaluation.blend import blend
+            from dkan._evaluation.probes import probe_input
+
+            x = probe_input("ridge_ctx", samples, s, {} if cache is None else cache)[rows]
+            mu = blend(mu, [p.predict(x) for p in probes.values()])
         target = samples[s].target[torch.as_tensor(rows)].cpu().numpy().astype(np.float32)
         mus.append(mu)
         sigmas.append(sd if sd is not None else np.ones_like(mu))

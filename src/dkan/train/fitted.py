@@ -70,6 +70,9 @@ class DKANModel:
         Arrays of the trust signals (:mod:`dkan.tl._trust`): ``calibration.*`` (conformal calibration of the
         spread), ``val_pcc`` (per-gene validation PCC), ``novelty.*`` (novelty reference); settings in
         ``meta["trust"]``. Empty for models saved before dkan recorded them.
+    probes
+        Arrays of the tuned probes of a ``probe_blend`` model (:mod:`dkan._evaluation.blend`); their fitted
+        settings in ``meta["probe_blend"]``. Empty otherwise (the prediction is the network's alone).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class DKANModel:
         meta: dict[str, Any],
         history: list[dict[str, float]] | None = None,
         trust: dict[str, np.ndarray] | None = None,
+        probes: dict[str, np.ndarray] | None = None,
     ) -> None:
         if len(genes) != len(gene_embeddings):
             raise ValueError(f"{len(genes)} genes but {len(gene_embeddings)} gene embeddings.")
@@ -91,6 +95,7 @@ class DKANModel:
         self.meta = dict(meta)
         self.history = list(history or [])
         self.trust = {k: np.asarray(v) for k, v in (trust or {}).items()}
+        self.probes = {k: np.asarray(v) for k, v in (probes or {}).items()}
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.module.parameters())
@@ -149,6 +154,7 @@ class DKANModel:
         files = {"weights": f"model.{tok}.safetensors", "genes": f"genes.{tok}.safetensors"}
         save_model(self.module, str(folder / files["weights"]))
         trust = {f"trust.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.trust.items()}
+        trust.update({f"probe.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.probes.items()})
         save_file({"gene_embeddings": torch.from_numpy(self.gene_embeddings), **trust}, str(folder / files["genes"]))
         for name in files.values():
             _store.follow_umask(folder / name)
@@ -231,8 +237,9 @@ class DKANModel:
         _check_tensors(path / files["weights"], module)
         load_model(module, str(path / files["weights"]), strict=True)
         module.to(target).eval()
-        trust = _read_trust(path / files["genes"])
-        return cls(module, config, genes, emb, meta["meta"], meta.get("history", []), trust)
+        trust = _read_prefixed(path / files["genes"], "trust.")
+        probes = _read_prefixed(path / files["genes"], "probe.")
+        return cls(module, config, genes, emb, meta["meta"], meta.get("history", []), trust, probes)
 
 
 def _fsync(file: Path) -> None:
@@ -333,12 +340,12 @@ def _read_tensor(file: Path, key: str, *, ndim: int, rows: int) -> np.ndarray:
     return t.numpy()
 
 
-def _read_trust(file: Path) -> dict[str, np.ndarray]:
-    """The ``trust.*`` tensors stored beside the gene embeddings (none in folders saved before they existed)."""
+def _read_prefixed(file: Path, prefix: str) -> dict[str, np.ndarray]:
+    """The ``trust.*`` or ``probe.*`` tensors stored beside the gene embeddings (none where never saved)."""
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as f:
-        return {k.split(".", 1)[1]: f.get_tensor(k).numpy() for k in f.keys() if k.startswith("trust.")}
+        return {k[len(prefix) :]: f.get_tensor(k).numpy() for k in f.keys() if k.startswith(prefix)}
 
 
 def _check_tensors(file: Path, module: torch.nn.Module) -> None:

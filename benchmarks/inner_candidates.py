@@ -1,0 +1,318 @@
+"""Inner protocol for choosing DKAN's default: candidates scored on a held-out *training* section of each fold.
+
+For each leave-one-section-out fold of her2st C2-C6 (test section t), the inner held-out section v is the
+validation section that training's ``val_split`` picks among the fold's training sections (as
+:func:`dkan.train.data.make_validation_split` does for that fold). Each candidate is trained on the remaining
+training sections (its own early stopping holding out one of them in turn) and scored on v: the mean over the
+fold's panel genes of the Pearson r across v's spots. The tuned probes are fitted on the same inner-training
+sections. The test section t is never read: neither its spots nor its targets enter any fit or choice here
+(the fold's gene panel is the one chosen on the fold's training sections, v included).
+
+Candidates
+----------
+``default`` (trained)
+    the preset as it is.
+``default_seed1`` (trained), ``ens2`` (derived)
+    a second seed; the mean of the two seeds.
+``ridge``, ``ridge_ctx``, ``knn`` (probes), ``probes_mean`` (derived)
+    the tuned probes fitted on the inner-training sections; ``(ridge_ctx + knn) / 2``.
+``blend_half`` (derived from ``default``)
+    ``0.5 * DKAN + 0.5 * ridge_ctx``, nothing tuned.
+``blend`` (derived)
+    per gene ``w * DKAN + (1 - w) * ridge_ctx``, ``w`` from {0, 0.1, ..., 1} chosen on the validation section
+    that ``default``'s own training held out (DKAN's prediction there, the probe fitted without it).
+``blend_global`` (derived)
+    the same with one ``w`` for all genes, chosen on ``default``'s own validation section.
+``blend_probes_global`` (derived)
+    one ``w`` between DKAN and ``(ridge_ctx + knn) / 2``, chosen on ``default``'s own validation section.
+``blend3``, ``blend3_seed1``, ``blend3_ens2``, ``ens2_blend_half`` (derived)
+    ``(DKAN + ridge_ctx + knn) / 3`` with the first seed, the second seed or their mean; ``0.5 * ens2 +
+    0.5 * ridge_ctx``.
+``dkan<w>+probes`` (derived; the sensitivity table)
+    ``w * DKAN + (1 - w) * (ridge_ctx + knn) / 2`` for the fixed weights in :data:`SENSITIVITY`.
+
+The ``residual*`` rows of ``benchmarks/results/inner_candidates_small.md`` (and ``.json``) came from the
+research-branch version of this script (commit d78595f). They trained DKAN with a library option,
+``probe_residual``, under which the network learns the residual over the cross-fitted ``ridge_ctx`` probe. That
+option did not land in the library: on these inner figures it matched the probe it starts from (``residual_all``
+0.491 vs ``ridge_ctx`` 0.495 over the folds, above it in 2 of 5; shrinking its term or in-sample training terms
+gave 0.492-0.497, within noise) and never beat it, so it would have added a training mode with no measured gain.
+Without that option those candidates cannot be trained here, so this version leaves them out.
+
+Usage::
+
+    python benchmarks/inner_candidates.py --cache CACHE.h5ad --train default --out DIR         # one process
+    python benchmarks/inner_candidates.py --cache CACHE.h5ad --train default_seed1 --out DIR   # another one
+    python benchmarks/inner_candidates.py --cache CACHE.h5ad --report --out DIR                # the table
+
+``--cache`` is the prepared-input cache of ``accuracy_her2st.py --cache`` (built when absent, a few minutes).
+``--set key=value`` overrides any :class:`dkan.DKANConfig` field of every trained candidate; ``--folds 0,2``
+runs a subset of the folds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from accuracy_her2st import DEFAULT_DATA, load_prepared, parse_overrides, prepare_inputs
+
+CANDIDATES = {"default": {}, "default_seed1": {"seed": 2022}}  #: trained candidates: their config overrides
+PROBE_NAMES = ("ridge", "ridge_ctx", "knn")
+WEIGHTS = np.round(np.linspace(0, 1, 11), 2)
+SENSITIVITY = (0.2, 0.25, 0.4, 0.5, 0.6)  #: fixed DKAN weights against the probe ensemble (report only)
+SKIP = (" s", " w")  #: columns that are times or chosen weights, not scores
+log = logging.getLogger("dkan.bench")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--cache", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder of per-candidate predictions (npz) and the table")
+    p.add_argument("--train", choices=tuple(CANDIDATES), default=None)
+    p.add_argument("--report", action="store_true")
+    p.add_argument("--folds", default=None, help="comma-separated fold indices (default: all)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------- inputs and the inner split
+def setup(args: argparse.Namespace) -> dict[str, Any]:
+    """The her2st sections with their prepared inputs (``--cache``, built when absent), as :func:`build_env`."""
+    from dkan._config import DKANConfig
+
+    cfg = DKANConfig.resolve("small", **parse_overrides(args.overrides))
+    if not args.cache.is_file():
+        from accuracy_her2st import gene_descriptions
+
+        import dkan
+
+        sdata = dkan.datasets.her2st(args.data / "her2st", progress=False)
+        desc = gene_descriptions(sdata, args.data, cfg.n_genes)
+        prepare_inputs(sdata, cfg, desc, "cpu", args.cache, progress=False, shared_tiles=False)
+    sdata, key, _, desc, _ = load_prepared(args.data, args.cache, cfg.n_genes)
+    return build_env(sdata, key, desc, cfg)
+
+
+def build_env(sdata: Any, key: str | None, desc: Any, cfg: Any) -> dict[str, Any]:
+    """Per-fold panels (chosen on each fold's training sections), the model inputs and the inner split of every fold."""
+    import torch
+
+    from dkan._data.training import training_inputs
+    from dkan.tl._cv import _fold_panels, _sample_groups, make_folds
+
+    plan = _fold_panels(sdata, cfg, "sample", None, 0, key, True)
+    dev = torch.device("cpu")
+    sdatas, tables, genes, emb, _, _, samples, _ = training_inputs(
+        sdata, cfg, dev, table_key=key, image_key=None, descriptions=desc, gene_info=None, progress=False
+    )
+    groups = _sample_groups(sdatas, tables, "sample", key)
+    inner = inner_folds(make_folds(groups, n_folds=None, seed=0), groups, samples, cfg)
+    return {"cfg": cfg, "plan": plan, "sdatas": sdatas, "samples": samples, "genes": genes, "emb": emb,
+            "inner": inner, "dev": dev, "key": key}  # fmt: skip
+
+
+def inner_folds(folds: list[list[str]], groups: list[str], samples: list[Any], cfg: Any) -> list[dict[str, Any]]:
+    """Per fold: its test groups, the training section ``val_split`` holds out (``held``) and the others."""
+    inner = []
+    for test in folds:
+        train = [i for i, g in enumerate(groups) if g not in test]
+        split = own_split(samples, train, cfg)
+        held = [train[k] for k, r in enumerate(split.val) if len(r)]
+        if len(held) != 1 or any(len(r) for k, r in enumerate(split.train) if train[k] == held[0]):
+            raise SystemExit(f"Fold {test}: the validation split is not one whole section ({split.description}).")
+        inner.append({"test": test, "held": held[0], "train": [i for i in train if i != held[0]]})
+    return inner
+
+
+def own_split(samples: list[Any], train: list[int], cfg: Any) -> Any:
+    """The validation split that training on ``samples[train]`` makes (same function, same inputs)."""
+    from dkan.train.data import make_validation_split
+
+    names, grids = [samples[i].name for i in train], [samples[i].grid.numpy() for i in train]
+    return make_validation_split(names, grids, cfg.val_fraction, strategy=cfg.val_split, seed=cfg.seed)
+
+
+def fold_list(args: argparse.Namespace, n: int) -> list[int]:
+    return list(range(n)) if args.folds is None else [int(f) for f in args.folds.split(",")]
+
+
+def fold_samples(env: dict[str, Any], f: int) -> tuple[list[Any], np.ndarray]:
+    """The samples with fold ``f``'s targets (its panel) and the panel's gene embeddings."""
+    from dkan.tl._cv import _fold_inputs
+
+    fs, femb, _ = _fold_inputs(env["plan"], f, env["sdatas"], env["samples"], env["genes"], env["emb"], env["key"])
+    return fs, femb
+
+
+def probe_prediction(name: str, fs: list[Any], train: list[int], test: int) -> np.ndarray:
+    """Probe ``name`` fitted on the ``train`` samples (its parameter tuned on them); its prediction of ``test``."""
+    from dkan._evaluation.probes import baseline_fold
+
+    (pred,), _ = baseline_fold(name, fs, train, [test], seed=0, cache={})
+    return pred
+
+
+# ---------------------------------------------------------------------- training
+def train_candidate(args: argparse.Namespace, env: dict[str, Any]) -> None:
+    """Train one candidate per fold on the inner-training sections; save its predictions on v and on its own val."""
+    import torch
+
+    from dkan.train.fitting import fit_inputs
+    from dkan.train.loop import predict_rows
+
+    cfg = env["cfg"].replace(**CANDIDATES[args.train])
+    for f in fold_list(args, len(env["inner"])):
+        fold = env["inner"][f]
+        fs, femb = fold_samples(env, f)
+        t0 = time.perf_counter()
+        module, result = fit_inputs([fs[i] for i in fold["train"]], femb, cfg, env["dev"], progress=False)
+        genes = torch.as_tensor(femb) if cfg.use_text else None
+
+        def pred(i: int, module: Any = module, fs: Any = fs, genes: Any = genes) -> np.ndarray:
+            rows = np.arange(len(fs[i]))
+            return predict_rows(module, fs[i], rows, genes, batch_size=256, device=env["dev"], amp=cfg.amp)
+
+        own = own_split(fs, fold["train"], cfg)  # the split this training made
+        own_val = [fold["train"][k] for k, r in enumerate(own.val) if len(r)]
+        out = {"held": pred(fold["held"]), "seconds": time.perf_counter() - t0, "best_epoch": result.best_epoch,
+               "epochs": len(result.history)}  # fmt: skip
+        if len(own_val) == 1:
+            out["own_val"], out["own_val_index"] = pred(own_val[0]), own_val[0]
+        args.out.mkdir(parents=True, exist_ok=True)
+        np.savez(args.out / f"{args.train}_fold{f}.npz", **out)
+        log.warning("%s fold %d: %.0f s, best epoch %s of %d; val %s", args.train, f, out["seconds"],
+                    result.best_epoch, len(result.history), result.selection["validation"])  # fmt: skip
+
+
+# ---------------------------------------------------------------------- scores of the derived candidates
+def mean_pcc(pred: np.ndarray, y: np.ndarray) -> float:
+    from dkan._evaluation.probes import _mean_pcc
+
+    return _mean_pcc(np.asarray(pred, np.float64), np.asarray(y, np.float64))
+
+
+def per_gene_pcc(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+    p, t = pred - pred.mean(0), y - y.mean(0)
+    den = np.sqrt((p**2).sum(0) * (t**2).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (p * t).sum(0) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def default_blends(
+    held: np.ndarray, probes: dict[str, np.ndarray], y: np.ndarray, own: dict[str, np.ndarray] | None
+) -> dict[str, float]:
+    """The DKAN/probe mixtures of ``default``'s prediction ``held`` of v (targets ``y``).
+
+    ``own`` (when training held out one section u): ``dkan``, ``ridge_ctx`` and ``knn`` (the probes fitted on the
+    inner-training sections but u) predicting u, and u's targets ``y``: the weights are chosen there.
+    """
+    rc = probes["ridge_ctx"]
+    both = (rc + probes["knn"]) / 2
+    row = {"blend_half": mean_pcc(0.5 * held + 0.5 * rc, y)}
+    if own is None:
+        return row
+    du, pv, yu = own["dkan"], own["ridge_ctx"], own["y"]
+    scores = np.stack([per_gene_pcc(w * du + (1 - w) * pv, yu) for w in WEIGHTS])
+    best = WEIGHTS[np.nanargmax(np.nan_to_num(scores, nan=-2), axis=0)]
+    row["blend"] = mean_pcc(best * held + (1 - best) * rc, y)
+    row["blend mean w"] = float(best.mean())
+    pm = (pv + own["knn"]) / 2
+    w3 = WEIGHTS[int(np.nanargmax([mean_pcc(w * du + (1 - w) * pm, yu) for w in WEIGHTS]))]
+    row["blend_probes_global"] = mean_pcc(w3 * held + (1 - w3) * both, y)
+    row["blend_probes_global w"] = float(w3)
+    wg = WEIGHTS[int(np.nanargmax([mean_pcc(w * du + (1 - w) * pv, yu) for w in WEIGHTS]))]
+    row["blend_global"] = mean_pcc(wg * held + (1 - wg) * rc, y)
+    row["blend_global w"] = float(wg)
+    return row
+
+
+def seed_blends(dk: list[np.ndarray], probes: dict[str, np.ndarray], y: np.ndarray) -> dict[str, float]:
+    """The probe ensemble, then the mixtures with one or two DKAN seeds ``dk`` (``default`` first)."""
+    rc, kn = probes["ridge_ctx"], probes["knn"]
+    both = (rc + kn) / 2
+    row = {"probes_mean": mean_pcc(both, y)}
+    if dk:
+        row["blend3"] = mean_pcc((dk[0] + rc + kn) / 3, y)
+        for w in SENSITIVITY:  # DKAN's weight against (ridge_ctx + knn) / 2
+            row[f"dkan{w:.2f}+probes"] = mean_pcc(w * dk[0] + (1 - w) * both, y)
+    if len(dk) == 2:
+        ens = (dk[0] + dk[1]) / 2
+        row["blend3_seed1"] = mean_pcc((dk[1] + rc + kn) / 3, y)
+        row["blend3_ens2"] = mean_pcc((ens + rc + kn) / 3, y)
+        row["ens2"] = mean_pcc(ens, y)
+        row["ens2_blend_half"] = mean_pcc(ens / 2 + rc / 2, y)
+    return row
+
+
+def table_text(rows: list[dict[str, Any]]) -> str:
+    """The per-fold table with a mean row, then per candidate its folds above the best probe of the fold."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    num = table.select_dtypes("number")
+    table = pd.concat([table, pd.DataFrame([{"fold (test)": "mean", **num.mean().to_dict()}])], ignore_index=True)
+    lines = [table.to_string(index=False, float_format=lambda x: f"{x:.3f}"), ""]
+    best_probe = table[list(PROBE_NAMES)].iloc[:-1].max(axis=1).to_numpy()
+    for cand in [c for c in table.columns[2:] if c not in PROBE_NAMES and not c.endswith(SKIP)]:
+        vals = table[cand].iloc[:-1].to_numpy(dtype=float)
+        lines.append(f"{cand}: beats the best probe in {int((vals > best_probe).sum())}/{len(vals)} folds; "
+                     f"mean {np.nanmean(vals):.3f} vs best-probe-per-fold mean {best_probe.mean():.3f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the report
+def report(args: argparse.Namespace, env: dict[str, Any]) -> str:
+    """Per fold, each candidate's and probe's mean per-gene PCC on the inner held-out section v."""
+    rows = []
+    for f in fold_list(args, len(env["inner"])):
+        fold = env["inner"][f]
+        fs, _ = fold_samples(env, f)
+        v = fold["held"]
+        y = fs[v].target.numpy()
+        row: dict[str, Any] = {"fold (test)": fold["test"][0], "v": fs[v].name}
+        probes = {name: probe_prediction(name, fs, fold["train"], v) for name in PROBE_NAMES}
+        row.update({name: mean_pcc(p, y) for name, p in probes.items()})
+        saved = {c: dict(np.load(args.out / f"{c}_fold{f}.npz")) for c in CANDIDATES
+                 if (args.out / f"{c}_fold{f}.npz").is_file()}  # fmt: skip
+        for cand, z in saved.items():
+            row[cand] = mean_pcc(z["held"], y)
+            row[f"{cand} s"] = float(z["seconds"])
+            if cand == "default":
+                row.update(default_blends(z["held"], probes, y, own_section(z, fs, fold)))
+        row.update(seed_blends([saved[c]["held"] for c in ("default", "default_seed1") if c in saved], probes, y))
+        rows.append(row)
+    text = table_text(rows)
+    (args.out / "inner_table.txt").write_text(text + "\n")
+    (args.out / "inner_table.json").write_text(json.dumps(rows, indent=1, default=float))
+    return text
+
+
+def own_section(z: dict[str, np.ndarray], fs: list[Any], fold: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """DKAN's and the probes' predictions of the section u that ``default``'s training held out, and u's targets."""
+    if "own_val" not in z:
+        return None
+    u = int(z["own_val_index"])
+    rest = [i for i in fold["train"] if i != u]
+    return {"dkan": z["own_val"], "y": fs[u].target.numpy(),
+            **{name: probe_prediction(name, fs, rest, u) for name in ("ridge_ctx", "knn")}}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    env = setup(args)
+    if args.train:
+        train_candidate(args, env)
+    if args.report:
+        print(report(args, env))
+
+
+if __name__ == "__main__":
+    main()
