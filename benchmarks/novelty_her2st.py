@@ -10,8 +10,9 @@ A ``small``-preset model is trained on her2st sections ``--train`` (default C2, 
 * the mouse olfactory bulb ST sections ``--mob`` (default MOB1, MOB2) from ``stutility_mob/`` (another species
   and tissue; their counts are zeroed because no mouse gene id is in the panel: the image alone is scored),
 
-and prints the share of spots flagged novel (``obs["dkan_novel"]``: frozen-feature kNN distance above the model's
-threshold, the 99th percentile of the training spots' own leave-one-out distance) for each.
+and prints the share of spots flagged novel (``obs["dkan_novel"]``: frozen-feature novelty above the model's
+threshold, the 99th percentile of the training spots' own leave-one-out novelty; docs/method.md) for each, and the
+median novelty over that threshold.
 
 Usage::
 

@@ -56,6 +56,6 @@ SPATIAL = "spatial"  #: ``obsm`` key of spot centres in pixels (scverse conventi
 LOWER_SUFFIX = "_lower"  #: ``layers`` key ``f"{pred_key}{suffix}"`` of the lower end of a prediction interval
 UPPER_SUFFIX = "_upper"  #: ``layers`` key ``f"{pred_key}{suffix}"`` of the upper end of a prediction interval
 VAL_PCC = "dkan_val_pcc"  #: ``var`` column: the model's per-gene Pearson r on its validation data
-NOVELTY = "dkan_novelty"  #: ``obs`` column: distance of a spot's frozen features to the training spots
+NOVELTY = "dkan_novelty"  #: ``obs`` column: novelty of a spot's frozen features against the training spots
 NOVEL = "dkan_novel"  #: ``obs`` column: the novelty is above the model's threshold (bool)
 UNS_TRUST = "trust"  #: ``model.meta`` entry of the trust signals' settings

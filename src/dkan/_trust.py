@@ -6,10 +6,12 @@
   ``mu +- q * sigma`` with ``q`` the split-conformal quantile (level ``ceil((n + 1) a) / n`` of the ``n``
   scores), and the calibrated standard deviation is ``sigma * rms``.
 * **Reliability.** Per gene, the Pearson r between prediction and target on the validation spots.
-* **Novelty.** Frozen spot features are standardised and projected on their first principal components (plus
-  the norm of what the projection leaves out, as one more coordinate). A spot's novelty is its mean Euclidean
-  distance to its ``k`` nearest reference spots (a capped random subset of the training spots); the threshold is
-  a high quantile of the reference spots' own leave-one-out novelty.
+* **Novelty.** Frozen spot features are embedded as the unit direction of their (signed) square root plus a
+  weighted log of its norm (:func:`embed`). A spot's novelty is a local outlier ratio: its mean distance to its
+  ``k`` nearest reference spots (a capped random subset of the training spots) over those neighbours' own mean
+  distance to their ``k`` nearest; the threshold is a high quantile of the reference spots' own leave-one-out
+  novelty. Models saved with the earlier reference (version 1: standardised features on 32 principal components,
+  plain kNN distance) are still scored with it.
 """
 
 from __future__ import annotations
@@ -90,23 +92,98 @@ def calibrated_sigma(sigma: np.ndarray, calibration: dict[str, np.ndarray]) -> n
 
 
 # --------------------------------------------------------------------------------------------- novelty
+#: Version of the novelty reference :func:`fit_novelty` writes (1: the PCA kNN distance of models saved earlier).
+NOVELTY_VERSION = 2
+#: Weight of the log feature norm next to the unit direction in the novelty embedding (see :func:`embed`).
+NORM_WEIGHT = 0.5
+
+
+def embed(features: np.ndarray, norm_scale: float) -> np.ndarray:
+    """The novelty embedding ``(n, d) -> (n, d + 1)``: direction of the signed square root, and its log norm.
+
+    Frozen CNN features are non-negative and heavy-tailed; the square root (sign kept for encoders with negative
+    features) tempers the few large activations, and the unit direction compares *which* features fire, not how
+    strongly. A weak or blank input (features near 0) keeps a distinct direction and, through the last coordinate
+    ``NORM_WEIGHT * log(norm / norm_scale)``, its small norm.
+    """
+    r = np.sign(features) * np.sqrt(np.abs(features))
+    norm = np.linalg.norm(r, axis=1)
+    unit = r / np.maximum(norm, 1e-12)[:, None]
+    log_norm = np.log(np.maximum(norm, 1e-6 * norm_scale) / norm_scale)
+    return np.concatenate([unit, NORM_WEIGHT * log_norm[:, None]], axis=1)
+
+
 def fit_novelty(
-    features: np.ndarray,
-    *,
-    max_reference: int = MAX_REFERENCE,
-    n_components: int = 32,
-    k: int = 10,
-    quantile: float = 0.99,
-    seed: int = 0,
+    features: np.ndarray, *, max_reference: int = MAX_REFERENCE, k: int = 10, quantile: float = 0.99, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """The novelty reference of training features ``(n, d)``: standardisation, projection, reference points.
+    """The novelty reference of training features ``(n, d)``: embedded reference spots and their own density.
+
+    A spot's novelty (:func:`novelty_scores`) is a local outlier ratio: its mean distance to its ``k`` nearest
+    reference spots (in the :func:`embed` space) over those neighbours' own mean distance to their ``k`` nearest
+    other reference spots. About 1 inside the training distribution, whether that region is dense or sparse.
 
     Returns
     -------
-    ``mean``, ``scale`` ``(d,)``, ``components`` ``(c, d)``, ``reference`` ``(m, c + 1)`` (projected reference spots
-    plus their residual norm), ``k`` ``(1,)``, ``threshold`` ``(1,)`` (the ``quantile`` of the reference's
-    leave-one-out novelty) and ``quantile`` ``(1,)``.
+    ``reference`` ``(m, d + 1)`` (embedded reference spots, float16), ``own`` ``(m,)`` (their leave-one-out mean
+    kNN distance), ``norm_scale``, ``k``, ``threshold`` (the ``quantile`` of the reference's leave-one-out novelty),
+    ``quantile`` and ``version`` (:data:`NOVELTY_VERSION`), each ``(1,)``.
     """
+    x = _training_rows(features, max_reference, seed)
+    norms = np.linalg.norm(np.sqrt(np.abs(x)), axis=1)
+    norm_scale = float(np.median(norms)) if np.median(norms) > 0 else 1.0
+    points = embed(x, norm_scale).astype(np.float16).astype(np.float64)  # scored as stored
+    k = max(1, min(k, len(points) - 1))
+    dist, idx = _knn(points, points, k, exclude_self=True)
+    own = dist.mean(1)
+    own = np.maximum(own, 1e-6 * max(float(np.median(own)), 1e-12))
+    loo = own / own[idx].mean(1)
+    return {
+        "reference": points.astype(np.float16),
+        "own": own.astype(np.float32),
+        "norm_scale": np.array([norm_scale], dtype=np.float32),
+        "k": np.array([k], dtype=np.int64),
+        "threshold": np.array([np.quantile(loo, quantile)], dtype=np.float32),
+        "quantile": np.array([quantile], dtype=np.float32),
+        "version": np.array([NOVELTY_VERSION], dtype=np.int64),
+    }
+
+
+def novelty_version(reference: dict[str, np.ndarray]) -> int:
+    """1 for the PCA kNN reference of models saved before :data:`NOVELTY_VERSION` 2, else its stored version."""
+    return int(reference["version"][0]) if "version" in reference else 1
+
+
+def novelty_scores(reference: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """Novelty ``(n,)`` of features ``(n, d)`` against a reference of :func:`fit_novelty` (or a version-1 one)."""
+    x = np.asarray(features, dtype=np.float64)
+    if novelty_version(reference) == 1:
+        return _novelty_scores_v1(reference, x)
+    points = np.asarray(reference["reference"], dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != points.shape[1] - 1:
+        raise ValueError(f"Features of shape {x.shape} do not match the novelty reference ({points.shape[1] - 1}).")
+    dist, idx = _knn(embed(x, float(reference["norm_scale"][0])), points, int(reference["k"][0]))
+    own = np.asarray(reference["own"], dtype=np.float64)
+    return (dist.mean(1) / own[idx].mean(1)).astype(np.float32)
+
+
+def _knn(query: np.ndarray, points: np.ndarray, k: int, *, exclude_self: bool = False, chunk: int = 1024):
+    """Distances ``(n, k)`` and indices of the ``k`` nearest ``points`` of each query row (itself excluded if asked)."""
+    dist = np.empty((len(query), k))
+    idx = np.empty((len(query), k), dtype=np.int64)
+    p2 = (points * points).sum(1)
+    for start in range(0, len(query), chunk):
+        q = query[start : start + chunk]
+        d2 = np.maximum((q * q).sum(1)[:, None] + p2[None, :] - 2.0 * q @ points.T, 0.0)
+        if exclude_self:
+            d2[np.arange(len(q)), np.arange(start, start + len(q))] = np.inf
+        part = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        idx[start : start + len(q)] = part
+        dist[start : start + len(q)] = np.sqrt(np.take_along_axis(d2, part, axis=1))
+    return dist, idx
+
+
+def _training_rows(features: np.ndarray, max_reference: int, seed: int) -> np.ndarray:
+    """At most ``max_reference`` rows of the training features, checked, as float64."""
     x = np.asarray(features)
     if x.ndim != 2 or len(x) < 3:
         raise ValueError(f"Need training features of shape (n >= 3, d); found shape {x.shape}.")
@@ -115,6 +192,25 @@ def fit_novelty(
     x = np.asarray(x, dtype=np.float64)
     if not np.isfinite(x).all():
         raise ValueError("The training features hold non-finite values; recompute them (dkan.tl.extract_features).")
+    return x
+
+
+# ------------------------------------------------------------------ version 1 (models saved before version 2)
+def fit_novelty_v1(
+    features: np.ndarray,
+    *,
+    max_reference: int = MAX_REFERENCE,
+    n_components: int = 32,
+    k: int = 10,
+    quantile: float = 0.99,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """The version-1 reference (standardised features on 32 PCs plus the residual norm; mean kNN distance).
+
+    Kept to score models saved with it. It missed real unfamiliar input (a blank slide, mouse tissue against a
+    her2st model): weak or featureless inputs land near the centre of the standardised cloud, close to everything.
+    """
+    x = _training_rows(features, max_reference, seed)
     mean = x.mean(0)
     scale = x.std(0)
     scale = np.where(scale > 1e-8 * max(float(scale.max()), 1e-30), scale, 1.0)
@@ -133,8 +229,8 @@ def fit_novelty(
     return out
 
 
-def novelty_scores(reference: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
-    """Novelty ``(n,)`` of features ``(n, d)``: mean distance to the ``k`` nearest reference spots."""
+def _novelty_scores_v1(reference: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """Version-1 novelty: mean distance to the ``k`` nearest reference spots."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] != len(reference["mean"]):
         raise ValueError(f"Features of shape {x.shape} do not match the novelty reference ({len(reference['mean'])}).")
@@ -153,15 +249,6 @@ def _project(ref: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     return np.concatenate([proj, rest[:, None]], axis=1)
 
 
-def _knn_mean(query: np.ndarray, points: np.ndarray, k: int, *, exclude_self: bool = False, chunk: int = 1024):
+def _knn_mean(query: np.ndarray, points: np.ndarray, k: int, *, exclude_self: bool = False) -> np.ndarray:
     """Mean Euclidean distance of each query row to its ``k`` nearest ``points`` (itself excluded if asked)."""
-    out = np.empty(len(query))
-    p2 = (points * points).sum(1)
-    for start in range(0, len(query), chunk):
-        q = query[start : start + chunk]
-        d2 = np.maximum((q * q).sum(1)[:, None] + p2[None, :] - 2.0 * q @ points.T, 0.0)
-        if exclude_self:
-            d2[np.arange(len(q)), np.arange(start, start + len(q))] = np.inf
-        part = np.partition(d2, k - 1, axis=1)[:, :k]
-        out[start : start + len(q)] = np.sqrt(part).mean(1)
-    return out
+    return _knn(query, points, k, exclude_self=exclude_self)[0].mean(1)

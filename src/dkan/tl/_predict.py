@@ -120,9 +120,10 @@ def predict(
         outside the panel get no interval (NaN) and their spread is scaled by the panel's median factor.
         Whatever ``interval``, the results table gets
         ``var["dkan_val_pcc"]`` (each panel gene's validation PCC) and ``obs["dkan_novelty"]``/
-        ``obs["dkan_novel"]`` (frozen-feature distance to the training spots and whether it is above the model's
-        threshold) when the model records them (they describe the latest prediction into the table, as
-        ``uns["dkan"]["predict"]`` does); a warning names the samples where most spots are novel.
+        ``obs["dkan_novel"]`` (how unlike the training spots the frozen features are, a local outlier ratio
+        near 1 for familiar spots, and whether it is above the model's threshold) when the model records them
+        (they describe the latest prediction into the table, as ``uns["dkan"]["predict"]`` does); a warning
+        names the samples where most spots are novel.
     progress
         Show a progress bar.
 

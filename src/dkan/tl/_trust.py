@@ -56,7 +56,7 @@ def fit_trust(
     novelty = T.fit_novelty(_training_features(samples, T.MAX_REFERENCE, cfg.seed), seed=cfg.seed)
     arrays = {f"novelty.{k}": v for k, v in novelty.items()}
     settings: dict[str, Any] = {"novelty": {"k": int(novelty["k"][0]), "quantile": float(novelty["quantile"][0])}}
-    settings["novelty"]["threshold"] = float(novelty["threshold"][0])
+    settings["novelty"].update(threshold=float(novelty["threshold"][0]), version=int(novelty["version"][0]))
     probes, cache = None, {}
     if cfg.probe_blend and any(len(r) for r in split.val):  # calibrate the blend: probes on training rows only
         from dkan._evaluation.blend import fit_blend_probes
@@ -184,6 +184,11 @@ class TrustPredict:
         self.keys = {"lower": f"{key_added}{K.LOWER_SUFFIX}", "upper": f"{key_added}{K.UPPER_SUFFIX}"}
         self.std_key = f"{key_added}{K.STD_SUFFIX}"
         self.novelty = novelty_reference(self.model)
+        if self.novelty is not None and T.novelty_version(self.novelty) == 1:
+            logger.info(
+                "The model holds the version-1 novelty reference (saved by an earlier dkan): `obs[%r]` is scored with "
+                "it, which misses blank and other-tissue input; train the model again for the current one.", K.NOVELTY,
+            )  # fmt: skip
         self.scores: list[tuple[str, np.ndarray, np.ndarray]] = []
 
     @property
