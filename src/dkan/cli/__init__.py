@@ -7,6 +7,7 @@ Examples
     dkan train slides.zarr --out model/ --config her2st --set max_epochs=50 --descriptions genes.tsv
     dkan predict new_slide.zarr --model model/ --out new_slide_pred.zarr
     dkan predict new_slide.zarr --model model/ --in-place
+    dkan predict a.svs b.tif c.ndpi --model model/ --out-dir preds/ [--scheduler tcp://host:8786]
 
 Writing is never half-done where it can be avoided: ``train`` leaves its input store untouched and saves the
 model folder atomically; ``predict --out`` writes the whole store to a temporary sibling path and renames it
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dkan._utils import error_line
-from dkan.cli import _parser
+from dkan.cli import _many, _parser
 from dkan.io._store_read import is_store, read_slide, read_store, record_source
 from dkan.io._store_write import (
     check_replaceable_store,
@@ -158,6 +159,11 @@ def _train(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import dkan
 
+    if args.out_dir is not None:
+        status = _many.predict_many(args)
+        if status:
+            _quiet_exit()  # a slide that failed to decode leaves zarr's pending reads to report at exit
+        return status
     store = args.store.resolve()
     if args.out is not None:
         _check_out(store, args.out.resolve(), overwrite=args.overwrite)
@@ -259,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "predict":
+        _many.check_predict_args(parser, args)
     _setup_logging(args)
     try:
         return int(args.func(args))

@@ -118,7 +118,13 @@ def _add_predict(sub: Any, command: Command) -> None:
         "--in-place rewrites the results table element of STORE (and adds any new element): the updated table is first "
         "backed up next to the store as .STORE.TABLE.dkan-backup.zarr, removed again on success.",
     )
-    p.add_argument("store", type=Path, help="Input SpatialData zarr store or whole-slide file (SLIDE).")
+    p.add_argument(
+        "store",
+        type=Path,
+        nargs="+",
+        metavar="STORE",
+        help="Input SpatialData zarr store or whole-slide file (SLIDE); several need --out-dir.",
+    )
     p.add_argument("--model", required=True, type=Path, help="Model folder written by `dkan train` / DKANModel.save.")
     p.add_argument(
         "--um-per-px",
@@ -130,6 +136,14 @@ def _add_predict(sub: Any, command: Command) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, default=None, help="Write the store with predictions to this new path.")
     where.add_argument("--in-place", action="store_true", help="Update STORE itself (see below; not for a slide file).")
+    where.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="Predict each input into its own new store DIR/NAME.zarr (dkan.tl.predict_slides); stores already "
+        "there are skipped (unless --overwrite), a slide that fails is reported and the others go on. Prints "
+        "one line per slide (slide, status, error); exit status 1 if any slide failed.",
+    )
     p.add_argument(
         "--with-image",
         action="store_true",
@@ -157,6 +171,19 @@ def _add_predict(sub: Any, command: Command) -> None:
         "--overwrite",
         action="store_true",
         help="Replace existing predictions under --key-added, and an existing store at --out.",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="With --out-dir: run one slide per task on the Dask cluster at ADDRESS (e.g. tcp://host:8786; "
+        "workers must see the inputs, DIR and the model folder). Default: one slide after the other here.",
+    )
+    p.add_argument(
+        "--errors",
+        choices=("skip", "raise"),
+        default="skip",
+        help="With --out-dir: 'skip' (default) reports a failed slide and goes on; 'raise' stops at the first.",
     )
     _add_common(p)
     p.set_defaults(func=command)
