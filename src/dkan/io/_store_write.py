@@ -138,7 +138,7 @@ def write_new_store(sdata: SpatialData, out: str | os.PathLike[str], *, overwrit
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out, "tmp")
     try:
-        sdata.write(tmp, update_sdata_path=False)
+        _write_quietly(sdata, tmp)
         if not out.exists():
             _move(tmp, out)
         elif _exchange(tmp, out):
@@ -289,3 +289,15 @@ def update_in_place(sdata: SpatialData, table_key: str, *, added: Sequence[str] 
         )  # fmt: skip
         raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def _write_quietly(sdata: SpatialData, path: Path) -> None:
+    """``sdata.write(path)`` without zarr's notice that autosharding becomes its default (one per array written).
+
+    The notice is about zarr's future defaults, not about this store, and floods a cohort run's stderr.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autoshard.*", category=UserWarning)
+        sdata.write(path, update_sdata_path=False)
