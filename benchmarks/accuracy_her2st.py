@@ -439,8 +439,7 @@ def run_parallel(args, cfg, sdata, desc, device, ablations, baselines) -> tuple[
 
 def merge_outputs(outs: list[dict[str, Any]], baselines: tuple[str, ...]) -> Any:
     """One :class:`~dkan.tl._cv.CVResult` from the workers' outputs (same folds, same fold panels)."""
-    from dkan._evaluation.folds import summarise_folds
-    from dkan.tl._cv import CVResult, _summarise
+    from dkan.tl._cv import CVResult
 
     first = outs[0]
     if any(o["fold_genes"] != first["fold_genes"] or o["folds"] != first["folds"] for o in outs):
@@ -452,12 +451,7 @@ def merge_outputs(outs: list[dict[str, Any]], baselines: tuple[str, ...]) -> Any
     target = first["target"]
     if target.shape != next(iter(preds.values())).shape:
         raise RuntimeError(f"Target {target.shape} and predictions {next(iter(preds.values())).shape} differ.")
-    if first["fold_genes"] is None:
-        summary = _summarise(preds, target, first["obs"], first["genes"])
-    else:
-        sets = first["gene_sets"]
-        fold_sets = [{"heg": h, "hvg": v} for h, v in zip(sets["heg"], sets["hvg"], strict=True)]
-        summary = summarise_folds(preds, target, first["obs"], first["genes"], first["fold_genes"], fold_sets)
+    summary = score(preds, target, first["obs"], first["genes"], first["fold_genes"], first["gene_sets"])
     histories = {o["name"]: o["history"] for o in outs}
     params = {m: p for o in outs for m, p in o["baseline_params"].items()}
     trust = next((o.get("trust") for o in outs if o["name"] == "DKAN"), None)
@@ -482,22 +476,25 @@ def add_blends(res: Any) -> Any:
     """``res`` with the :data:`BLENDS` rows whose members it holds, every method re-scored over the same folds."""
     import dataclasses
 
-    from dkan._evaluation.folds import summarise_folds
-    from dkan.tl._cv import _summarise
-
     preds = dict(res.predictions)
     for name, members in BLENDS.items():
         if all(m in preds for m in members):
             preds[name] = np.mean([preds[m] for m in members], axis=0).astype(np.float32)
     if len(preds) == len(res.predictions):
         return res
-    if res.fold_genes is None:
-        summary = _summarise(preds, res.target, res.obs, res.genes)
-    else:
-        sets = res.summary.gene_sets
-        fold_sets = [{"heg": h, "hvg": v} for h, v in zip(sets["heg"], sets["hvg"], strict=True)]
-        summary = summarise_folds(preds, res.target, res.obs, res.genes, res.fold_genes, fold_sets)
+    summary = score(preds, res.target, res.obs, res.genes, res.fold_genes, res.summary.gene_sets)
     return dataclasses.replace(res, predictions=preds, summary=summary)
+
+
+def score(preds: dict, target: Any, obs: pd.DataFrame, genes: list[str], fold_genes: Any, gene_sets: dict) -> Any:
+    """Per-fold metrics of ``preds``: over one panel, or over each fold's panel with its training HEG/HVG."""
+    from dkan._evaluation.folds import summarise_folds
+    from dkan.tl._cv import _summarise
+
+    if fold_genes is None:
+        return _summarise(preds, target, obs, genes)
+    fold_sets = [{"heg": h, "hvg": v} for h, v in zip(gene_sets["heg"], gene_sets["hvg"], strict=True)]
+    return summarise_folds(preds, target, obs, genes, fold_genes, fold_sets)
 
 
 def training_times(events: list[tuple[float, str]], end: float) -> list[float]:

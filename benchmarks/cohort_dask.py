@@ -83,22 +83,9 @@ def local_worker(spec: dict) -> dict:
 
 def _subprocess(flag: str, spec: dict, timeout: float, log: Path) -> dict:
     """Run a worker function in a fresh process with 1 torch / BLAS thread."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log, "a") as err:
-        err.write(f"\n=== {flag} {json.dumps(spec)}\n")
-        err.flush()
-        proc = subprocess.run(
-            [sys.executable, __file__, flag, json.dumps(spec)],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{flag} failed (rc {proc.returncode}): {log.read_text()[-2000:]}")
-    return json.loads(lines[-1])
+    from _machine import run_worker
+
+    return run_worker(__file__, flag, spec, timeout=timeout, log=log, threads=1)
 
 
 # ------------------------------------------------------------------------------------- on the Dask workers

@@ -140,25 +140,11 @@ def _tissue_tiles(table) -> int:
 
 def _subprocess(flag: str, spec: dict, timeout: float, log: Path) -> dict:
     """Run a worker in a fresh process (``threads`` torch/BLAS threads), with the load average around it."""
-    threads = str(spec.get("threads", 2))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    from _machine import run_worker
+
     load0 = os.getloadavg()
-    with open(log, "a") as err:
-        err.write(f"\n=== {flag} {json.dumps(spec)}\n")
-        err.flush()
-        proc = subprocess.run(
-            [sys.executable, __file__, flag, json.dumps(spec)],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = log.read_text()[-2000:]
-        raise RuntimeError(f"{flag} failed (rc {proc.returncode}): {tail}")
-    return {**json.loads(lines[-1]), "load_avg_before": load0, "load_avg_after": os.getloadavg()}
+    out = run_worker(__file__, flag, spec, timeout=timeout, log=log, threads=spec.get("threads", 2))
+    return {**out, "load_avg_before": load0, "load_avg_after": os.getloadavg()}
 
 
 def _commit() -> str:
