@@ -62,10 +62,22 @@ from typing import Any
 import numpy as np
 from accuracy_her2st import DEFAULT_DATA, load_prepared, parse_overrides, prepare_inputs
 
-CANDIDATES = {"default": {}, "default_seed1": {"seed": 2022}}  #: trained candidates: their config overrides
+#: trained candidates: their config overrides (``wide``/``deep``: width and depth; ``tokens``: gene queries attend
+#: the region tokens; ``reg``: stronger dropout and weight decay; ``long``: more epochs and patience)
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "default_seed1": {"seed": 2022},
+    "wide": {"d": 128},
+    "deep": {"fusion_depth": 2, "slide_depth": 3, "region_depth": 2, "img_cross_depth": 2, "exp_cross_depth": 2},
+    "tokens": {"gene_attend_tokens": True},
+    "reg": {f"{m}_dropout": 0.3 for m in ("fusion", "slide", "region", "img_cross", "exp_cross", "text")}
+    | {"weight_decay": 1e-2},
+    "long": {"max_epochs": 160, "patience": 20, "min_epochs": 40},
+}
 PROBE_NAMES = ("ridge", "ridge_ctx", "knn")
 WEIGHTS = np.round(np.linspace(0, 1, 11), 2)
 SENSITIVITY = (0.2, 0.25, 0.4, 0.5, 0.6)  #: fixed DKAN weights against the probe ensemble (report only)
+SHAPES = ("wide", "deep", "tokens", "reg", "long")  #: candidates that change the network's shape or training
 SKIP = (" s", " w")  #: columns that are times or chosen weights, not scores
 log = logging.getLogger("dkan.bench")
 
@@ -286,6 +298,8 @@ def report(args: argparse.Namespace, env: dict[str, Any]) -> str:
             row[f"{cand} s"] = float(z["seconds"])
             if cand == "default":
                 row.update(default_blends(z["held"], probes, y, own_section(z, fs, fold)))
+            elif cand in SHAPES:  # the same blend as the default's, with this network
+                row[f"blend3_{cand}"] = mean_pcc((z["held"] + probes["ridge_ctx"] + probes["knn"]) / 3, y)
         row.update(seed_blends([saved[c]["held"] for c in ("default", "default_seed1") if c in saved], probes, y))
         rows.append(row)
     text = table_text(rows)

@@ -30,14 +30,16 @@ def test_cross_validate_toy(toy_master):
         feature_encoder="dummy",
     )
     assert res.folds == [["s0"], ["s1"], ["s2"]]
-    assert set(res.predictions) == {"DKAN", "no_text", "mean", "ridge_hest", "ridge", "ridge_ctx", "knn"}
+    # the default blends DKAN with the probes; the network alone is its own row
+    rows = ["DKAN", "no_text", "DKAN_network", "mean", "ridge_hest", "ridge", "ridge_ctx", "knn"]
+    assert set(res.predictions) == set(rows)
     for p in res.predictions.values():
         assert p.shape == (432, len(res.genes)) and np.isfinite(p).all()
     table = res.table()
-    assert list(table.index) == ["DKAN", "no_text", "mean", "ridge_hest", "ridge", "ridge_ctx", "knn"]
+    assert list(table.index) == rows
     assert "PCC-ALL" in table.columns
     per_fold = res.summary.per_fold
-    assert len(per_fold) == 7 * 3
+    assert len(per_fold) == 8 * 3
     # each tuned probe records its parameter per fold; 2 training samples per fold -> the spatial block split
     for name, key in (("ridge", "alpha"), ("ridge_ctx", "alpha"), ("knn", "k")):
         assert len(res.baseline_params[name]) == 3
@@ -73,7 +75,7 @@ def test_cross_validate_runs_the_shuffled_text_control(toy_master):
         max_epochs=1,
         feature_encoder="dummy",
     )
-    assert set(res.predictions) == {"DKAN", "shuffled_text"}
+    assert set(res.predictions) == {"DKAN", "shuffled_text", "DKAN_network"}
     assert not np.allclose(res.predictions["DKAN"], res.predictions["shuffled_text"])
 
 

@@ -85,5 +85,5 @@ def test_cross_validate_chooses_panel_and_gene_sets_per_fold(toy_master):
     assert sets["panel"] == res.fold_genes and len(sets["heg"]) == 3
     assert all(set(h) <= set(p) for h, p in zip(sets["heg"], res.fold_genes, strict=True))
     assert "training sections only" in res.summary.protocol["gene_sets"]
-    assert list(res.table().index) == ["DKAN", "mean", "ridge"]
+    assert list(res.table().index) == ["DKAN", "DKAN_network", "mean", "ridge"]
     assert np.isfinite(res.summary.per_fold.loc[lambda d: d.method == "ridge", "pcc_all"]).all()

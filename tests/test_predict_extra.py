@@ -9,6 +9,7 @@ import dkan
 from dkan import _keys as K
 from dkan.datasets import copy_sdata
 from dkan.nn.inference import Predictor
+from dkan.train.fitted import DKANModel
 
 FAST = {"max_epochs": 2, "feature_encoder": "dummy", "n_genes": 30}
 STD = f"{K.PRED}{K.STD_SUFFIX}"
@@ -148,7 +149,15 @@ def test_ensemble_mean_and_standard_deviation(models, split):
     table = results(new)
     pa, pb = table.layers["a"], table.layers["b"]
     np.testing.assert_allclose(table.layers[K.PRED], (pa + pb) / 2, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(table.layers[STD], np.abs(pa - pb) / np.sqrt(2), rtol=1e-4, atol=1e-6)
+    # the default blends each network with its probes; the spread is the networks' own (probes left out)
+    assert a.probes and b.probes
+    na, nb = (DKANModel(m.module, m.config, m.genes, m.gene_embeddings, m.meta, m.history, m.trust) for m in (a, b))
+    dkan.tl.predict(new, na, key_added="na", progress=False)
+    dkan.tl.predict(new, nb, key_added="nb", progress=False)
+    table = results(new)
+    qa, qb = table.layers["na"], table.layers["nb"]
+    assert not np.allclose(qa, pa, atol=1e-4)  # the blend moved the prediction
+    np.testing.assert_allclose(table.layers[STD], np.abs(qa - qb) / np.sqrt(2), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="overwrite"):
         dkan.tl.predict(new, [a, b], key_added="a", progress=False)
     with pytest.raises(TypeError, match="DKANModel"):

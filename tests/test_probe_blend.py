@@ -116,7 +116,7 @@ def test_save_load_keeps_probes_and_predictions(blended, split, tmp_path):
 
 
 def test_model_without_the_option_has_no_probe_tensors(split, tmp_path):
-    model = dkan.tl.train(copy_sdata(split[0]), config="small", progress=False, max_epochs=1, **{
+    model = dkan.tl.train(copy_sdata(split[0]), config="small", progress=False, max_epochs=1, probe_blend=False, **{
         k: v for k, v in FAST.items() if k != "max_epochs"
     })  # fmt: skip
     assert model.probes == {} and "probe_blend" not in model.meta
@@ -159,8 +159,8 @@ def test_trust_calibrates_on_probes_fitted_on_training_rows_only(split, monkeypa
 
     monkeypatch.setattr(B, "fit_blend_probes", spy)
     model = dkan.tl.train(copy_sdata(split[0]), config="small", progress=False, probe_blend=True, **FAST)
-    assert len(calls) == 2  # trust (training rows of the validation split), then the stored probes (all spots)
-    (_, rows, names, grids), (_, stored_rows, _, _) = calls
+    assert len(calls) == 2  # the stored probes (all spots), then trust's (training rows of the validation split)
+    (_, stored_rows, _, _), (_, rows, names, grids) = calls
     cfg = model.config
     val = make_validation_split(names, grids, cfg.val_fraction, strategy=cfg.val_split, seed=cfg.seed)
     assert stored_rows is None
@@ -168,3 +168,15 @@ def test_trust_calibrates_on_probes_fitted_on_training_rows_only(split, monkeypa
         np.testing.assert_array_equal(got, train_rows)
         assert not set(np.asarray(got).tolist()) & set(np.asarray(val_rows).tolist())
     assert sum(len(v) for v in val.val) > 0
+
+
+def test_the_default_falls_back_to_the_network_when_the_probes_cannot_be_fitted(caplog):
+    """A 16-spot slide leaves the probes' inner split without training spots: one warning, a network-only model."""
+    tiny = dkan.datasets.toy(seed=0, n_samples=1, grid_size=4, n_genes=10)
+    assert dkan.DKANConfig().probe_blend  # the default blends
+    with caplog.at_level("WARNING", logger="dkan"):
+        model = dkan.tl.train(tiny, progress=False, max_epochs=1, feature_encoder="dummy", val_fraction=0.0)
+    assert "cannot be fitted" in caplog.text and "network alone" in caplog.text
+    assert model.probes == {} and "probe_blend" not in model.meta
+    out = copy_sdata(tiny)
+    assert _predict(out, model).uns[K.UNS][K.UNS_PREDICT]["probe_blend"] is False

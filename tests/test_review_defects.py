@@ -119,7 +119,7 @@ def test_ensemble_members_use_their_own_gene_embeddings(toy):
 
     a = dkan.tl.train(toy, config="small", progress=False, max_epochs=1, **FAST)
     other = a.gene_embeddings[::-1].copy()  # the same panel embedded from other texts
-    b = DKANModel(copy.deepcopy(a.module), a.config, a.genes, other, a.meta, a.history)
+    b = DKANModel(copy.deepcopy(a.module), a.config, a.genes, other, a.meta, a.history, a.trust, a.probes)
     new = copy_sdata(toy)
     dkan.tl.predict(new, a, key_added="a", progress=False)
     dkan.tl.predict(new, b, key_added="b", progress=False)

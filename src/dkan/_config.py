@@ -144,11 +144,12 @@ class DKANConfig:
         ``True``: dropout masks on the CPU are drawn with numpy (faster there, see
         :class:`dkan.nn.layers.Dropout`); ``False`` (default): torch's own dropout on every device.
     probe_blend
-        ``True``: :func:`dkan.tl.train` also fits the tuned ``ridge_ctx`` and ``knn`` probes
-        (:mod:`dkan._evaluation.probes`) on all training spots and stores them with the model;
+        ``True`` (default; off in the authors' presets): :func:`dkan.tl.train` also fits the tuned ``ridge_ctx``
+        and ``knn`` probes (:mod:`dkan._evaluation.probes`) on all training spots and stores them with the model;
         :func:`dkan.tl.predict` then gives the panel genes the equal-weight mean of the network's and the two
         probes' predictions ("DKAN+probes", see the method page). Genes outside the panel stay network-only.
-        Needs region features.
+        Needs region features; when the training data cannot fit the probes (a few dozen spots), training warns
+        and the model predicts with the network alone. ``False``: the network alone.
     """
 
     d: int = 64
@@ -219,7 +220,7 @@ class DKANConfig:
     standardize_genes: bool = True
     gene_output: str = "affine"
     numpy_dropout: bool = False
-    probe_blend: bool = False
+    probe_blend: bool = True
 
     DEFAULT_PRESET: ClassVar[str] = "small"
 

@@ -48,6 +48,7 @@ def _reference(tau: float, modules: dict[str, tuple[int, int, float, float]], **
         "patch_encoder": "resnet18_ciga",
         "feature_encoder": "uni",
         "text_encoder": "biobert",
+        "probe_blend": False,  # the authors' network alone
     }
     for prefix, spec in modules.items():
         values.update(_module(prefix, *spec))

@@ -13,11 +13,14 @@ The blend covers the panel genes only; genes queried by text stay network-only.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from dkan._evaluation.probes import ProbePredictor, _Basis, fit_probes
+
+logger = logging.getLogger("dkan")
 
 #: The probes of the blend, in the order they are averaged.
 BLEND_PROBES = ("ridge_ctx", "knn")
@@ -38,6 +41,32 @@ def fit_blend_probes(
 ) -> dict[str, ProbePredictor]:
     """The ``ridge_ctx`` and ``knn`` probes on the ``train`` samples (their ``rows`` only, when given)."""
     return fit_probes(list(BLEND_PROBES), samples, train, seed=seed, cache=cache, rows=rows)
+
+
+def try_fit_blend_probes(
+    samples: list[Any],
+    train: list[int],
+    *,
+    seed: int,
+    cache: dict[int, np.ndarray] | None = None,
+    rows: list[np.ndarray] | None = None,
+    purpose: str = "the blend",
+) -> dict[str, ProbePredictor] | None:
+    """:func:`fit_blend_probes`, or None with one warning when the data cannot fit them (too few spots or samples).
+
+    The probes tune their parameter on an inner split of the training spots; a tiny training set (a few dozen
+    spots) or one without region features has none. The caller then falls back to the network alone.
+    """
+    try:
+        return fit_blend_probes(samples, train, seed=seed, cache=cache, rows=rows)
+    except ValueError as err:
+        logger.warning(
+            "DKAN+probes (`probe_blend=True`): the ridge_ctx and knn probes for %s cannot be fitted on this training "
+            "data (%s); the network alone is used instead. Set `probe_blend=False` to silence this.",
+            purpose,
+            err,
+        )
+        return None
 
 
 def blend(network: np.ndarray, probe_preds: list[np.ndarray]) -> np.ndarray:

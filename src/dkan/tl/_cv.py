@@ -15,6 +15,7 @@ from dkan._docs import shared_docs
 from dkan._evaluation.folds import fold_targets, summarise_folds, training_gene_sets, training_panel
 from dkan._evaluation.probes import baseline_fold
 from dkan._utils import iter_samples
+from dkan.tl._cv_fold import _dkan_fold, _fold_probes
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -215,10 +216,10 @@ def cross_validate(
             fold_sets.append(training_gene_sets(y_train, plan["panels"][f]))
         for i in test:
             target[offsets[i] : offsets[i + 1], cols] = fsamples[i].target.numpy()
-        probes = None
+        probes, tried = None, False
         for name, mcfg in methods.items():
-            if mcfg.probe_blend and probes is None:  # the baselines' fit: same samples, seed and inner tuning
-                probes = _fold_probes(fsamples, train, test, seed, context)
+            if mcfg.probe_blend and not tried:  # the baselines' fit: same samples, seed and inner tuning
+                probes, tried = _fold_probes(fsamples, train, test, seed, context), True
             memb = shuffle_gene_text(femb, seed) if name == "shuffled_text" else femb
             out, hist, figures, network = _dkan_fold(
                 fsamples, train, test, memb, mcfg, dev, reader, progress, trust=trust and name == "DKAN",
@@ -341,54 +342,6 @@ def _sample_groups(sdatas: list[Any], tables: list[Any], groupby: str, table_key
                 )
             out.append(values[0])
     return out
-
-
-def _fold_probes(samples, train, test, seed, cache) -> list[list[np.ndarray]]:
-    """Per test sample, the ``ridge_ctx`` and ``knn`` probes' predictions, fitted on the ``train`` samples."""
-    from dkan._evaluation.blend import fit_blend_probes
-    from dkan._evaluation.probes import probe_input
-
-    fitted = fit_blend_probes(samples, train, seed=seed, cache=cache)
-    return [[p.predict(probe_input(n, samples, i, cache)) for n, p in fitted.items()] for i in test]
-
-
-def _dkan_fold(
-    samples, train, test, emb, cfg, dev, reader, progress, *, trust=False, probes=None
-) -> tuple[list, list, Any, list]:
-    """Fit on ``train``, predict ``test``: (predictions, history, trust figures or None, network predictions).
-
-    With ``probes`` (per test sample, the probes' predictions) the predictions are the DKAN+probes blend.
-    """
-    from dkan.train.fitting import fit_inputs
-    from dkan.train.loop import predict_rows
-
-    sub_reader = (lambda s, rows, aug: reader(train[s], rows, aug)) if reader else None
-    module, result = fit_inputs([samples[i] for i in train], emb, cfg, dev, reader=sub_reader, progress=progress)
-    import torch
-
-    genes = torch.as_tensor(emb, device=dev) if cfg.use_text else None
-    outs = []
-    for i in test:
-        rd = (lambda rows, i=i: reader(i, rows, False)) if reader else None
-        s = samples[i].to(dev)
-        outs.append(
-            predict_rows(module, s, np.arange(len(s)), genes, batch_size=256, device=dev, amp=cfg.amp, read_patches=rd)
-        )
-    network = outs
-    if probes is not None:
-        from dkan._evaluation.blend import blend
-
-        outs = [blend(o, p) for o, p in zip(network, probes, strict=True)]
-    if not trust:
-        return outs, result.history, None, network
-    from dkan._evaluation.trust import fold_trust
-    from dkan.tl._trust import fit_trust
-
-    module.eval()
-    settings, arrays = fit_trust(module, [samples[i] for i in train], emb, cfg, dev, reader=sub_reader)
-    read = [(lambda rows, i=i: reader(i, rows, False)) if reader else None for i in test]
-    figures = fold_trust(module, settings, arrays, [samples[i] for i in test], outs, emb, cfg, dev, read=read)
-    return outs, result.history, figures, network
 
 
 def _summarise(preds: dict[str, np.ndarray], target: np.ndarray, obs: pd.DataFrame, genes: list[str]) -> CVSummary:

@@ -139,11 +139,21 @@ def train(
     }
     from dkan.tl._trust import fit_trust
 
-    meta[K.UNS_TRUST], trust = fit_trust(module, samples, emb, cfg, dev, reader=reader)  # intervals, PCC, novelty
+    fitted = _blend_probes(samples, cfg)  # the tuned probes on all training spots (trust uses the training rows only)
+    meta[K.UNS_TRUST], trust = fit_trust(module, samples, emb, cfg, dev, reader=reader, blend=fitted is not None)
     probes: dict[str, Any] = {}
-    if cfg.probe_blend:  # the tuned probes refitted on all training spots (trust used the training rows only)
-        from dkan._evaluation.blend import fit_blend_probes, probe_arrays
+    if fitted is not None and meta[K.UNS_TRUST].get("calibration", {}).get("probe_blend", True):
+        from dkan._evaluation.blend import probe_arrays
 
-        probes, meta["probe_blend"] = probe_arrays(fit_blend_probes(samples, list(range(len(samples))), seed=cfg.seed))
+        probes, meta["probe_blend"] = probe_arrays(fitted)
         logger.info("Stored the ridge_ctx and knn probes for the DKAN+probes blend (`probe_blend=True`).")
     return DKANModel(module.cpu(), cfg, genes, emb, meta, result.history, trust, probes)
+
+
+def _blend_probes(samples: list[Any], cfg: DKANConfig) -> Any:
+    """The probes of the DKAN+probes blend fitted on all training samples; None when off or when they cannot fit."""
+    if not cfg.probe_blend:
+        return None
+    from dkan._evaluation.blend import try_fit_blend_probes
+
+    return try_fit_blend_probes(samples, list(range(len(samples))), seed=cfg.seed, purpose="the model")

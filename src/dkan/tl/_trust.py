@@ -41,11 +41,14 @@ def fit_trust(
     dev: torch.device,
     *,
     reader: Any = None,
+    blend: bool | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Calibration, per-gene validation PCC and novelty reference of a trained network.
 
-    The validation rows are those :func:`dkan.train.fitting.fit_inputs` held out (the same seeded split). Returns the
-    settings (for ``model.meta["trust"]``) and the arrays (``model.trust``).
+    The validation rows are those :func:`dkan.train.fitting.fit_inputs` held out (the same seeded split). With
+    ``blend`` (default: ``cfg.probe_blend``) the calibration is made on the DKAN+probes blend, the probes fitted on
+    the training rows only; ``settings["calibration"]["probe_blend"]`` is False when they could not be fitted.
+    Returns the settings (for ``model.meta["trust"]``) and the arrays (``model.trust``).
     """
     from dkan.train.data import make_validation_split
 
@@ -58,10 +61,14 @@ def fit_trust(
     settings: dict[str, Any] = {"novelty": {"k": int(novelty["k"][0]), "quantile": float(novelty["quantile"][0])}}
     settings["novelty"].update(threshold=float(novelty["threshold"][0]), version=int(novelty["version"][0]))
     probes, cache = None, {}
-    if cfg.probe_blend and any(len(r) for r in split.val):  # calibrate the blend: probes on training rows only
-        from dkan._evaluation.blend import fit_blend_probes
+    blend = cfg.probe_blend if blend is None else blend
+    if blend and any(len(r) for r in split.val):  # calibrate the blend: probes on training rows only
+        from dkan._evaluation.blend import try_fit_blend_probes
 
-        probes = fit_blend_probes(samples, list(range(len(samples))), seed=cfg.seed, cache=cache, rows=split.train)
+        train = list(range(len(samples)))
+        probes = try_fit_blend_probes(
+            samples, train, seed=cfg.seed, cache=cache, rows=split.train, purpose="the calibration"
+        )
     val = _validation_predictions(module, samples, split.val, emb, cfg, dev, reader, probes=probes, cache=cache)
     if val is None:
         logger.info("No validation spots: the model records no calibration and no per-gene validation PCC.")
