@@ -71,7 +71,8 @@ def target_check(res: Any) -> list[str]:
     s = res.summary.summary
     best = best_probe(res)
     lines = []
-    comparisons = [("DKAN", o) for o in (best, "ridge_hest", "no_text")]
+    comparisons = [("DKAN", o) for o in (best, "probes", "ridge_hest", "no_text", "shuffled_text")]
+    comparisons += [("DKAN_network", best)]  # the network alone, when DKAN is the default blend
     comparisons += [("DKAN+probes", o) for o in (best, "probes", "no_text+probes", "shuffled_text+probes")]
     for method, other in dict.fromkeys(comparisons):
         if other is None or method not in s.index or other not in s.index:
@@ -80,7 +81,7 @@ def target_check(res: Any) -> list[str]:
     mse_lines = [
         f"- MSE: {m} {s.loc[m, 'mse_mean']:.4f} vs {best} {s.loc[best, 'mse_mean']:.4f}"
         + (" (not above)" if s.loc[m, "mse_mean"] <= s.loc[best, "mse_mean"] else " (ABOVE)")
-        for m in ("DKAN", "DKAN+probes")
+        for m in ("DKAN", "DKAN_network", "DKAN+probes")
         if best is not None and m in s.index
     ]
     return lines + mse_lines
@@ -253,7 +254,7 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         md_table(pd.DataFrame([PAPER], index=["DKAN (paper)"])),
         "",
-        "## Target: DKAN and DKAN+probes vs the best tuned probe, the probe mix and the controls (same folds)",
+        "## Target: DKAN vs the best tuned probe, the probe mix and the controls (same folds)",
         "",
         *target_check(res),
         "",

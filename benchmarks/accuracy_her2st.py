@@ -392,7 +392,7 @@ def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
         panel_per_fold=True,
         trust=task.get("trust", False),
     )
-    preds = {(task["name"] if m == "DKAN" else m): p for m, p in res.predictions.items()}
+    preds = variant_rows(res.predictions, task["name"])
     return {
         "name": task["name"],
         "preds": preds,
@@ -408,6 +408,11 @@ def _variant_task(task: dict[str, Any]) -> dict[str, Any]:
         "train_times": training_times(watch.events, time.perf_counter()),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def variant_rows(preds: dict[str, Any], name: str) -> dict[str, Any]:
+    """A worker's rows under its variant's name: ``DKAN`` -> ``name``, ``DKAN_network`` -> ``name + "_network"``."""
+    return {(m.replace("DKAN", name, 1) if m.startswith("DKAN") else m): p for m, p in preds.items()}
 
 
 def run_parallel(args, cfg, sdata, desc, device, ablations, baselines) -> tuple[Any, list[float]]:
@@ -463,7 +468,9 @@ def merge_outputs(outs: list[dict[str, Any]], baselines: tuple[str, ...]) -> Any
 
 #: Rows derived from the out-of-fold predictions: the mean of the named methods' predictions, scored like the others.
 #: ``DKAN+probes`` (the network averaged with the two tuned context probes) was chosen by the inner protocol of
-#: ``benchmarks/inner_candidates.py`` (one held-out training section per fold; never the test section).
+#: ``benchmarks/inner_candidates.py`` (one held-out training section per fold; never the test section); it is the
+#: library's default (``probe_blend=True``), so the ``X+probes`` rows are only derived for network-alone runs
+#: (``--set probe_blend=false``): a blended run's ``DKAN`` row already is that mean, ``DKAN_network`` its network.
 BLENDS = {
     "probes": ("ridge_ctx", "knn"),
     "DKAN+probes": ("DKAN", "ridge_ctx", "knn"),
@@ -477,7 +484,10 @@ def add_blends(res: Any) -> Any:
     import dataclasses
 
     preds = dict(res.predictions)
+    blended = "DKAN_network" in preds  # the DKAN rows already average the network with the probes
     for name, members in BLENDS.items():
+        if blended and name != "probes":
+            continue
         if all(m in preds for m in members):
             preds[name] = np.mean([preds[m] for m in members], axis=0).astype(np.float32)
     if len(preds) == len(res.predictions):

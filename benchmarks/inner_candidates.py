@@ -14,6 +14,10 @@ Candidates
     the preset as it is.
 ``default_seed1`` (trained), ``ens2`` (derived)
     a second seed; the mean of the two seeds.
+``wide``, ``deep``, ``tokens``, ``reg``, ``long`` (trained), ``blend3_<name>`` (derived)
+    the preset with ``d=128``; depth 2-3 in every module; the gene queries attending the region tokens
+    (``gene_attend_tokens``); dropout 0.3 and weight decay 1e-2; up to 160 epochs with patience 20. Each is also
+    scored in the default's blend, ``(network + ridge_ctx + knn) / 3``.
 ``ridge``, ``ridge_ctx``, ``knn`` (probes), ``probes_mean`` (derived)
     the tuned probes fitted on the inner-training sections; ``(ridge_ctx + knn) / 2``.
 ``blend_half`` (derived from ``default``)

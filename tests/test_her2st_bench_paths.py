@@ -79,6 +79,13 @@ def test_parallel_merge_reproduces_the_in_process_summary(bench, toy_cv):
         acc.merge_outputs(outs, BASELINES)
 
 
+def test_worker_rows_keep_each_variants_network_row(bench):
+    acc, _ = bench
+    rows = acc.variant_rows({"DKAN": 1, "DKAN_network": 2, "ridge": 3}, "no_text")
+    assert rows == {"no_text": 1, "no_text_network": 2, "ridge": 3}  # no clash with the DKAN worker's DKAN_network
+    assert acc.variant_rows({"DKAN": 1, "DKAN_network": 2}, "DKAN") == {"DKAN": 1, "DKAN_network": 2}
+
+
 def test_report_states_the_per_fold_rule_and_the_probe_choices(bench, toy_cv, tmp_path):
     _, rep = bench
     cfg = dkan.DKANConfig.resolve("small", n_genes=10)
@@ -107,16 +114,24 @@ def test_per_fold_summary_plots(toy_cv):
 
 
 def test_blend_rows_are_the_mean_of_their_members_and_scored(bench, toy_cv):
+    import dataclasses
+
     acc, rep = bench
+    p = toy_cv.predictions
+    # the default blends: DKAN already is the mean of its network and the two probes; only the probes' mix is derived
+    np.testing.assert_allclose(p["DKAN"], (p["DKAN_network"] + p["ridge_ctx"] + p["knn"]) / 3, rtol=1e-5, atol=1e-6)
     res = acc.add_blends(toy_cv)
+    assert "probes" in res.summary.summary.index and "DKAN+probes" not in res.predictions
+    np.testing.assert_allclose(res.predictions["probes"], (p["ridge_ctx"] + p["knn"]) / 2, rtol=1e-6, equal_nan=True)
+    assert any(line.startswith("- DKAN_network") for line in rep.target_check(res))
+    # a network-alone run (probe_blend=False): the X+probes rows are derived from its rows
+    plain = {k: v for k, v in p.items() if k != "DKAN_network"} | {"DKAN": p["DKAN_network"]}
+    res = acc.add_blends(dataclasses.replace(toy_cv, predictions=plain))
     methods = set(res.summary.summary.index)
     assert {"probes", "DKAN+probes", "no_text+probes"} <= methods
     assert "shuffled_text+probes" not in methods  # toy_cv has no shuffled_text row
-    want = (toy_cv.predictions["DKAN"] + toy_cv.predictions["ridge_ctx"] + toy_cv.predictions["knn"]) / 3
+    want = (plain["DKAN"] + plain["ridge_ctx"] + plain["knn"]) / 3
     np.testing.assert_allclose(res.predictions["DKAN+probes"], want, rtol=1e-6, equal_nan=True)
-    # the members' own scores are unchanged by adding derived rows
-    a = res.summary.summary.loc["DKAN", "pcc_all_mean"]
-    assert a == pytest.approx(toy_cv.summary.summary.loc["DKAN", "pcc_all_mean"])
     lines = rep.target_check(res)
     assert any(line.startswith("- DKAN+probes") and " probes on PCC-ALL" in line for line in lines)
     assert any(line.startswith("- MSE: DKAN+probes") for line in lines)
