@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train", default="C2,C3", help="her2st sections the model is trained on")
     p.add_argument("--test", default="C4,C5,C6", help="held-out her2st sections (the first: base of shifted/blank)")
     p.add_argument("--mob", default="MOB1,MOB2", help="mouse olfactory bulb sections of stutility_mob/ ('' : none)")
-    shifts = ["70,-50,40", "35,-25,20", "-40,30,-60"]
-    p.add_argument("--shift", nargs="+", default=shifts, help="R,G,B shifts of the first --test (one row each)")
+    shifts = "70,-50,40;35,-25,20;-40,30,-60"
+    p.add_argument("--shift", default=shifts, help="R,G,B shifts of the first --test, ';'-separated (--shift=...)")
     p.add_argument("--max-epochs", type=int, default=3)
     p.add_argument("--n-genes", type=int, default=50)
     p.add_argument("--toy", action="store_true", help="toy slides instead of real data (checks the code paths)")
@@ -78,7 +78,7 @@ def inputs(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any
     """Training data, the inputs to score (name -> zero-argument loader) and training overrides."""
     import dkan
 
-    shifts = {text: np.array([float(v) for v in text.split(",")])[:, None, None] for text in args.shift}
+    shifts = {t: np.array([float(v) for v in t.split(",")])[:, None, None] for t in args.shift.split(";") if t}
     if any(v.shape[0] != 3 for v in shifts.values()):
         raise SystemExit(f"--shift needs three comma-separated values (R,G,B) each, found {args.shift!r}.")
     if args.toy:
