@@ -142,7 +142,7 @@ def _fractions(scores: list[tuple[str, np.ndarray, np.ndarray]], threshold: floa
 def _warn_mostly_novel(record: dict[str, Any]) -> None:
     """One warning naming the samples where most spots are flagged, and which signal flagged them."""
     feat, col = record["feature_novel_fraction"] or {}, record["colour_novel_fraction"] or {}
-    parts = []
+    parts, by_colour = [], False
     for name, frac in record["novel_fraction"].items():
         if frac <= NOVEL_WARN_FRACTION:
             continue
@@ -151,9 +151,10 @@ def _warn_mostly_novel(record: dict[str, Any]) -> None:
         which = {0: "frozen features and colour together", 1: fired[0]}.get(len(fired), "frozen features and colour")
         detail = ", ".join(f"{s} {f:.0%}" for s, f in signals.items() if f is not None)
         parts.append(f"{name}: {frac:.0%} of spots, flagged by the {which} ({detail})")
+        by_colour |= "colour" in which
     if parts:
+        hint = " (a colour change may be another stain or scanner)" if by_colour else ""
         logger.warning(
             "Most spots look unlike the training data (frozen-feature or colour novelty above the model's "
-            "threshold): %s. Predictions there are extrapolations (a colour change: another stain or scanner); "
-            "see `obs[%r]`.", "; ".join(parts), K.NOVEL,
+            "threshold): %s. Predictions there are extrapolations%s; see `obs[%r]`.", "; ".join(parts), hint, K.NOVEL,
         )  # fmt: skip
