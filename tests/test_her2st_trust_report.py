@@ -55,6 +55,8 @@ def test_novelty_script_runs_on_toy_slides_and_flags_the_altered_ones():
         rows = novelty.main(["--toy", "--max-epochs", "1"])
     finally:
         sys.path.remove(str(BENCH))
-    share = {name.split(", ")[-1]: f for name, _, f, _ in rows}
-    assert len(rows) == 3 and share["toy held-out slide"] < 0.2
+    share = {name.split(", ")[-1]: f for name, _, f, *_ in rows}
+    by_colour = {name.split(", ")[-1]: row[3] for name, *row in rows}
+    assert len(rows) == 5 and share["toy held-out slide"] < 0.2 and by_colour["toy held-out slide"] < 0.05
     assert share["blank (white)"] > 0.9 and share["colour shift 70,-50,40 (R,G,B)"] > 0.5
+    assert by_colour["colour shift 70,-50,40 (R,G,B)"] > 0.9 and by_colour["colour shift 35,-25,20 (R,G,B)"] > 0.9

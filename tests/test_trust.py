@@ -350,12 +350,8 @@ def test_her2st_model_flags_the_mouse_bulb_and_a_blank_slide_but_not_its_own_pat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="Known limit (docs/method.md): the frozen efficientnet_lite0 spot features barely move under this colour "
-    "shift (the shifted spots land among the training spots), so no per-spot score on them flags it.",
-)
 def test_her2st_model_flags_a_stain_shift(her2st_model):
+    # the frozen efficientnet_lite0 features barely move under this shift (~5 % flagged): the colour signal does it
     model, c4 = her2st_model
     shift = np.array([70, -50, 40])[:, None, None]
     assert _novel_fraction(_recolour(c4(), lambda a: a.astype(int) + shift), model) > 0.5

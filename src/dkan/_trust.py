@@ -12,6 +12,11 @@
   distance to their ``k`` nearest; the threshold is a high quantile of the reference spots' own leave-one-out
   novelty. Models saved with the earlier reference (version 1: standardised features on 32 principal components,
   plain kNN distance) are still scored with it.
+* **Colour.** Frozen features barely move under a stain or scanner colour change, so the colour of each spot's
+  patch is checked on its own: its mean optical density per R, G, B channel (:func:`optical_density`), reduced to
+  the share of each channel in the total (:func:`colour_embed`: the stain's hue, not how much tissue or stain there
+  is). A spot's colour novelty is its Mahalanobis distance to the training spots' shares (mean and covariance) over
+  a high quantile of the training spots' own distances (:func:`fit_colour`).
 """
 
 from __future__ import annotations
@@ -193,6 +198,71 @@ def _training_rows(features: np.ndarray, max_reference: int, seed: int) -> np.nd
     if not np.isfinite(x).all():
         raise ValueError("The training features hold non-finite values; recompute them (dkan.tl.extract_features).")
     return x
+
+
+# --------------------------------------------------------------------------------------------- colour
+#: Optical density of each 8-bit value, ``-log10((I + 1) / 256)``: 0 for white (255), about 2.4 for black.
+OD_TABLE = -np.log10((np.arange(256, dtype=np.float64) + 1.0) / 256.0)
+#: Added to each channel's optical density before taking shares: a blank (white) patch gets equal shares.
+COLOUR_EPS = 0.01
+#: Variance added to the covariance of the shares (a share difference of 0.001 is invisible).
+COLOUR_VAR_FLOOR = 1e-6
+
+
+def optical_density(patches: np.ndarray) -> np.ndarray:
+    """Mean optical density per channel of uint8 patches ``(B, 3, P, P) -> (B, 3)`` float32 (white: 0)."""
+    x = np.asarray(patches)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"Need uint8 patches of shape (B, 3, P, P); found {x.dtype} {x.shape}.")
+    n_px = x.shape[2] * x.shape[3]
+    counts = np.array([[np.bincount(x[b, c].ravel(), minlength=256) for c in range(3)] for b in range(len(x))])
+    return (counts.reshape(len(x), 3, 256) @ OD_TABLE / max(n_px, 1)).astype(np.float32)
+
+
+def colour_embed(od: np.ndarray) -> np.ndarray:
+    """Shares of the R and G channels in a spot's optical density ``(n, 3) -> (n, 2)`` (B is the rest)."""
+    x = np.maximum(np.asarray(od, dtype=np.float64), 0.0) + COLOUR_EPS
+    if x.ndim != 2 or x.shape[1] != 3:
+        raise ValueError(f"Need optical densities of shape (n, 3); found {x.shape}.")
+    return x[:, :2] / x.sum(1, keepdims=True)
+
+
+def fit_colour(od: np.ndarray, *, quantile: float = 0.99) -> dict[str, np.ndarray]:
+    """The colour reference of the training spots' optical densities ``(n, 3)`` (:func:`optical_density`).
+
+    Returns
+    -------
+    ``mean`` ``(2,)`` and ``precision`` ``(2, 2)`` (inverse covariance) of the :func:`colour_embed` shares,
+    ``threshold`` (the ``quantile`` of the training spots' own Mahalanobis distances), ``quantile`` and ``n``
+    (training spots), each ``(1,)``.
+    """
+    x = np.asarray(od, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != 3 or len(x) < 3 or not np.isfinite(x).all():
+        raise ValueError(f"Need finite training optical densities of shape (n >= 3, 3); found shape {x.shape}.")
+    z = colour_embed(x)
+    mean = z.mean(0)
+    precision = np.linalg.inv(np.cov(z.T) + COLOUR_VAR_FLOOR * np.eye(2))
+    ref = {"mean": mean, "precision": precision}
+    threshold = max(float(np.quantile(colour_distance(ref, x), quantile)), 1e-6)
+    return {
+        "mean": mean.astype(np.float32),
+        "precision": precision.astype(np.float32),
+        "threshold": np.array([threshold], dtype=np.float32),
+        "quantile": np.array([quantile], dtype=np.float32),
+        "n": np.array([len(x)], dtype=np.int64),
+    }
+
+
+def colour_distance(reference: dict[str, np.ndarray], od: np.ndarray) -> np.ndarray:
+    """Mahalanobis distance ``(n,)`` of optical densities ``(n, 3)`` to a :func:`fit_colour` reference."""
+    d = colour_embed(od) - np.asarray(reference["mean"], dtype=np.float64)
+    prec = np.asarray(reference["precision"], dtype=np.float64)
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, prec, d), 0.0)).astype(np.float32)
+
+
+def colour_novelty(reference: dict[str, np.ndarray], od: np.ndarray) -> np.ndarray:
+    """Colour novelty ``(n,)``: the :func:`colour_distance` over the reference's threshold (above 1: novel)."""
+    return (colour_distance(reference, od) / float(reference["threshold"][0])).astype(np.float32)
 
 
 # ------------------------------------------------------------------ version 1 (models saved before version 2)

@@ -52,6 +52,7 @@ def build_inputs(
             spot = _take_rows(adata.obsm[K.SPOT_FEATURES], rows, np.float32)
             _require_finite(spot, f"obsm[{K.SPOT_FEATURES!r}]", adata, rows, s.name)
             region, index = region_inputs(adata, rows, s.name)
+            colour = _take_rows(adata.obsm[K.SPOT_COLOUR], rows, np.float32) if K.SPOT_COLOUR in adata.obsm else None
             samples.append(
                 SampleInputs(
                     name=s.name,
@@ -61,6 +62,7 @@ def build_inputs(
                     grid=torch.as_tensor(np.asarray(adata.obsm[K.GRID][rows], dtype=np.int64)),
                     target=target,
                     region_index=None if index is None else torch.as_tensor(index),
+                    colour=colour,
                 )
             )
             crop_sets.append((sd, s))

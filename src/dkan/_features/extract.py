@@ -12,6 +12,7 @@ import numpy as np
 from dkan import _keys as K
 from dkan._docs import shared_docs
 from dkan._features.encoding import Preprocess, crop_loader, encode
+from dkan._trust import optical_density
 from dkan._utils import get_table, resolve_device, uns_get, uns_set
 
 if TYPE_CHECKING:
@@ -26,12 +27,14 @@ logger = logging.getLogger("dkan")
 def feature_keys(key_added: str | None = None) -> dict[str, str]:
     """Storage keys of the features.
 
-    ``spot``, ``region`` (spot by spot), ``mask`` and ``index`` (shared tiles) are ``obsm`` keys, ``tiles`` (shared
-    tiles) an ``uns`` key, and ``uns`` the step of ``uns["dkan"]`` holding the provenance.
+    ``spot``, ``colour`` (each spot patch's mean optical density per channel), ``region`` (spot by spot), ``mask``
+    and ``index`` (shared tiles) are ``obsm`` keys, ``tiles`` (shared tiles) an ``uns`` key, and ``uns`` the step of
+    ``uns["dkan"]`` holding the provenance.
     """
     if key_added is None:
         return {
             "spot": K.SPOT_FEATURES,
+            "colour": K.SPOT_COLOUR,
             "region": K.REGION_FEATURES,
             "mask": K.REGION_MASK,
             "tiles": K.REGION_TILES,
@@ -40,6 +43,7 @@ def feature_keys(key_added: str | None = None) -> dict[str, str]:
         }
     return {
         "spot": key_added,
+        "colour": f"{key_added}_colour",
         "region": f"{key_added}_region",
         "mask": f"{key_added}_region_mask",
         "tiles": f"{key_added}_region_tiles",
@@ -91,10 +95,10 @@ def extract_features(
     tile_key
         ``key_added`` of the :func:`dkan.tl.tile` run to use (default: the default geometry).
     key_added
-        Default: ``obsm["dkan_spot_features"]``, ``obsm["dkan_region_features"]``, ``obsm["dkan_region_mask"]``
-        and ``uns["dkan"]["features"]`` (shared tiles: ``uns["dkan_region_tiles"]`` and
+        Default: ``obsm["dkan_spot_features"]``, ``obsm["dkan_spot_colour"]``, ``obsm["dkan_region_features"]``,
+        ``obsm["dkan_region_mask"]`` and ``uns["dkan"]["features"]`` (shared tiles: ``uns["dkan_region_tiles"]`` and
         ``obsm["dkan_region_index"]`` instead of ``obsm["dkan_region_features"]``). Given: ``obsm[key_added]``,
-        ``obsm[f"{key_added}_region"]`` (or ``uns[f"{key_added}_region_tiles"]`` and
+        ``obsm[f"{key_added}_colour"]``, ``obsm[f"{key_added}_region"]`` (or ``uns[f"{key_added}_region_tiles"]`` and
         ``obsm[f"{key_added}_region_index"]``), ``obsm[f"{key_added}_region_mask"]`` and ``uns["dkan"][key_added]``.
     region
         Also encode the ``G x G`` region tiles of every spot.
@@ -120,7 +124,9 @@ def extract_features(
 
     Returns
     -------
-    None; writes ``obsm`` arrays (float32 ``(n, D)`` and ``(n, G*G, D)``, the bool mask; with shared tiles the
+    None; writes ``obsm`` arrays (float32 ``(n, D)``, the patch colours float32 ``(n, 3)`` (mean optical density
+    ``-log10((I + 1) / 256)`` of the patch per R, G, B channel, used by the colour novelty of
+    :func:`dkan.tl.predict`) and ``(n, G*G, D)``, the bool mask; with shared tiles the
     ``(n_tiles, D)`` ``uns`` array and the ``(n, G*G)`` index instead of the per-spot region array) and the
     provenance (encoder name, weights hash, dimension, geometry, dtype, ``region_storage`` ``"spots"`` or
     ``"tiles"``, ``keys``) to the panel-sized results table ``f"{table_key}_dkan"`` (:mod:`dkan._results`), never
@@ -152,6 +158,11 @@ def extract_features(
     same_kind = shared_tiles is None or _stored_subdivide(old) == subdivide
     if old is not None and not force and same_kind and _up_to_date(adata, old, settings, keys, region):
         logger.info("Features `%s` are up to date (%s); pass `force=True` to recompute.", keys["spot"], enc.name)
+        if keys["colour"] not in adata.obsm:
+            logger.info(
+                "They were computed by an earlier dkan, without the spot colours `obsm[%r]` that the colour novelty "
+                "of `dkan.tl.predict` needs; pass `force=True` to add them.", keys["colour"],
+            )  # fmt: skip
         return
     if old is not None and not overwrite and _identity(old) != _identity(settings):
         raise ValueError(
@@ -159,7 +170,7 @@ def extract_features(
             f"(weights {str(old.get('weights_hash'))[:12]}), not {enc.name!r} (weights {enc.weights_hash[:12]}). "
             "Pass `overwrite=True` to replace them, or another `key_added=` to keep both."
         )
-    spot, reg, mask, info = _encode_all(
+    spot, colour, reg, mask, info = _encode_all(
         enc, crops, adata.n_obs, batch_size, device, num_workers, region and not shared, progress
     )
     if shared:
@@ -171,6 +182,7 @@ def extract_features(
         )  # fmt: skip
         info = {**info, **run}
     adata.obsm[keys["spot"]] = spot
+    adata.obsm[keys["colour"]] = colour
     _store_region(adata, keys, key_added, reg, mask, tiles if shared else None, index if shared else None)
     record = {
         **settings,
@@ -284,8 +296,8 @@ def _encode_all(
     num_workers: int,
     region: bool,
     progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, dict]:
-    """Run the encoder over every spot of ``crops``; returns spot, region and mask arrays and run info."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, dict]:
+    """Run the encoder over every spot of ``crops``; returns spot, patch colour, region and mask arrays, run info."""
     import torch
     from tqdm.auto import tqdm
 
@@ -297,6 +309,7 @@ def _encode_all(
     enc = enc.to(memory_format=torch.channels_last)  # also on CPU: 1.7-1.9x faster for EfficientNet-Lite0 (oneDNN)
     g2, d = crops.region_grid**2, enc.num_features
     spot = np.full((n_obs, d), np.nan, dtype=np.float32)
+    colour = np.full((n_obs, 3), np.nan, dtype=np.float32)
     reg = np.zeros((n_obs, g2, d), dtype=np.float32) if region else None
     mask = np.zeros((n_obs, g2), dtype=bool) if region else None
     loader = crop_loader(crops, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda)
@@ -308,6 +321,7 @@ def _encode_all(
     ):
         for batch in loader:
             rows = batch["index"].numpy()
+            colour[rows] = optical_density(batch["patch"].numpy())  # uint8 (normalize=False), before the device
             images = [batch["patch"].to(dev, non_blocking=cuda)]
             if region:  # transfer uint8 tiles, drop the masked ones on the device
                 m = batch["region_mask"]
@@ -325,4 +339,4 @@ def _encode_all(
     enc.train(was_training)
     info = {"device": dev.type, "amp": None if amp is None else str(amp).replace("torch.", "")}
     logger.info("Encoded %d spots and %d region tiles with %s on %s.", len(crops), n_tiles, enc.name, dev)
-    return spot, reg, mask, info
+    return spot, colour, reg, mask, info

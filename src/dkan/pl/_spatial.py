@@ -94,9 +94,10 @@ def spatial_pred(
         Add a panel per sample with the predicted standard deviation (``layers[pred_layer + "_std"]``, written by
         :func:`dkan.tl.predict` with ``n_samples > 1`` or an ensemble), on its own colour scale.
     show_novel
-        Mark with red crosses the spots whose frozen features lie far from the model's training spots
-        (``obs["dkan_novel"]``, written by :func:`dkan.tl.predict`), and give their share in the title. The predicted
-        panel's title always shows the gene's validation PCC when the results table has ``var["dkan_val_pcc"]``.
+        Mark with red crosses the spots whose frozen features or patch colour lie far from the model's training
+        spots (``obs["dkan_novel"]``, written by :func:`dkan.tl.predict`), and give their share in the title. The
+        predicted panel's title always shows the gene's validation PCC when the results table has
+        ``var["dkan_val_pcc"]``.
     ax
         Axes to draw on, one per panel in row-major order (2 per sample, or 1 per sample when no sample has
         observed values); a new figure when None.

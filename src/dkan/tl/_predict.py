@@ -119,11 +119,15 @@ def predict(
         (an older model, one trained with ``val_fraction=0`` or an ensemble is refused with a ValueError). Genes
         outside the panel get no interval (NaN) and their spread is scaled by the panel's median factor.
         Whatever ``interval``, the results table gets
-        ``var["dkan_val_pcc"]`` (each panel gene's validation PCC) and ``obs["dkan_novelty"]``/
-        ``obs["dkan_novel"]`` (how unlike the training spots the frozen features are, a local outlier ratio
-        near 1 for familiar spots, and whether it is above the model's threshold) when the model records them
-        (they describe the latest prediction into the table, as ``uns["dkan"]["predict"]`` does); a warning
-        names the samples where most spots are novel.
+        ``var["dkan_val_pcc"]`` (each panel gene's validation PCC), ``obs["dkan_novelty"]`` (how unlike the
+        training spots the frozen features are, a local outlier ratio near 1 for familiar spots),
+        ``obs["dkan_colour_novelty"]`` (how unlike the training spots the patch colour is: the Mahalanobis distance
+        of its optical-density channel shares over the model's threshold, so above 1 is novel; the frozen features
+        barely see a stain or scanner colour change) and ``obs["dkan_novel"]`` (either above its threshold) when
+        the model records them (they describe the latest prediction into the table, as ``uns["dkan"]["predict"]``
+        does). Features computed by an earlier dkan have no spot colours: the colour signal is then skipped with a
+        logged note (recompute them with ``dkan.tl.extract_features(..., force=True)``). A warning names the
+        samples where most spots are novel and which signal flagged them.
     progress
         Show a progress bar.
 
@@ -272,7 +276,7 @@ def _run_models(
     """Predictions (and their standard deviation over models and dropout draws) as ``shape`` arrays, NaN elsewhere.
 
     Column ``gidx[j]`` of the output gets the model's gene ``j`` (the panel, then the new genes); ``-1`` is skipped.
-    Each sample's frozen spot features go to ``trust`` (novelty).
+    Each sample's frozen spot features and patch colours go to ``trust`` (novelty).
     """
     import torch
     from tqdm.auto import tqdm
@@ -296,7 +300,7 @@ def _run_models(
         pred, std = draws(run, members, n_samples, cfg.seed)
         if sets is not None:  # DKAN+probes on the panel; the spread stays the network's
             pred = blend_sample(sets, samples[s], pred, len(models[0].genes))
-        trust.add_sample(smp.name, smp.obs_idx, inp.spot)
+        trust.add_sample(smp.name, smp.obs_idx, inp.spot, inp.colour)
         out[np.ix_(smp.obs_idx, gidx[keep])] = pred[:, keep]
         if out_std is not None:
             out_std[np.ix_(smp.obs_idx, gidx[keep])] = std[:, keep]

@@ -13,6 +13,7 @@ import numpy as np
 
 from dkan import _keys as K
 from dkan import _trust as T
+from dkan.tl._novelty import Novelty, fit_colour_trust, prefixed
 
 if TYPE_CHECKING:
     import torch
@@ -26,8 +27,6 @@ logger = logging.getLogger("dkan")
 
 #: Test-time dropout draws used to calibrate (and later to predict with an interval) a model with dropout.
 CALIBRATION_DRAWS = 10
-#: Share of novel spots in a sample above which ``predict`` warns that the slide is mostly unfamiliar.
-NOVEL_WARN_FRACTION = 0.5
 _RETRAIN = (
     "Train the model again with `dkan.tl.train` (this dkan version, `val_fraction > 0`) to record its calibration."
 )
@@ -43,7 +42,7 @@ def fit_trust(
     reader: Any = None,
     blend: bool | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Calibration, per-gene validation PCC and novelty reference of a trained network.
+    """Calibration, per-gene validation PCC, novelty and colour references of a trained network.
 
     The validation rows are those :func:`dkan.train.fitting.fit_inputs` held out (the same seeded split). With
     ``blend`` (default: ``cfg.probe_blend``) the calibration is made on the DKAN+probes blend, the probes fitted on
@@ -60,6 +59,8 @@ def fit_trust(
     arrays = {f"novelty.{k}": v for k, v in novelty.items()}
     settings: dict[str, Any] = {"novelty": {"k": int(novelty["k"][0]), "quantile": float(novelty["quantile"][0])}}
     settings["novelty"].update(threshold=float(novelty["threshold"][0]), version=int(novelty["version"][0]))
+    settings["colour"], colour = fit_colour_trust(samples)
+    arrays.update(colour)
     probes, cache = None, {}
     blend = cfg.probe_blend if blend is None else blend
     if blend and any(len(r) for r in split.val):  # calibrate the blend: probes on training rows only
@@ -163,15 +164,15 @@ def calibration(model: DKANModel) -> dict[str, np.ndarray] | None:
 
 def novelty_reference(model: DKANModel) -> dict[str, np.ndarray] | None:
     """The model's novelty reference (:func:`dkan._trust.fit_novelty`), or None."""
-    arrays = {k.split(".", 1)[1]: v for k, v in model.trust.items() if k.startswith("novelty.")}
-    return arrays or None
+    return prefixed(model, "novelty")
 
 
 class TrustPredict:
     """What :func:`dkan.tl.predict` adds from the model's trust signals: intervals, ``var`` PCC, ``obs`` novelty.
 
     Built before anything is written (it refuses an interval the model cannot give); ``add_sample`` scores the
-    novelty of each sample's spots; ``finish`` writes everything and returns the record for ``uns``.
+    novelty (frozen features and colour, :class:`dkan.tl._novelty.Novelty`) of each sample's spots; ``finish``
+    writes everything and returns the record for ``uns``.
     """
 
     def __init__(self, models: list[DKANModel], interval: float | None, n_samples: int, key_added: str) -> None:
@@ -190,24 +191,16 @@ class TrustPredict:
         self.n_samples = n_samples
         self.keys = {"lower": f"{key_added}{K.LOWER_SUFFIX}", "upper": f"{key_added}{K.UPPER_SUFFIX}"}
         self.std_key = f"{key_added}{K.STD_SUFFIX}"
-        self.novelty = novelty_reference(self.model)
-        if self.novelty is not None and T.novelty_version(self.novelty) == 1:
-            logger.info(
-                "The model holds the version-1 novelty reference (saved by an earlier dkan): `obs[%r]` is scored with "
-                "it, which misses blank and other-tissue input; train the model again for the current one.", K.NOVELTY,
-            )  # fmt: skip
-        self.scores: list[tuple[str, np.ndarray, np.ndarray]] = []
+        self.novelty = Novelty(self.model)
 
     @property
     def layers(self) -> list[str]:
         """The extra layers this prediction writes (checked for ``overwrite`` by the caller)."""
         return [self.keys["lower"], self.keys["upper"], self.std_key] if self.interval is not None else []
 
-    def add_sample(self, name: str, obs_idx: np.ndarray, spot: Any) -> None:
-        """Score the novelty of one sample's spots (``spot``: its frozen features, a tensor)."""
-        if self.novelty is not None:
-            feats = spot.detach().float().cpu().numpy()
-            self.scores.append((name, np.asarray(obs_idx), T.novelty_scores(self.novelty, feats)))
+    def add_sample(self, name: str, obs_idx: np.ndarray, spot: Any, colour: np.ndarray | None = None) -> None:
+        """Score the novelty of one sample's spots (``spot``: frozen features, a tensor; ``colour``: patch colours)."""
+        self.novelty.add(name, obs_idx, spot, colour)
 
     def finish(
         self, adata: AnnData, pred: np.ndarray, std: np.ndarray | None, n_panel: int, cols: np.ndarray
@@ -217,8 +210,7 @@ class TrustPredict:
         ``pred``/``std`` are the full-width prediction and spread layers (``std`` None without draws).
         """
         self._write_pcc(adata, cols[:n_panel])
-        novel = self._write_novelty(adata)
-        record: dict[str, Any] = {"interval": self.interval, "std_calibrated": False, "novel_fraction": novel}
+        record: dict[str, Any] = {"interval": self.interval, "std_calibrated": False, **self.novelty.write(adata)}
         if self.calib is None:  # intervals of an earlier prediction into this key no longer match it
             for key in self.keys.values():
                 adata.layers.pop(key, None)
@@ -256,26 +248,6 @@ class TrustPredict:
         col = np.full(adata.n_vars, np.nan, dtype=np.float32)
         col[panel_cols] = pcc
         adata.var[K.VAL_PCC] = col
-
-    def _write_novelty(self, adata: AnnData) -> dict[str, float] | None:
-        if self.novelty is None:
-            logger.info("The model has no novelty reference (saved before dkan recorded one): no `obs[%r]`.", K.NOVEL)
-            adata.obs.drop(columns=[K.NOVELTY, K.NOVEL], errors="ignore", inplace=True)  # an earlier model's
-            return None
-        score = np.full(adata.n_obs, np.nan, dtype=np.float32)
-        for _, idx, s in self.scores:
-            score[idx] = s
-        adata.obs[K.NOVELTY] = score
-        adata.obs[K.NOVEL] = score > float(self.novelty["threshold"][0])
-        fractions = {name: float((s > self.novelty["threshold"][0]).mean()) for name, _, s in self.scores if len(s)}
-        mostly = {n: f for n, f in fractions.items() if f > NOVEL_WARN_FRACTION}
-        if mostly:
-            logger.warning(
-                "Most spots look unlike the training data (frozen-feature novelty above the model's threshold): %s. "
-                "Predictions there are extrapolations; see `obs[%r]`.",
-                ", ".join(f"{n}: {f:.0%} of spots" for n, f in mostly.items()), K.NOVEL,
-            )  # fmt: skip
-        return fractions
 
 
 def _check_interval(interval: float | None, models: list[DKANModel]) -> float | None:

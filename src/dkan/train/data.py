@@ -31,6 +31,7 @@ class SampleInputs:
     target: Tensor | None = None
     crop_offset: int = 0  #: index of the sample's first spot in the crop dataset
     region_index: Tensor | None = None  #: shared tiles: row of ``region`` per region tile, -1 = none
+    colour: np.ndarray | None = None  #: each spot patch's mean optical density per channel ``(n, 3)``; stays on CPU
 
     def __len__(self) -> int:
         return self.spot.shape[0]
@@ -50,6 +51,7 @@ class SampleInputs:
             mv(self.target),
             self.crop_offset,
             mv(self.region_index),
+            self.colour,
         )
 
 
