@@ -30,7 +30,7 @@ def test_only_trainable_candidates_are_offered(ic):
     assert set(ic.CANDIDATES) == {"default", "default_seed1", *ic.SHAPES}
     from dkan._config import DKANConfig
 
-    for name, overrides in ic.CANDIDATES.items():  # every override is a real configuration field
+    for overrides in ic.CANDIDATES.values():  # every override is a real configuration field
         DKANConfig().replace(**overrides)
     with pytest.raises(SystemExit):
         ic.parse_args(["--cache", "c.h5ad", "--out", "o", "--train", "residual"])
