@@ -81,7 +81,7 @@ def test_reference_presets_exact(name):
 def test_small_is_default_and_cheap():
     assert DKANConfig.resolve(None) == PRESETS["small"] == DKANConfig()
     small = PRESETS["small"]
-    assert small.d == 64 and small.batch_size == 32 and small.max_epochs <= 100 and small.patience <= 10
+    assert small.d == 128 and small.batch_size == 32 and small.max_epochs <= 100 and small.patience <= 10
     assert small.patch_encoder == "efficientnet_lite0" and small.text_encoder == "minilm"
     # the default blends the network with the tuned probes; the authors' presets keep their network alone
     assert small.probe_blend and not any(PRESETS[p].probe_blend for p in ("her2st", "stnet", "cscc"))

@@ -152,7 +152,7 @@ class DKANConfig:
         and the model predicts with the network alone. ``False``: the network alone.
     """
 
-    d: int = 64
+    d: int = 128
     fusion_depth: int = 1
     fusion_heads: int = 2
     fusion_mlp_ratio: float = 2.0
