@@ -85,3 +85,20 @@ def test_reliability_compares_flagged_genes_with_the_rest():
     assert out["spearman"] == pytest.approx(1.0)
     assert out["n_reliable"] == 3 and out["n_rest"] == 2  # the NaN gene counts in neither
     assert out["reliable_pcc"] == pytest.approx(0.4) and out["rest_pcc"] == pytest.approx(0.15)
+
+
+def test_novel_fraction_counts_colour_flags_like_predict():
+    """A fold's novel share: frozen-feature flags, or colour flags when the model and the test sample have colours."""
+    rng = np.random.default_rng(0)
+    train_spot = rng.gamma(2.0, 1.0, size=(300, 8))
+    arrays = {f"novelty.{k}": v for k, v in dkan._trust.fit_novelty(train_spot).items()}
+    he = np.array([0.35, 0.55, 0.3])  # optical densities of an H&E-like patch (R, G, B)
+    train_od = he * rng.uniform(0.6, 1.4, size=(300, 1)) + rng.normal(0, 0.01, size=(300, 3))
+    arrays |= {f"colour.{k}": v for k, v in dkan._trust.fit_colour(train_od).items()}
+    test = _Sample("test", np.zeros((200, 2), np.float32), train_spot[:200])
+    plain = CT._novelty(arrays, [test])["novel_fraction"]  # no colours on the sample: features only
+    test.colour = (he[::-1] * rng.uniform(0.6, 1.4, size=(200, 1))).astype(np.float32)  # another hue
+    shifted = CT._novelty(arrays, [test])["novel_fraction"]
+    assert plain < 0.1 and shifted > 0.9
+    no_ref = {k: v for k, v in arrays.items() if not k.startswith("colour.")}
+    assert CT._novelty(no_ref, [test])["novel_fraction"] == plain  # no colour reference: features only

@@ -71,17 +71,34 @@ def main(argv: list[str] | None = None) -> None:
     table.layers["ridge"] = np.full(table.shape, np.nan, np.float32)
     table.layers["ridge"][:, table.var_names.get_indexer(model.genes)] = ridge.predict(table.obsm[K.SPOT_FEATURES])
     res_ridge = dkan.tl.evaluate(test_sd, pred_layer="ridge")
+    network = _network_alone(model)  # the default model averages its network with two tuned probes
+    if network is not None:
+        dkan.tl.predict(test_sd, network, key_added="network", overwrite=True, progress=False)
+        res_net = dkan.tl.evaluate(test_sd, pred_layer="network")
 
     gene = res.per_gene.sort_values("pearson", ascending=False)["gene"].iloc[0]
     dkan.pl.spatial_pred(test_sd, gene, save=out / f"spatial_pred_{gene}.png")
     dkan.pl.training_history(model, save=out / "training_history.png")
     model.save(out / "model", overwrite=True)
     print(f"\nHeld-out toy slide, {table.n_obs} spots, {len(model.genes)} genes:")
-    print(f"  DKAN   PCC-ALL {res.summary['pcc_all']:.3f}   MSE {res.summary['mse']:.3f}")
-    print(f"  ridge  PCC-ALL {res_ridge.summary['pcc_all']:.3f}   MSE {res_ridge.summary['mse']:.3f}")
+    rows = [("DKAN (network + tuned probes)", res)]
+    rows += [("DKAN network alone", res_net)] if network is not None else []
+    rows += [("ridge (HEST alpha, spot only)", res_ridge)]
+    for label, r in rows:
+        print(f"  {label:<30} PCC-ALL {r.summary['pcc_all']:.3f}   MSE {r.summary['mse']:.3f}")
     print(f"  mean-of-training baseline: PCC undefined (constant), MSE {_mean_mse(y_train, table, model):.3f}")
     print(f"Wrote {out / f'spatial_pred_{gene}.png'}, {out / 'training_history.png'} and {out / 'model'}")
     print(f"Done in {time.perf_counter() - t0:.0f} s.")
+
+
+def _network_alone(model):
+    """The same trained network without its stored probes (None when the model has none)."""
+    from dkan.train.fitted import DKANModel
+
+    if not model.probes:
+        return None
+    meta = {k: v for k, v in model.meta.items() if k != "probe_blend"}
+    return DKANModel(model.module, model.config, model.genes, model.gene_embeddings, meta, model.history, model.trust)
 
 
 def _mean_mse(y_train, table, model) -> float:

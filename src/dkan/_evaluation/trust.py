@@ -10,7 +10,7 @@ training spots is the novelty reference). On the fold's test samples only, :func
 * ``reliable_pcc`` / ``rest_pcc``: mean held-out PCC of the genes whose validation PCC is at least
   :data:`RELIABLE_PCC` (the default of :func:`dkan.tl.reliable_genes`, fixed before any test data is seen) and of
   the other genes;
-* ``novel_fraction``: the share of test spots above the model's novelty threshold.
+* ``novel_fraction``: the share of test spots flagged novel (frozen features or, when recorded, colour).
 
 The held-out PCC of a gene is its Pearson r on each test sample, averaged over the test samples.
 """
@@ -128,11 +128,21 @@ def _test_spread(module, tests, emb, cfg, dev, read, n_draws, kind) -> list[np.n
 
 
 def _novelty(arrays: dict[str, np.ndarray], tests: list[Any]) -> dict[str, Any]:
+    """Share of test spots flagged novel, as ``predict`` flags them: frozen features or colour above its threshold.
+
+    The colour half counts only when the model has a colour reference and the test sample its spot colours.
+    """
     ref = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("novelty.")}
+    colour = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("colour.")}
     if not ref:
         return {"novel_fraction": float("nan"), "novel_fractions": {}}
     thr = float(ref["threshold"][0])
-    flags = {s.name: T.novelty_scores(ref, s.spot.detach().float().cpu().numpy()) > thr for s in tests}
+    flags = {}
+    for s in tests:
+        flag = T.novelty_scores(ref, s.spot.detach().float().cpu().numpy()) > thr
+        if colour and getattr(s, "colour", None) is not None:
+            flag |= T.colour_novelty(colour, np.asarray(s.colour, dtype=np.float64)) > 1.0
+        flags[s.name] = flag
     pooled = np.concatenate(list(flags.values()))
     return {"novel_fraction": float(pooled.mean()), "novel_fractions": {k: float(v.mean()) for k, v in flags.items()}}
 
