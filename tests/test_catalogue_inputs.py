@@ -364,3 +364,18 @@ def test_cli_refuses_a_format_1_model_in_one_line(saved, tmp_path, capsys):
     assert main(["predict", str(store), "--model", str(path), "--out", str(tmp_path / "o.zarr"), "-q"]) == 1
     err = capsys.readouterr().err
     assert "allow_unchecked=True" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_refuses_a_target_normalised_from_other_counts(small, tiny_model):
+    """evaluate alone (no predict in between) must not score against a target the counts no longer give."""
+    from dkan.datasets import copy_sdata
+
+    sd = copy_sdata(small)
+    dkan.tl.predict(sd, tiny_model, device="cpu", progress=False)
+    before = dkan.tl.evaluate(sd).summary["mae"]  # current target: scored
+    _bump_counts(sd)
+    with pytest.raises(ValueError, match="normalised from other counts") as err:
+        dkan.tl.evaluate(sd)
+    assert "dkan.pp.normalize" in str(err.value)
+    dkan.tl.predict(sd, tiny_model, device="cpu", progress=False, overwrite=True)  # recomputes the target
+    assert dkan.tl.evaluate(sd).summary["mae"] != pytest.approx(before)

@@ -193,6 +193,21 @@ elif mode == "in_place":  # killed between removing the table element and writin
     sdata.tables["table"].obs["marker"] = 1
     sd.SpatialData.write_element = die
     update_in_place(sdata, "table")
+elif mode == "new_element":  # killed while a new element is written in place (its files half there)
+    import glob
+    import spatialdata as sd
+    from dkan.cli import update_in_place
+    sdata = sd.read_zarr(out)
+    sdata.tables["extra"] = sdata.tables["table"].copy()
+    real_write = sd.SpatialData.write_element
+    def write_element(self, name, **kw):
+        real_write(self, name, **kw)
+        for f in glob.glob(os.path.join(out, "tables", name, "obs", "**", "*"), recursive=True)[:3]:
+            if os.path.isfile(f):
+                os.remove(f)
+        die()
+    sd.SpatialData.write_element = write_element
+    update_in_place(sdata, "table", added=["extra"])
 sw.write_new_store(new, out, overwrite=True)
 """
 
@@ -241,6 +256,25 @@ def test_killed_in_place_update_is_finished_by_the_next_run(old_store, tmp_path)
     assert sw.restore_backups(old_store) == ["table"]
     table = sd.read_zarr(old_store).tables["table"]
     assert table.n_obs == 16 and (table.obs["marker"] == 1).all() and _hidden(tmp_path) == []
+
+
+def test_killed_while_writing_a_new_element_in_place_is_removed_by_the_next_run(old_store, tmp_path):
+    import spatialdata as sd
+
+    _killed(tmp_path, old_store, "new_element")
+    assert ".X.zarr.extra.dkan-pending" in _hidden(tmp_path) and (old_store / "tables" / "extra").is_dir()
+    assert sw.restore_backups(old_store) == []  # no table update to finish; the half-written element goes
+    back = sd.read_zarr(old_store)
+    assert "extra" not in back.tables and back.tables["table"].n_obs == 16 and _hidden(tmp_path) == []
+
+
+def test_in_place_update_leaves_no_pending_marker(old_store, tmp_path):
+    import spatialdata as sd
+
+    sdata = sd.read_zarr(old_store)
+    sdata.tables["extra"] = sdata.tables["table"].copy()
+    sw.update_in_place(sdata, "table", added=["extra"])
+    assert "extra" in sd.read_zarr(old_store).tables and _hidden(tmp_path) == []
 
 
 def test_cli_in_place_run_finishes_a_killed_update_first(tmp_path, model_dir):

@@ -95,6 +95,36 @@ def _resolve_table(data: SpatialData | AnnData, table_key: str | None, pred_laye
     raise TypeError(f"`sdata_or_adata` must be a SpatialData or an AnnData; found {type(data).__name__}.")
 
 
+def _refuse_stale_target(data: Any, tname: str, adata: AnnData, target_layer: str) -> None:
+    """Refuse dkan's target when the count table's counts changed since :func:`dkan.pp.normalize` wrote it.
+
+    Only for ``layers["dkan_target"]`` of a results table in a SpatialData whose normalisation recorded the counts'
+    fingerprint (a user's own layer, an AnnData or an older table is taken as it is).
+    """
+    from dkan._utils import results_of, uns_get
+
+    if target_layer != K.TARGET or not hasattr(data, "tables") or target_layer not in adata.layers:
+        return
+    owner = results_of(adata)
+    record = uns_get(adata, K.UNS_NORMALIZE)
+    if owner is None or owner == tname or owner not in data.tables or not record:
+        return
+    from dkan.pp._normalize import FINGERPRINT, counts_fingerprint
+
+    if record.get(FINGERPRINT) is None or "genes" not in record:
+        return
+    now = counts_fingerprint(
+        data, list(record["genes"]), layer=record.get("layer"), smooth=bool(record.get("smooth", True)), table_key=owner
+    )
+    if now != record[FINGERPRINT]:
+        raise ValueError(
+            f"`target_layer={target_layer!r}` of table `{tname}` was normalised from other counts than table "
+            f"`{owner}` holds now (its counts, spots or grid changed since `dkan.pp.normalize`); the scores would "
+            f"compare predictions with a stale target. Run `dkan.pp.normalize(sdata, table_key={owner!r})` again "
+            "(or `dkan.tl.predict`, which recomputes it), then evaluate."
+        )
+
+
 def _layer(adata: AnnData, key: str, param: str, table: str, hint: str) -> Any:
     if key not in adata.layers:
         raise KeyError(
@@ -264,6 +294,7 @@ def evaluate(
     An :class:`EvalResult`.
     """
     tname, adata = _resolve_table(sdata_or_adata, table_key, pred_layer)
+    _refuse_stale_target(sdata_or_adata, tname, adata, target_layer)
     pred_raw = _layer(adata, pred_layer, "pred_layer", tname, "Run `dkan.tl.predict(sdata, model)` first.")
     target_raw = _layer(
         adata,

@@ -42,6 +42,7 @@ logger = logging.getLogger("dkan")
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+?)\.(?P<kind>tmp|old)-(?:(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-)?[0-9a-f]{8}$")
 _BACKUP = ".dkan-backup.zarr"
+_PENDING = ".dkan-pending"  #: marker of a new element being written in place (``.STORE.NAME.dkan-pending``)
 
 
 def _host() -> str:
@@ -219,6 +220,7 @@ def restore_backups(store: str | os.PathLike[str]) -> list[str]:
     import spatialdata as sd
 
     store = Path(store)
+    drop_unfinished_elements(store)
     done = []
     for key, backup in pending_backups(store).items():
         with warnings.catch_warnings():
@@ -270,9 +272,10 @@ def update_in_place(sdata: SpatialData, table_key: str, *, added: Sequence[str] 
     store = Path(sdata.path)
     # public API: paths are "<element type>/<element name>"
     on_disk = {p.rsplit("/", 1)[-1] for p in sdata.elements_paths_on_disk()}
+    kinds = {name: kind for kind, name, _ in sdata.gen_elements()}
     for name in added:
         if name not in on_disk:
-            sdata.write_element(name)
+            _write_new_element(sdata, store, name, kinds[name])
     if table_key not in on_disk:
         sdata.write_element(table_key)
         return
@@ -289,6 +292,51 @@ def update_in_place(sdata: SpatialData, table_key: str, *, added: Sequence[str] 
         )  # fmt: skip
         raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def _pending_path(store: Path, name: str) -> Path:
+    return store.with_name(f".{store.name}.{name}{_PENDING}")
+
+
+def _write_new_element(sdata: SpatialData, store: Path, name: str, kind: str) -> None:
+    """Write a new element in place, marked as pending until complete (see :func:`drop_unfinished_elements`)."""
+    marker = _pending_path(store, name)
+    marker.write_text(f"{kind}/{name}\n")
+    try:
+        sdata.write_element(name)
+    except BaseException:
+        shutil.rmtree(store / kind / name, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+        raise
+    marker.unlink(missing_ok=True)
+
+
+def drop_unfinished_elements(store: str | os.PathLike[str]) -> list[str]:
+    """Delete the new elements a killed in-place run left half-written in ``store`` (their pending markers say which).
+
+    The run that follows writes them again. Returns the element paths removed.
+    """
+    store = Path(store)
+    prefix, removed = f".{store.name}.", []
+    if not store.parent.is_dir():
+        return removed
+    for marker in store.parent.iterdir():
+        if not (marker.name.startswith(prefix) and marker.name.endswith(_PENDING) and marker.is_file()):
+            continue
+        rel = marker.read_text().strip()
+        target = (store / rel).resolve()
+        if rel and target.is_relative_to(store.resolve()) and target != store.resolve():
+            shutil.rmtree(target, ignore_errors=True)
+            removed.append(rel)
+            logger.warning("Removed `%s` from %s: a killed in-place run left it half-written.", rel, store)
+        marker.unlink(missing_ok=True)
+    if removed:
+        import zarr
+
+        with warnings.catch_warnings():  # zarr's notices on v3 consolidated metadata and parquet files
+            warnings.filterwarnings("ignore", category=UserWarning, module="zarr")
+            zarr.consolidate_metadata(str(store))  # the store's metadata listed the removed elements
+    return removed
 
 
 def _write_quietly(sdata: SpatialData, path: Path) -> None:
