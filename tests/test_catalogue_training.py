@@ -379,7 +379,7 @@ def checkpoint(tmp_path):
 @pytest.mark.parametrize(
     ("change", "phrase"),
     [
-        ({"cfg": {"d": 32}}, "config `d`: 64"),
+        ({"cfg": {"d": 32}}, "config `d`: 128"),
         ({"cfg": {"slide_depth": 3}}, "config `slide_depth`"),
         ({"cfg": {"lr": 1e-3}}, "config `lr`"),
         ({"n_genes": 5}, "n_genes: 6 in the checkpoint, 5 now"),

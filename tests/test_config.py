@@ -94,7 +94,7 @@ def test_resolve_forms():
     cfg = DKANConfig.resolve({"preset": "her2st", "batch_size": 8})
     assert cfg.batch_size == 8 and cfg.slide_depth == 5
     cfg = DKANConfig.resolve({"batch_size": 8})
-    assert cfg.batch_size == 8 and cfg.d == 64
+    assert cfg.batch_size == 8 and cfg.d == 128
     base = DKANConfig(d=32, fusion_heads=4)
     assert DKANConfig.resolve(base) is base
     assert DKANConfig.resolve(base, seed=1).seed == 1
