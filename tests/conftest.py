@@ -1,11 +1,29 @@
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 DATA_DIR = Path(os.environ.get("DKAN_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextmanager
+def benchmark_modules(*names: str) -> Iterator[tuple[ModuleType, ...]]:
+    """The scripts ``names`` of ``benchmarks/``, imported with that folder on the path (they import each other)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield tuple(importlib.import_module(n) for n in names)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def data_path(*parts: str) -> Path:

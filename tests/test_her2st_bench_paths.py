@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import benchmark_modules
 
 import dkan
 from dkan.datasets import copy_sdata
 from dkan.tl._cv import BASELINES
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("accuracy_her2st"), importlib.import_module("_her2st_report")
-    finally:
-        sys.path.remove(str(BENCH))
+    with benchmark_modules("accuracy_her2st", "_her2st_report") as mods:
+        yield mods
 
 
 @pytest.fixture(scope="module")

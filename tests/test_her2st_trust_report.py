@@ -1,23 +1,16 @@
 """The her2st benchmark's trust section (issue 23): per-fold table and targets computed from the figures."""
 
-import importlib
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_modules
 
 
 @pytest.fixture(scope="module")
 def rep():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("_her2st_report"), importlib.import_module("accuracy_her2st")
-    finally:
-        sys.path.remove(str(BENCH))
+    with benchmark_modules("_her2st_report", "accuracy_her2st") as mods:
+        yield mods
 
 
 def _fold(c68, c95, rho, rel, rest, novel):
@@ -49,12 +42,8 @@ def test_benchmark_measures_trust_unless_told_not_to(rep):
 
 
 def test_novelty_script_runs_on_toy_slides_and_flags_the_altered_ones():
-    sys.path.insert(0, str(BENCH))
-    try:
-        novelty = importlib.import_module("novelty_her2st")
+    with benchmark_modules("novelty_her2st") as (novelty,):
         rows = novelty.main(["--toy", "--max-epochs", "1"])
-    finally:
-        sys.path.remove(str(BENCH))
     share = {name.split(", ")[-1]: f for name, _, f, *_ in rows}
     by_colour = {name.split(", ")[-1]: row[3] for name, *row in rows}
     assert len(rows) == 5 and share["toy held-out slide"] < 0.2 and by_colour["toy held-out slide"] < 0.05

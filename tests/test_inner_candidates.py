@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_modules
 
 
 @pytest.fixture(scope="module")
 def ic():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("inner_candidates")
-    finally:
-        sys.path.remove(str(BENCH))
+    with benchmark_modules("inner_candidates") as (module,):
+        yield module
 
 
 def _noise(rng: np.random.Generator, like: np.ndarray) -> np.ndarray:

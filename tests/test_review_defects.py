@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import results
+from conftest import benchmark_modules, results
 
 import dkan
 from dkan import _keys as K
@@ -131,16 +131,8 @@ def test_ensemble_members_use_their_own_gene_embeddings(toy):
 
 
 def _her2st_report():
-    import importlib
-    import sys
-    from pathlib import Path
-
-    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    sys.path.insert(0, bench)
-    try:
-        return importlib.import_module("_her2st_report")
-    finally:
-        sys.path.remove(bench)
+    with benchmark_modules("_her2st_report") as (module,):
+        return module
 
 
 def test_her2st_report_states_the_validation_split_that_training_used():
