@@ -1,7 +1,8 @@
-"""The CPU model name, shared by the benchmark reports."""
+"""Helpers shared by the benchmark scripts: the CPU model name, a worker process, a quick toy model."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 
@@ -42,3 +43,14 @@ def run_worker(script: str, flag: str, spec: dict, *, timeout: float, log: Path,
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{flag} failed (rc {proc.returncode}): {log.read_text()[-2000:]}")
     return json.loads(lines[-1])
+
+
+def train_model(out: Path, *, encoder: str) -> float:
+    """A ``small``-preset model on toy slides (two short epochs), saved to ``out``; returns seconds."""
+    import dkan
+
+    t = time.perf_counter()
+    sdata = dkan.datasets.toy(n_samples=2, grid_size=6, seed=0)
+    model = dkan.tl.train(sdata, config="small", max_epochs=2, feature_encoder=encoder, device="cpu", progress=False)
+    model.save(out)
+    return time.perf_counter() - t

@@ -52,17 +52,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("local", "dask1", "dask2")
 
 
-def train_model(out: Path, *, encoder: str) -> float:
-    """A ``small``-preset model on toy slides (two short epochs), saved to ``out``; returns seconds."""
-    import dkan
-
-    t = time.perf_counter()
-    sdata = dkan.datasets.toy(n_samples=2, grid_size=6, seed=0)
-    model = dkan.tl.train(sdata, config="small", max_epochs=2, feature_encoder=encoder, device="cpu", progress=False)
-    model.save(out)
-    return time.perf_counter() - t
-
-
 def local_worker(spec: dict) -> dict:
     """The no-client path in this process (1 torch thread): wall time, report rows, peak RSS."""
     import torch
@@ -227,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.train_worker is not None:
         spec = json.loads(args.train_worker)
+        from _machine import train_model
+
         print(json.dumps({"train_s": train_model(Path(spec["out"]), encoder=spec["encoder"])}))
         return {}
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -41,17 +41,6 @@ FULL = (80_000, 60_000)
 SMALL = (4_096, 3_072)
 
 
-def train_model(out: Path, *, encoder: str) -> float:
-    """A ``small``-preset model on toy slides (two short epochs); returns seconds."""
-    import dkan
-
-    t = time.perf_counter()
-    sdata = dkan.datasets.toy(n_samples=2, grid_size=6, seed=0)
-    model = dkan.tl.train(sdata, config="small", max_epochs=2, feature_encoder=encoder, device="cpu", progress=False)
-    model.save(out)
-    return time.perf_counter() - t
-
-
 def _threads(spec: dict) -> None:
     import torch
 
@@ -185,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
             return {}
     if args.train_worker is not None:
         spec = json.loads(args.train_worker)
+        from _machine import train_model
+
         print(json.dumps({"train_s": train_model(Path(spec["out"]), encoder=spec["encoder"])}))
         return {}
     with tempfile.TemporaryDirectory() as tmp:

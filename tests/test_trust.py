@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import benchmark_modules
 
 import dkan
 from dkan import _keys as K
@@ -125,19 +126,9 @@ def model(split):
 
 
 def _recolour(sdata, fn):
-    """Replace every image of ``sdata`` by ``fn(uint8 array (c, y, x))``, keeping its transformations."""
-    from spatialdata.models import Image2DModel
-    from spatialdata.transformations import get_transformation
-
-    for key in list(sdata.images):
-        old = sdata.images[key]
-        base = old["scale0"].image if hasattr(old, "children") else old
-        data = np.clip(fn(np.asarray(base.values)), 0, 255).astype(np.uint8)
-        scales = [2] * (len(old.children) - 1) if hasattr(old, "children") else None
-        sdata.images[key] = Image2DModel.parse(
-            data, dims=("c", "y", "x"), scale_factors=scales, transformations=get_transformation(base, get_all=True)
-        )
-    return sdata
+    """Every image of ``sdata`` replaced by ``fn(uint8 array (c, y, x))`` (the novelty benchmark's helper)."""
+    with benchmark_modules("novelty_her2st") as (novelty,):
+        return novelty.recolour(sdata, fn)
 
 
 def test_training_records_calibration_pcc_and_novelty(model):
