@@ -8,8 +8,8 @@ import numpy as np
 def dkan_mismatch(sdata, res, desc, layouts: dict[str, tuple[np.ndarray, np.ndarray]], **overrides) -> dict:
     """DKAN trained spot by spot per fold, its test section predicted from spot-by-spot and each variant's tiles.
 
-    One training per fold (the ``small`` preset, as ``accuracy_her2st.py``), so the variants differ only in the
-    test section's region features: a model trained by default that then predicts with shared tiles.
+    One training per fold (the ``small`` preset's network alone, ``probe_blend=False``), so the variants differ only
+    in the test section's region features: a model trained by default that then predicts with shared tiles.
     """
     import dataclasses
 
@@ -23,7 +23,7 @@ def dkan_mismatch(sdata, res, desc, layouts: dict[str, tuple[np.ndarray, np.ndar
     samples_col = res.obs["sample"].to_numpy()
     extra: dict[str, list[tuple[str, np.ndarray]]] = {n: [] for n in layouts}
 
-    def fold(samples, train, test, emb, cfg, dev, reader, progress, *, trust=False):
+    def fold(samples, train, test, emb, cfg, dev, reader, progress, *, trust=False, probes=None):
         sub = (lambda s, rows, aug: reader(train[s], rows, aug)) if reader else None
         module, result = fit_inputs([samples[i] for i in train], emb, cfg, dev, reader=sub, progress=progress)
         genes = torch.as_tensor(emb, device=dev) if cfg.use_text else None
@@ -44,14 +44,14 @@ def dkan_mismatch(sdata, res, desc, layouts: dict[str, tuple[np.ndarray, np.ndar
                     s, region=torch.as_tensor(tiles), region_index=torch.as_tensor(index[rows], dtype=torch.int64)
                 )
                 extra[name].append((s.name, run(v)))
-        return outs, result.history, None
+        return outs, result.history, None, outs
 
     real = cv._dkan_fold
     cv._dkan_fold = fold
     try:
         out = cv.cross_validate(
             sdata, groupby="sample", config="small", baselines=(), descriptions=desc, device="cpu", progress=False,
-            panel_per_fold=True, **overrides,
+            panel_per_fold=True, **{"probe_blend": False, **overrides},
         )  # fmt: skip
     finally:
         cv._dkan_fold = real

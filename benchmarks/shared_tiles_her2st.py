@@ -232,8 +232,9 @@ def probe_folds(sdata, desc, mismatch: tuple[dict, dict] | None = None) -> dict:
     import dkan.tl._cv as cv
     from dkan._evaluation.probes import fit_probe
 
-    def no_dkan(samples, train, test, emb, cfg, dev, reader, progress, *, trust=False):
-        return [np.zeros(tuple(samples[i].target.shape), np.float32) for i in test], [], None
+    def no_dkan(samples, train, test, emb, cfg, dev, reader, progress, *, trust=False, probes=None):
+        zeros = [np.zeros(tuple(samples[i].target.shape), np.float32) for i in test]
+        return zeros, [], None, zeros
 
     def crossed(name, samples, train, test, *, seed, cache=None):
         y = [samples[i].target.numpy() for i in train]
@@ -248,7 +249,7 @@ def probe_folds(sdata, desc, mismatch: tuple[dict, dict] | None = None) -> dict:
     try:
         res = cv.cross_validate(
             sdata, groupby="sample", config="small", baselines=("ridge_ctx",), descriptions=desc, device="cpu",
-            progress=False, panel_per_fold=True,
+            progress=False, panel_per_fold=True, probe_blend=False,
         )  # fmt: skip
     finally:
         cv._dkan_fold, cv.baseline_fold = real, real_bf
