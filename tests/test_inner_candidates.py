@@ -147,14 +147,32 @@ def test_report_on_toy_never_reads_the_test_section(ic, toy_env, tmp_path, monke
         calls.append((current["fold"], {*train, test}))
         return probe(name, fs, train, test)
 
+    import dkan._metrics
+
+    heg_inputs, top_heg = [], dkan._metrics.top_heg
+
+    def recorded_heg(labels, n):
+        heg_inputs.append((current["fold"], labels))
+        return top_heg(labels, n)
+
     monkeypatch.setattr(ic, "fold_samples", fold_samples)
     monkeypatch.setattr(ic, "probe_prediction", recorded)
+    monkeypatch.setattr(dkan._metrics, "top_heg", recorded_heg)
+    monkeypatch.setattr(ic, "N_HEG", 4)  # 4 of the toy panel's 10 genes
     args = ic.parse_args(["--cache", "unused", "--out", str(tmp_path), "--folds", "0,1"])
     text = ic.report(args, toy_env)
 
     assert [f for f, _ in calls] == [0] * 5 + [1] * 5  # three probes on v, ridge_ctx and knn on u
     assert all(names.index(inner[f]["test"][0]) not in seen for f, seen in calls)
-    rows = json.loads((tmp_path / "inner_table.json").read_text())
+    tables = json.loads((tmp_path / "inner_table.json").read_text())
+    rows, heg_rows = tables["pcc_all"], tables["pcc_heg"]
+    for f, labels in heg_inputs:  # HEG from the inner-training sections only: neither v nor the test section
+        fs, _ = samples(toy_env, f)
+        expected = [fs[i].target.numpy() for i in inner[f]["train"]]
+        assert len(labels) == len(expected) and all(np.array_equal(a, b) for a, b in zip(labels, expected))
+    assert [f for f, _ in heg_inputs] == [0, 1]
+    assert heg_rows[0]["default"] == pytest.approx(1.0) and heg_rows[1]["default"] == pytest.approx(-1.0)
+    assert heg_rows[0]["ridge"] != rows[0]["ridge"]  # scored on a subset of the genes
     assert [r["fold (test)"] for r in rows] == names[:2]
     assert rows[0]["default"] == pytest.approx(1.0)
     assert rows[0]["blend_global w"] == 1.0  # DKAN exact on its own section too
