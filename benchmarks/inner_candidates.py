@@ -23,6 +23,9 @@ Candidates
     ``small`` preset: since width 128 became its default, ``default`` and ``long`` are width 128 too.
 ``long_seed1`` (trained), ``blend3_long_ens2`` (derived)
     ``long`` with a second seed; the blend with the mean of the two ``long`` seeds.
+``stain`` (trained)
+    the preset trained on the inner-training sections and a recoloured copy of each (offline stain augmentation
+    before the frozen encoder, ``benchmarks/_stain.py``); scored on the original v.
 ``ridge``, ``ridge_ctx``, ``knn`` (probes), ``probes_mean`` (derived)
     the tuned probes fitted on the inner-training sections; ``(ridge_ctx + knn) / 2``.
 ``blend_half`` (derived from ``default``)
@@ -83,11 +86,13 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     | {"weight_decay": 1e-2},
     "long": {"max_epochs": 160, "patience": 20, "min_epochs": 40},
     "long_seed1": {"max_epochs": 160, "patience": 20, "min_epochs": 40, "seed": 2022},
+    "stain": {},
 }
 PROBE_NAMES = ("ridge", "ridge_ctx", "knn")
 WEIGHTS = np.round(np.linspace(0, 1, 11), 2)
 SENSITIVITY = (0.2, 0.25, 0.4, 0.5, 0.6)  #: fixed DKAN weights against the probe ensemble (report only)
-SHAPES = ("wide", "deep", "tokens", "reg", "long", "long_seed1")  #: candidates that change the network's shape or training
+#: candidates that change the network's shape, its training or its training data (each also scored in the blend)
+SHAPES = ("wide", "deep", "tokens", "reg", "long", "long_seed1", "stain")
 SKIP = (" s", " w")  #: columns that are times or chosen weights, not scores
 N_HEG = 50  #: size of the HEG set of the second figure (the outer benchmark's ``n_top``)
 FIGURES = {
@@ -195,11 +200,20 @@ def train_candidate(args: argparse.Namespace, env: dict[str, Any]) -> None:
     from dkan.train.loop import predict_rows
 
     cfg = env["cfg"].replace(**CANDIDATES[args.train])
+    copies = stain_env(args, env) if args.train == "stain" else None
     for f in fold_list(args, len(env["inner"])):
         fold = env["inner"][f]
         fs, femb = fold_samples(env, f)
+        train = [fs[i] for i in fold["train"]]
         t0 = time.perf_counter()
-        module, result = fit_inputs([fs[i] for i in fold["train"]], femb, cfg, env["dev"], progress=False)
+        if copies is None:
+            module, result = fit_inputs(train, femb, cfg, env["dev"], progress=False)
+        else:  # the same sections and their recoloured copies (benchmarks/_stain.py)
+            from _stain import split_with_copies
+
+            recoloured = [fold_samples(copies, f)[0][i] for i in fold["train"]]
+            with split_with_copies(len(train)):
+                module, result = fit_inputs(train + recoloured, femb, cfg, env["dev"], progress=False)
         genes = torch.as_tensor(femb) if cfg.use_text else None
 
         def pred(i: int, module: Any = module, fs: Any = fs, genes: Any = genes) -> np.ndarray:
@@ -216,6 +230,18 @@ def train_candidate(args: argparse.Namespace, env: dict[str, Any]) -> None:
         np.savez(args.out / f"{args.train}_fold{f}.npz", **out)
         log.warning("%s fold %d: %.0f s, best epoch %s of %d; val %s", args.train, f, out["seconds"],
                     result.best_epoch, len(result.history), result.selection["validation"])  # fmt: skip
+
+
+def stain_env(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
+    """:func:`build_env` of the recoloured sections (their cache beside ``--cache``, built when absent)."""
+    from _stain import stain_cache
+
+    cache = stain_cache(args.data, args.cache.with_name(args.cache.stem + "_stain.h5ad"), env["cfg"])
+    sdata, key, _, desc, _ = load_prepared(args.data, cache, env["cfg"].n_genes)
+    copies = build_env(sdata, key, desc, env["cfg"])
+    if [s.name for s in copies["samples"]] != [s.name for s in env["samples"]]:
+        raise SystemExit("The recoloured sections are not the original ones in the same order.")
+    return copies
 
 
 # ---------------------------------------------------------------------- scores of the derived candidates

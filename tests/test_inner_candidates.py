@@ -169,7 +169,7 @@ def test_report_on_toy_never_reads_the_test_section(ic, toy_env, tmp_path, monke
     for f, labels in heg_inputs:  # HEG from the inner-training sections only: neither v nor the test section
         fs, _ = samples(toy_env, f)
         expected = [fs[i].target.numpy() for i in inner[f]["train"]]
-        assert len(labels) == len(expected) and all(np.array_equal(a, b) for a, b in zip(labels, expected))
+        assert len(labels) == len(expected) and all(np.array_equal(a, b) for a, b in zip(labels, expected, strict=True))
     assert [f for f, _ in heg_inputs] == [0, 1]
     assert heg_rows[0]["default"] == pytest.approx(1.0) and heg_rows[1]["default"] == pytest.approx(-1.0)
     assert heg_rows[0]["ridge"] != rows[0]["ridge"]  # scored on a subset of the genes
@@ -180,3 +180,36 @@ def test_report_on_toy_never_reads_the_test_section(ic, toy_env, tmp_path, monke
     assert not [k for r in rows for k in r if "residual" in k]
     assert "default: beats the best probe in 1/2 folds" in text
     assert (tmp_path / "inner_table.txt").read_text() == text + "\n"
+
+
+@pytest.fixture(scope="module")
+def stain():
+    with benchmark_modules("_stain") as (module,):
+        yield module
+
+
+def test_od_jitter_is_the_identity_at_scale_one_and_darkens_with_a_larger_density(stain):
+    image = np.random.default_rng(0).integers(0, 256, size=(3, 5, 4), dtype=np.uint8)
+    same = stain.od_jitter(image, np.ones(3), np.zeros(3))
+    np.testing.assert_allclose(same, image, atol=1e-3)
+    darker = stain.od_jitter(image, np.full(3, 1.2), np.zeros(3))
+    assert (darker <= same + 1e-3).all() and (darker[image < 250] < same[image < 250]).all()
+
+
+def test_the_copy_of_the_held_out_section_neither_trains_nor_validates(stain):
+    import dkan.train.data as data
+
+    grids = [np.stack(np.meshgrid(np.arange(6), np.arange(5)), -1).reshape(-1, 2) for _ in range(3)]
+    names = ["a", "b", "c"]
+    function = data.make_validation_split
+    own = function(names, grids, 0.3, strategy="sections", seed=0)
+    with stain.split_with_copies(3):
+        split = data.make_validation_split([*names, "a'", "b'", "c'"], grids * 2, 0.3, strategy="sections", seed=0)
+    assert data.make_validation_split is function  # restored
+    held = [k for k, v in enumerate(own.val) if len(v)]
+    assert len(held) == 1
+    for k in range(3):
+        np.testing.assert_array_equal(split.train[k], own.train[k])
+        np.testing.assert_array_equal(split.val[k], own.val[k])
+        assert len(split.val[3 + k]) == 0
+        assert len(split.train[3 + k]) == (0 if k in held else len(grids[k]))
