@@ -26,6 +26,9 @@ Candidates
 ``stain`` (trained)
     the preset trained on the inner-training sections and a recoloured copy of each (offline stain augmentation
     before the frozen encoder, ``benchmarks/_stain.py``); scored on the original v.
+``trainable`` (trained)
+    the preset with the patch branch a trainable EfficientNet-Lite0 on the 64 px crops (``patch_trainable``, the
+    paper's patch path; flips and rotations each step), the region and slide features still frozen.
 ``ridge``, ``ridge_ctx``, ``knn`` (probes), ``probes_mean`` (derived)
     the tuned probes fitted on the inner-training sections; ``(ridge_ctx + knn) / 2``.
 ``blend_half`` (derived from ``default``)
@@ -87,12 +90,13 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "long": {"max_epochs": 160, "patience": 20, "min_epochs": 40},
     "long_seed1": {"max_epochs": 160, "patience": 20, "min_epochs": 40, "seed": 2022},
     "stain": {},
+    "trainable": {"patch_trainable": True},
 }
 PROBE_NAMES = ("ridge", "ridge_ctx", "knn")
 WEIGHTS = np.round(np.linspace(0, 1, 11), 2)
 SENSITIVITY = (0.2, 0.25, 0.4, 0.5, 0.6)  #: fixed DKAN weights against the probe ensemble (report only)
 #: candidates that change the network's shape, its training or its training data (each also scored in the blend)
-SHAPES = ("wide", "deep", "tokens", "reg", "long", "long_seed1", "stain")
+SHAPES = ("wide", "deep", "tokens", "reg", "long", "long_seed1", "stain", "trainable")
 SKIP = (" s", " w")  #: columns that are times or chosen weights, not scores
 N_HEG = 50  #: size of the HEG set of the second figure (the outer benchmark's ``n_top``)
 FIGURES = {
@@ -201,24 +205,28 @@ def train_candidate(args: argparse.Namespace, env: dict[str, Any]) -> None:
 
     cfg = env["cfg"].replace(**CANDIDATES[args.train])
     copies = stain_env(args, env) if args.train == "stain" else None
+    reader = patch_reader(env, cfg) if cfg.patch_trainable else None  # (sample, rows, augment) -> patches
     for f in fold_list(args, len(env["inner"])):
         fold = env["inner"][f]
         fs, femb = fold_samples(env, f)
         train = [fs[i] for i in fold["train"]]
         t0 = time.perf_counter()
-        if copies is None:
-            module, result = fit_inputs(train, femb, cfg, env["dev"], progress=False)
-        else:  # the same sections and their recoloured copies (benchmarks/_stain.py)
+        if copies is not None:  # the same sections and their recoloured copies (benchmarks/_stain.py)
             from _stain import split_with_copies
 
             recoloured = [fold_samples(copies, f)[0][i] for i in fold["train"]]
             with split_with_copies(len(train)):
                 module, result = fit_inputs(train + recoloured, femb, cfg, env["dev"], progress=False)
+        else:
+            sub = (lambda s, rows, aug, t=fold["train"]: reader(t[s], rows, aug)) if reader else None
+            module, result = fit_inputs(train, femb, cfg, env["dev"], reader=sub, progress=False)
         genes = torch.as_tensor(femb) if cfg.use_text else None
 
         def pred(i: int, module: Any = module, fs: Any = fs, genes: Any = genes) -> np.ndarray:
             rows = np.arange(len(fs[i]))
-            return predict_rows(module, fs[i], rows, genes, batch_size=256, device=env["dev"], amp=cfg.amp)
+            read = (lambda idx, i=i: reader(i, idx, False)) if reader else None
+            return predict_rows(module, fs[i], rows, genes, batch_size=256, device=env["dev"], amp=cfg.amp,
+                                read_patches=read)  # fmt: skip
 
         own = own_split(fs, fold["train"], cfg)  # the split this training made
         own_val = [fold["train"][k] for k, r in enumerate(own.val) if len(r)]
@@ -230,6 +238,14 @@ def train_candidate(args: argparse.Namespace, env: dict[str, Any]) -> None:
         np.savez(args.out / f"{args.train}_fold{f}.npz", **out)
         log.warning("%s fold %d: %.0f s, best epoch %s of %d; val %s", args.train, f, out["seconds"],
                     result.best_epoch, len(result.history), result.selection["validation"])  # fmt: skip
+
+
+def patch_reader(env: dict[str, Any], cfg: Any) -> Any:
+    """The crop reader of the trainable patch trunk over the her2st sections (sample order of ``env``)."""
+    from dkan._data.inputs import build_inputs
+
+    _, reader = build_inputs(env["sdatas"], env["genes"], cfg, table_key=env["key"], with_target=False)
+    return reader
 
 
 def stain_env(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:

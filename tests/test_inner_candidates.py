@@ -213,3 +213,12 @@ def test_the_copy_of_the_held_out_section_neither_trains_nor_validates(stain):
         np.testing.assert_array_equal(split.val[k], own.val[k])
         assert len(split.val[3 + k]) == 0
         assert len(split.train[3 + k]) == (0 if k in held else len(grids[k]))
+
+
+def test_the_trainable_candidate_reads_the_patches_of_the_environment_s_samples(ic, toy_env):
+    cfg = toy_env["cfg"].replace(**ic.CANDIDATES["trainable"])
+    reader = ic.patch_reader(toy_env, cfg)
+    a, b = reader(0, np.array([0, 1]), False), reader(1, np.array([0, 1]), False)
+    assert a.shape == (2, 3, cfg.patch_size, cfg.patch_size)
+    assert not np.allclose(a.numpy(), b.numpy())  # another section's spots
+    np.testing.assert_array_equal(reader(0, np.array([1]), False).numpy(), a[1:].numpy())
