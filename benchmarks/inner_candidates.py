@@ -25,7 +25,10 @@ Candidates
     ``long`` with a second seed; the blend with the mean of the two ``long`` seeds.
 ``stain`` (trained)
     the preset trained on the inner-training sections and a recoloured copy of each (offline stain augmentation
-    before the frozen encoder, ``benchmarks/_stain.py``); scored on the original v.
+    before the frozen encoder, ``benchmarks/_candidate_inputs.py``); scored on the original v.
+``native`` (trained)
+    the preset on features of native-resolution crops (224 px at the images' ~0.73 um/px, the reference's
+    patches) instead of 64 px at 2 um/px: spot and region features from their own cache beside ``--cache``.
 ``trainable`` (trained)
     the preset with the patch branch a trainable EfficientNet-Lite0 on the 64 px crops (``patch_trainable``, the
     paper's patch path; flips and rotations each step), the region and slide features still frozen.
@@ -75,6 +78,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _candidate_inputs import inputs_env, patch_reader, split_with_copies
 from accuracy_her2st import DEFAULT_DATA, load_prepared, parse_overrides, prepare_inputs
 
 #: trained candidates: their config overrides (``wide``/``deep``: width and depth; ``tokens``: gene queries attend
@@ -91,12 +95,13 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "long_seed1": {"max_epochs": 160, "patience": 20, "min_epochs": 40, "seed": 2022},
     "stain": {},
     "trainable": {"patch_trainable": True},
+    "native": {},
 }
 PROBE_NAMES = ("ridge", "ridge_ctx", "knn")
 WEIGHTS = np.round(np.linspace(0, 1, 11), 2)
 SENSITIVITY = (0.2, 0.25, 0.4, 0.5, 0.6)  #: fixed DKAN weights against the probe ensemble (report only)
 #: candidates that change the network's shape, its training or its training data (each also scored in the blend)
-SHAPES = ("wide", "deep", "tokens", "reg", "long", "long_seed1", "stain", "trainable")
+SHAPES = ("wide", "deep", "tokens", "reg", "long", "long_seed1", "stain", "trainable", "native")
 SKIP = (" s", " w")  #: columns that are times or chosen weights, not scores
 N_HEG = 50  #: size of the HEG set of the second figure (the outer benchmark's ``n_top``)
 FIGURES = {
@@ -204,16 +209,16 @@ def train_candidate(args: argparse.Namespace, env: dict[str, Any]) -> None:
     from dkan.train.loop import predict_rows
 
     cfg = env["cfg"].replace(**CANDIDATES[args.train])
-    copies = stain_env(args, env) if args.train == "stain" else None
+    copies = inputs_env(args, env, "stain", build_env) if args.train == "stain" else None
+    if args.train == "native":  # the same sections with features of native-resolution crops
+        env = inputs_env(args, env, "native", build_env)
     reader = patch_reader(env, cfg) if cfg.patch_trainable else None  # (sample, rows, augment) -> patches
     for f in fold_list(args, len(env["inner"])):
         fold = env["inner"][f]
         fs, femb = fold_samples(env, f)
         train = [fs[i] for i in fold["train"]]
         t0 = time.perf_counter()
-        if copies is not None:  # the same sections and their recoloured copies (benchmarks/_stain.py)
-            from _stain import split_with_copies
-
+        if copies is not None:  # the same sections and their recoloured copies (benchmarks/_candidate_inputs.py)
             recoloured = [fold_samples(copies, f)[0][i] for i in fold["train"]]
             with split_with_copies(len(train)):
                 module, result = fit_inputs(train + recoloured, femb, cfg, env["dev"], progress=False)
@@ -238,26 +243,6 @@ def train_candidate(args: argparse.Namespace, env: dict[str, Any]) -> None:
         np.savez(args.out / f"{args.train}_fold{f}.npz", **out)
         log.warning("%s fold %d: %.0f s, best epoch %s of %d; val %s", args.train, f, out["seconds"],
                     result.best_epoch, len(result.history), result.selection["validation"])  # fmt: skip
-
-
-def patch_reader(env: dict[str, Any], cfg: Any) -> Any:
-    """The crop reader of the trainable patch trunk over the her2st sections (sample order of ``env``)."""
-    from dkan._data.inputs import build_inputs
-
-    _, reader = build_inputs(env["sdatas"], env["genes"], cfg, table_key=env["key"], with_target=False)
-    return reader
-
-
-def stain_env(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
-    """:func:`build_env` of the recoloured sections (their cache beside ``--cache``, built when absent)."""
-    from _stain import stain_cache
-
-    cache = stain_cache(args.data, args.cache.with_name(args.cache.stem + "_stain.h5ad"), env["cfg"])
-    sdata, key, _, desc, _ = load_prepared(args.data, cache, env["cfg"].n_genes)
-    copies = build_env(sdata, key, desc, env["cfg"])
-    if [s.name for s in copies["samples"]] != [s.name for s in env["samples"]]:
-        raise SystemExit("The recoloured sections are not the original ones in the same order.")
-    return copies
 
 
 # ---------------------------------------------------------------------- scores of the derived candidates

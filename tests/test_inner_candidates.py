@@ -184,7 +184,7 @@ def test_report_on_toy_never_reads_the_test_section(ic, toy_env, tmp_path, monke
 
 @pytest.fixture(scope="module")
 def stain():
-    with benchmark_modules("_stain") as (module,):
+    with benchmark_modules("_candidate_inputs") as (module,):
         yield module
 
 
