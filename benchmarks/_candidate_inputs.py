@@ -6,8 +6,8 @@ a recoloured copy: in optical density (``OD = -log((I + 1) / 256)`` per RGB chan
 factor drawn from ``U(1 - SCALE, 1 + SCALE)`` and shifted by one from ``U(-SHIFT, SHIFT)``, one draw per section (a
 stain-intensity change of the whole slide, as between staining batches). The copies' features are extracted by the
 same pipeline as the originals (their own cache file); a candidate then trains on the inner-training sections and
-their copies, with the same targets. The copy of the section that training holds out for early stopping is left
-out of both its training and validation rows, so the selection data stays unseen.
+their copies, with the same targets. A copy trains on its original's training rows only (the copy of the section that
+training holds out for early stopping is left out), so the selection data stays unseen.
 
 ``native``: the spot and region features of native-resolution crops (``patch_size`` 224 at the images' own
 ~0.73 um/px, the reference's patches; :data:`NATIVE`) instead of ``small``'s 64 px at 2 um/px, same encoder.
@@ -83,7 +83,8 @@ def patch_reader(env: dict[str, Any], cfg: Any) -> Any:
 def split_with_copies(n_originals: int) -> Iterator[None]:
     """Make training's validation split on the first ``n_originals`` samples only; the rest are their copies.
 
-    A copy trains on all its rows, unless its original holds validation rows: then it is left out entirely.
+    A copy trains on exactly its original's training rows: never on a validation row (nor a block split's buffer),
+    so with a held-out section its copy is left out entirely.
     """
     import dkan.train.data as data
 
@@ -92,11 +93,12 @@ def split_with_copies(n_originals: int) -> Iterator[None]:
     def split(names: list[str], grids: list[np.ndarray], fraction: float, *, strategy: str, seed: int) -> Any:
         n = n_originals
         base = own(names[:n], grids[:n], fraction, strategy=strategy, seed=seed)
+        if [len(g) for g in grids[n:]] != [len(g) for g in grids[:n]]:
+            raise ValueError("split_with_copies: the samples after the originals must be their copies, in order.")
         none = np.zeros(0, dtype=np.int64)
-        train = [none if len(v) else np.arange(len(g)) for v, g in zip(base.val, grids[n:], strict=True)]
         return data.ValidationSplit(
-            base.train + train, base.val + [none] * len(train), base.strategy,
-            f"{base.description}; recoloured copies of the other training sections train too", base.n_buffer,
+            base.train + [r.copy() for r in base.train], base.val + [none] * n, base.strategy,
+            f"{base.description}; recoloured copies of the training rows train too", base.n_buffer,
         )  # fmt: skip
 
     data.make_validation_split = split

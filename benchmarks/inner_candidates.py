@@ -65,7 +65,9 @@ Usage::
 
 ``--cache`` is the prepared-input cache of ``accuracy_her2st.py --cache`` (built when absent, a few minutes).
 ``--set key=value`` overrides any :class:`dkan.DKANConfig` field of every trained candidate; ``--folds 0,2``
-runs a subset of the folds.
+runs a subset of the folds. ``--candidate-val blocks`` trains every candidate on all inner-training sections with
+early stopping on spatial blocks inside them (closer to the outer training, which steps on three sections), while
+v stays the section the preset's own split would hold out.
 """
 
 from __future__ import annotations
@@ -120,6 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report", action="store_true")
     p.add_argument("--folds", default=None, help="comma-separated fold indices (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--candidate-val", default=None, choices=("blocks", "random"),
+        help="early stopping of the trained candidates on this split of all inner-training sections (default: the "
+        "preset's, which holds out one of them); v stays the section the preset's split holds out",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -209,6 +216,8 @@ def train_candidate(args: argparse.Namespace, env: dict[str, Any]) -> None:
     from dkan.train.loop import predict_rows
 
     cfg = env["cfg"].replace(**CANDIDATES[args.train])
+    if args.candidate_val:  # gradient steps on all inner-training sections, early stopping inside them
+        cfg = cfg.replace(val_split=args.candidate_val)
     copies = inputs_env(args, env, "stain", build_env) if args.train == "stain" else None
     if args.train == "native":  # the same sections with features of native-resolution crops
         env = inputs_env(args, env, "native", build_env)

@@ -222,3 +222,37 @@ def test_the_trainable_candidate_reads_the_patches_of_the_environment_s_samples(
     assert a.shape == (2, 3, cfg.patch_size, cfg.patch_size)
     assert not np.allclose(a.numpy(), b.numpy())  # another section's spots
     np.testing.assert_array_equal(reader(0, np.array([1]), False).numpy(), a[1:].numpy())
+
+
+def test_copies_train_on_their_originals_training_rows_under_a_block_split(stain):
+    import dkan.train.data as data
+
+    grids = [np.stack(np.meshgrid(np.arange(12), np.arange(12)), -1).reshape(-1, 2) for _ in range(2)]
+    own = data.make_validation_split(["a", "b"], grids, 0.2, strategy="blocks", seed=0)
+    with stain.split_with_copies(2):
+        split = data.make_validation_split(["a", "b", "a'", "b'"], grids * 2, 0.2, strategy="blocks", seed=0)
+    for k in range(2):
+        assert len(own.val[k]) and len(own.train[k]) < len(grids[k])  # blocks held out of every section
+        np.testing.assert_array_equal(split.train[2 + k], own.train[k])
+        assert len(split.val[2 + k]) == 0
+
+
+def test_candidate_val_moves_early_stopping_inside_the_inner_training_sections(ic, toy_env, tmp_path, monkeypatch):
+    import dkan.train.fitting as fitting
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fit_inputs(samples, emb, cfg, dev, **kw):
+        seen.append(([s.name for s in samples], cfg.val_split))
+        raise Stop
+
+    monkeypatch.setattr(fitting, "fit_inputs", fit_inputs)
+    for extra, expected in (([], toy_env["cfg"].val_split), (["--candidate-val", "blocks"], "blocks")):
+        args = ic.parse_args(["--cache", "x", "--out", str(tmp_path), "--train", "default", "--folds", "0", *extra])
+        with pytest.raises(Stop):
+            ic.train_candidate(args, toy_env)
+        fold = toy_env["inner"][0]
+        assert seen[-1] == ([toy_env["samples"][i].name for i in fold["train"]], expected)
