@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -51,7 +52,10 @@ def load() -> str:
         return "n/a"
 
 
+@functools.cache
 def git_commit() -> str:
+    """The checkout's commit (and whether it had uncommitted changes) when first asked: call it as a run starts, so
+    a report written at the end names the code that ran, not a commit made meanwhile."""
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)

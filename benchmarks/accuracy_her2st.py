@@ -53,6 +53,7 @@ import pandas as pd
 from _her2st_report import (
     dump_json,
     fmt_time,
+    git_commit,
     load,
     machine,
     report,
@@ -523,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("dkan").setLevel(logging.INFO)
+    git_commit()  # recorded now: the report names the code that ran
     out = run(args)
     out["res"] = add_blends(out["res"])
     text = report(out, args)

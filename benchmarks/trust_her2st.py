@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(1)
+    git_commit()  # recorded now: the report names the code that ran
     cfg = DKANConfig.resolve(args.preset, **{**OFFLINE, **parse_overrides(args.overrides)})
     t0, load0 = time.perf_counter(), load()
     data = prepare(args, cfg)

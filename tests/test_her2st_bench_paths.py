@@ -128,3 +128,23 @@ def test_blend_rows_are_the_mean_of_their_members_and_scored(bench, toy_cv):
     lines = rep.target_check(res)
     assert any(line.startswith("- DKAN+probes") and " probes on PCC-ALL" in line for line in lines)
     assert any(line.startswith("- MSE: DKAN+probes") for line in lines)
+
+
+def test_the_report_names_the_commit_of_the_start_of_the_run(bench, monkeypatch):
+    _, rep = bench
+    heads = iter(["aaaaaaa", "bbbbbbb"])
+
+    class Done:
+        def __init__(self, out):
+            self.stdout = out
+
+    def run(cmd, **kw):
+        return Done("" if "status" in cmd else next(heads))
+
+    rep.git_commit.cache_clear()
+    monkeypatch.setattr(rep.subprocess, "run", run)
+    try:
+        assert rep.git_commit() == "aaaaaaa"  # as the run starts
+        assert rep.git_commit() == "aaaaaaa"  # when the report is written, after a commit made meanwhile
+    finally:
+        rep.git_commit.cache_clear()
