@@ -17,33 +17,22 @@ def dkan_mismatch(sdata, res, desc, layouts: dict[str, tuple[np.ndarray, np.ndar
 
     import dkan.tl._cv as cv
     from dkan._evaluation.folds import summarise_folds
-    from dkan.train.fitting import fit_inputs
-    from dkan.train.loop import predict_rows
+    from dkan.tl._cv_fold import fit_fold, predict_fold
 
     samples_col = res.obs["sample"].to_numpy()
     extra: dict[str, list[tuple[str, np.ndarray]]] = {n: [] for n in layouts}
 
     def fold(samples, train, test, emb, cfg, dev, reader, progress, *, trust=False, probes=None):
-        sub = (lambda s, rows, aug: reader(train[s], rows, aug)) if reader else None
-        module, result = fit_inputs([samples[i] for i in train], emb, cfg, dev, reader=sub, progress=progress)
-        genes = torch.as_tensor(emb, device=dev) if cfg.use_text else None
-        outs = []
+        module, result, _ = fit_fold(samples, train, emb, cfg, dev, reader, progress)
+        outs = predict_fold(module, samples, test, emb, cfg, dev, reader)
         for i in test:
-            rd = (lambda rows, i=i: reader(i, rows, False)) if reader else None
-            s = samples[i]
-
-            def run(x, rd=rd):
-                x = x.to(dev)
-                return predict_rows(module, x, np.arange(len(x)), genes, batch_size=256, device=dev, amp=cfg.amp,
-                                    read_patches=rd)  # fmt: skip
-
-            outs.append(run(s))
-            rows = np.flatnonzero(samples_col == s.name)
+            s, rows = samples[i], np.flatnonzero(samples_col == samples[i].name)
             for name, (tiles, index) in layouts.items():
-                v = dataclasses.replace(
+                variants = list(samples)  # sample i with this layout's region features
+                variants[i] = dataclasses.replace(
                     s, region=torch.as_tensor(tiles), region_index=torch.as_tensor(index[rows], dtype=torch.int64)
                 )
-                extra[name].append((s.name, run(v)))
+                extra[name].append((s.name, predict_fold(module, variants, [i], emb, cfg, dev, reader)[0]))
         return outs, result.history, None, outs
 
     real = cv._dkan_fold

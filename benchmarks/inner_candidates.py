@@ -210,10 +210,8 @@ def probe_prediction(name: str, fs: list[Any], train: list[int], test: int) -> n
 # ---------------------------------------------------------------------- training
 def train_candidate(args: argparse.Namespace, env: dict[str, Any]) -> None:
     """Train one candidate per fold on the inner-training sections; save its predictions on v and on its own val."""
-    import torch
-
+    from dkan.tl._cv_fold import fit_fold, predict_fold
     from dkan.train.fitting import fit_inputs
-    from dkan.train.loop import predict_rows
 
     cfg = env["cfg"].replace(**CANDIDATES[args.train])
     if args.candidate_val:  # gradient steps on all inner-training sections, early stopping inside them
@@ -225,22 +223,17 @@ def train_candidate(args: argparse.Namespace, env: dict[str, Any]) -> None:
     for f in fold_list(args, len(env["inner"])):
         fold = env["inner"][f]
         fs, femb = fold_samples(env, f)
-        train = [fs[i] for i in fold["train"]]
         t0 = time.perf_counter()
         if copies is not None:  # the same sections and their recoloured copies (benchmarks/_candidate_inputs.py)
+            train = [fs[i] for i in fold["train"]]
             recoloured = [fold_samples(copies, f)[0][i] for i in fold["train"]]
             with split_with_copies(len(train)):
                 module, result = fit_inputs(train + recoloured, femb, cfg, env["dev"], progress=False)
         else:
-            sub = (lambda s, rows, aug, t=fold["train"]: reader(t[s], rows, aug)) if reader else None
-            module, result = fit_inputs(train, femb, cfg, env["dev"], reader=sub, progress=False)
-        genes = torch.as_tensor(femb) if cfg.use_text else None
+            module, result, _ = fit_fold(fs, fold["train"], femb, cfg, env["dev"], reader, False)
 
-        def pred(i: int, module: Any = module, fs: Any = fs, genes: Any = genes) -> np.ndarray:
-            rows = np.arange(len(fs[i]))
-            read = (lambda idx, i=i: reader(i, idx, False)) if reader else None
-            return predict_rows(module, fs[i], rows, genes, batch_size=256, device=env["dev"], amp=cfg.amp,
-                                read_patches=read)  # fmt: skip
+        def pred(i: int, module: Any = module, fs: Any = fs, femb: Any = femb) -> np.ndarray:
+            return predict_fold(module, fs, [i], femb, cfg, env["dev"], reader)[0]
 
         own = own_split(fs, fold["train"], cfg)  # the split this training made
         own_val = [fold["train"][k] for k, r in enumerate(own.val) if len(r)]

@@ -21,6 +21,37 @@ def _fold_probes(samples, train, test, seed, cache) -> list[list[np.ndarray]] | 
     return [[p.predict(probe_input(n, samples, i, cache)) for n, p in fitted.items()] for i in test]
 
 
+def fit_fold(samples, train, emb, cfg, dev, reader, progress) -> tuple[Any, Any, Any]:
+    """DKAN fitted on the ``train`` samples: (network, fit result, the patch reader in their numbering or None)."""
+    from dkan.train.fitting import fit_inputs
+
+    sub_reader = (lambda s, rows, aug: reader(train[s], rows, aug)) if reader else None
+    module, result = fit_inputs([samples[i] for i in train], emb, cfg, dev, reader=sub_reader, progress=progress)
+    return module, result, sub_reader
+
+
+def eval_reader(reader, i: int):
+    """Sample ``i``'s patches without augmentation, or None when the patch trunk is frozen."""
+    return (lambda rows: reader(i, rows, False)) if reader else None
+
+
+def predict_fold(module, samples, test, emb, cfg, dev, reader) -> list[np.ndarray]:
+    """The network's prediction of every spot of each ``test`` sample (``reader`` numbers samples as ``samples``)."""
+    import torch
+
+    from dkan.train.loop import predict_rows
+
+    genes = torch.as_tensor(emb, device=dev) if cfg.use_text else None
+    outs = []
+    for i in test:
+        s = samples[i].to(dev)
+        rd = eval_reader(reader, i)
+        outs.append(
+            predict_rows(module, s, np.arange(len(s)), genes, batch_size=256, device=dev, amp=cfg.amp, read_patches=rd)
+        )
+    return outs
+
+
 def _dkan_fold(
     samples, train, test, emb, cfg, dev, reader, progress, *, trust=False, probes=None
 ) -> tuple[list, list, Any, list]:
@@ -28,21 +59,8 @@ def _dkan_fold(
 
     With ``probes`` (per test sample, the probes' predictions) the predictions are the DKAN+probes blend.
     """
-    from dkan.train.fitting import fit_inputs
-    from dkan.train.loop import predict_rows
-
-    sub_reader = (lambda s, rows, aug: reader(train[s], rows, aug)) if reader else None
-    module, result = fit_inputs([samples[i] for i in train], emb, cfg, dev, reader=sub_reader, progress=progress)
-    import torch
-
-    genes = torch.as_tensor(emb, device=dev) if cfg.use_text else None
-    outs = []
-    for i in test:
-        rd = (lambda rows, i=i: reader(i, rows, False)) if reader else None
-        s = samples[i].to(dev)
-        outs.append(
-            predict_rows(module, s, np.arange(len(s)), genes, batch_size=256, device=dev, amp=cfg.amp, read_patches=rd)
-        )
+    module, result, sub_reader = fit_fold(samples, train, emb, cfg, dev, reader, progress)
+    outs = predict_fold(module, samples, test, emb, cfg, dev, reader)
     network = outs
     if probes is not None:
         from dkan._evaluation.blend import blend
@@ -63,6 +81,6 @@ def _dkan_fold(
         reader=sub_reader,
         blend=cfg.probe_blend and probes is not None,
     )
-    read = [(lambda rows, i=i: reader(i, rows, False)) if reader else None for i in test]
+    read = [eval_reader(reader, i) for i in test]
     figures = fold_trust(module, settings, arrays, [samples[i] for i in test], outs, emb, cfg, dev, read=read)
     return outs, result.history, figures, network
